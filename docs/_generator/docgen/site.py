@@ -1,0 +1,218 @@
+"""Build the whole site into a folder: parse every source, render pages, render all math at once, copy assets."""
+
+from __future__ import annotations
+
+import posixpath
+import shutil
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+
+from . import katex
+from .config import Config
+from .markup import render_inline, render_markdown
+from .render import Page, Row, labels, output_path, pygments_css, relative, render_page, render_rows
+from .source import parse_source, section_keys
+from .translate import Report, load_entries, translate
+
+GENERATOR_DIR = Path(__file__).resolve().parent.parent
+ASSET_FILES = ["style.css", "colab-badge.svg"]
+
+
+@dataclass
+class BuildResult:
+    pages: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    reports: list[Report] = field(default_factory=list)
+
+
+def find_sources(config: Config) -> list[str]:
+    """Python and markdown files of the package, relative to it, sorted."""
+    found = []
+    for path in sorted(config.source_dir.rglob("*")):
+        rel = path.relative_to(config.source_dir).as_posix()
+        if path.is_file() and path.suffix in (".py", ".md") and not any(
+                part.startswith((".", "__pycache__")) for part in rel.split("/")):
+            found.append(rel)
+    return found
+
+
+def _is_external(href: str) -> bool:
+    return href.startswith(("#", "//", "mailto:")) or "://" in href.split("#", 1)[0]
+
+
+class Site:
+    """All pages of one build; renders each with links resolved against the others."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.result = BuildResult()
+        self.math = katex.MathBatch()
+        self.pages: list[Page] = []
+        self.translations: dict[str, tuple[list[str | None], str, str]] = {}
+        for source in find_sources(config):
+            text = (config.source_dir / source).read_text(encoding="utf-8")
+            try:
+                doc = parse_source(source, text)
+            except (SyntaxError, ValueError) as error:
+                self.result.errors.append(f"{config.package}/{source}: cannot parse: {error}")
+                continue
+            self.pages.append(Page(source, output_path(source), doc))
+        english = list(self.pages)
+        for lang in config.languages:
+            folder = config.translations / lang
+            wanted = {f"{page.source}.yaml": page for page in english}
+            for path in sorted(folder.rglob("*.yaml")) if folder.exists() else []:
+                page = wanted.get(path.relative_to(folder).as_posix())
+                if page is None:
+                    self.result.warnings.append(f"{path}: translation of a source file that does not exist")
+                    continue
+                translated = Page(page.source, f"{lang}/{page.out}", page.doc, lang)
+                self._translate(translated, path)
+                self.pages.append(translated)
+        self.by_out = {page.out: page for page in self.pages}
+
+    def _translate(self, page: Page, path: Path) -> None:
+        texts = [("title", page.title), ("summary", page.summary)]
+        texts += list(zip(section_keys(page.doc.sections), (section.note for section in page.doc.sections)))
+        result, report = translate(texts, load_entries(path, page.lang), page.out)
+        self.result.reports.append(report)
+        title = result[0] or page.title
+        summary = result[1] if result[1] is not None else page.summary
+        self.translations[page.out] = (result[2:], title, summary)
+
+    def title(self, page: Page) -> str:
+        return self.translations[page.out][1] if page.out in self.translations else page.title
+
+    def summary(self, page: Page) -> str:
+        return self.translations[page.out][2] if page.out in self.translations else page.summary
+
+    def link_mapper(self, page: Page):
+        """Links in notes are written relative to the English page; a translated page points at the translated
+        edition of the target when there is one, and at the English page otherwise."""
+
+        def mapper(href: str) -> str:
+            if page.lang == "en" or _is_external(href):
+                return href
+            path, hash_mark, fragment = href.partition("#")
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(page.base), path))
+            if f"{page.lang}/{target}" in self.by_out:
+                target = f"{page.lang}/{target}"
+            return relative(target, page.out) + hash_mark + fragment
+
+        return mapper
+
+    def edition(self, out: str, lang: str) -> str:
+        """The page for English output path `out` in `lang`, or the English one."""
+        return f"{lang}/{out}" if lang != "en" and f"{lang}/{out}" in self.by_out else out
+
+    def breadcrumbs(self, page: Page) -> str:
+        words = labels(page.lang)
+        crumbs = [(words["home"], self.edition("index.html", page.lang))]
+        parts = page.folder.split("/") if page.folder else []
+        for depth in range(len(parts)):
+            crumbs.append((parts[depth], self.edition("/".join(parts[:depth + 1]) + "/index.html", page.lang)))
+        if posixpath.basename(page.source) != "__init__.py":
+            crumbs.append((posixpath.basename(page.base).rsplit(".", 1)[0], page.out))
+        out = []
+        for number, (text, target) in enumerate(crumbs):
+            if target == page.out or number == len(crumbs) - 1:
+                out.append(f'<span class="crumb current" aria-current="page">{escape(text)}</span>')
+            elif target in self.by_out or target.split("/", 1)[-1] in self.by_out:
+                out.append(f'<a class="crumb" href="{relative(target, page.out)}">{escape(text)}</a>')
+            else:
+                out.append(f'<span class="crumb">{escape(text)}</span>')
+        return '<span class="sep">›</span>'.join(out)
+
+    def page_links(self, page: Page) -> str:
+        words = labels(page.lang)
+        links = [f'<a class="source-link" href="{escape(self.config.source_url(page.source))}">{words["source"]}</a>']
+        editions = [("en", page.base)] + [(lang, f"{lang}/{page.base}") for lang in self.config.languages]
+        for lang, out in editions:
+            if lang != page.lang and out in self.by_out:
+                name = "English" if lang == "en" else self.config.languages[lang]
+                links.append(f'<a class="lang-switch" hreflang="{lang}" lang="{lang}" '
+                             f'href="{relative(out, page.out)}">{escape(name)}</a>')
+        colab = self.config.colab_url(page.folder)
+        if colab:
+            badge = relative("assets/colab-badge.svg", page.out)
+            links.append(f'<a class="colab" href="{escape(colab)}"><img src="{badge}" alt="{words["colab"]}"'
+                         ' width="117" height="20"></a>')
+        return "\n".join(links)
+
+    def listing(self, page: Page, folder: str) -> str:
+        """Nested list of the pages under `folder` (English pages, or their translations where they exist)."""
+        english = [p for p in self.pages if p.lang == "en"]
+        items = [self._item(page, other) for other in english
+                 if other.folder == folder and other.out != posixpath.join(folder, "index.html")]
+        prefix = folder + "/" if folder else ""
+        subfolders = sorted({p.folder[len(prefix):].split("/")[0] for p in english
+                             if p.folder != folder and p.folder.startswith(prefix)})
+        for name in subfolders:
+            sub = prefix + name
+            index = self.by_out.get(sub + "/index.html")
+            head = self._item(page, index).removesuffix("</li>") if index else f"<li><span>{escape(name)}/</span>"
+            items.append(head + self.listing(page, sub) + "</li>")
+        return f"<ul>{''.join(items)}</ul>" if items else ""
+
+    def _item(self, page: Page, other: Page) -> str:
+        target = self.by_out[self.edition(other.out, page.lang)]
+        where = f"{page.out} (contents)"
+        title = render_inline(self.title(target), self.math, lambda href: href, where)
+        summary = self.summary(target)
+        extra = f' <span class="summary">— {render_inline(summary, self.math, lambda href: href, where)}</span>' \
+            if summary else ""
+        return f'<li><a href="{relative(target.out, page.out)}">{title}</a>{extra}</li>'
+
+    def render(self, page: Page) -> str:
+        words = labels(page.lang)
+        notes = self.translations.get(page.out, ([None] * len(page.doc.sections),))[0]
+        prose = page.doc.language == "markdown"
+        rows = []
+        for number, (section, note) in enumerate(zip(page.doc.sections, notes)):
+            where = f"{page.out}#section-{number}"
+            html = render_markdown(note if note is not None else section.note, self.math, self.link_mapper(page), where)
+            fallback = "en" if page.lang != "en" and note is None and section.note else None
+            rows.append(Row(f"section-{number}", section.names, html, section.code, fallback))
+        if posixpath.basename(page.source) == "__init__.py":
+            listing = self.listing(page, page.folder)
+            if listing:
+                heading = words["contents"] if not page.folder else words["in_folder"]
+                rows.append(Row("contents", [], f'<nav class="toc"><h2>{heading}</h2>{listing}</nav>', [], wide=True))
+        source = f"{self.config.package}/{page.source}"
+        footer = f'{words["generated"]} <a href="{escape(self.config.source_url(page.source))}">{escape(source)}</a>'
+        return render_page(page=page, title=self.title(page), description=self.summary(page),
+                           breadcrumbs=self.breadcrumbs(page), page_links=self.page_links(page),
+                           body=render_rows(rows, page.lang, prose), footer=footer, prose=prose)
+
+
+def build(config: Config, out_dir: Path) -> BuildResult:
+    """Write every page and asset into `out_dir` (which should be empty)."""
+    site = Site(config)
+    html = {page.out: site.render(page) for page in site.pages}
+    rendered = katex.render_batch(site.math)
+    site.result.errors.extend(rendered.errors)
+    site.result.warnings.extend(rendered.warnings)
+    for report in site.result.reports:
+        site.result.errors.extend(f"{report.where}: {message}" for message in report.math_errors)
+    for out, text in sorted(html.items()):
+        path = out_dir / out
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(katex.fill_placeholders(text, rendered.html), encoding="utf-8")
+        site.result.pages.append(out)
+    _copy_assets(out_dir / "assets")
+    (out_dir / ".nojekyll").write_text("", encoding="utf-8")
+    return site.result
+
+
+def _copy_assets(assets: Path) -> None:
+    assets.mkdir(parents=True, exist_ok=True)
+    for name in ASSET_FILES:
+        shutil.copyfile(GENERATOR_DIR / "assets" / name, assets / name)
+    (assets / "pygments.css").write_text(pygments_css(), encoding="utf-8")
+    dist = katex.KATEX_DIR / "dist"
+    (assets / "katex").mkdir(exist_ok=True)
+    shutil.copyfile(dist / "katex.min.css", assets / "katex" / "katex.min.css")
+    shutil.copyfile(katex.KATEX_DIR / "LICENSE", assets / "katex" / "LICENSE")
+    shutil.copytree(dist / "fonts", assets / "katex" / "fonts", dirs_exist_ok=True)
