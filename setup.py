@@ -23,7 +23,8 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest>=7", "ruff", "matplotlib", "nbclient", "nbformat", "ipykernel", "jupytext"],
-        "docs": ["markdown-it-py>=3", "mdit-py-plugins>=0.4", "pygments>=2.15", "pyyaml"],
+        # Exact pins: the committed docs are checked against a rebuild, which must produce the same bytes.
+        "docs": ["markdown-it-py==4.3.0", "mdit-py-plugins==0.7.0", "pygments==2.20.0", "pyyaml>=6"],
     },
     license="MIT",
     classifiers=[

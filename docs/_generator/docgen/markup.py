@@ -9,6 +9,10 @@ from markdown_it import MarkdownIt
 from markdown_it.common.utils import escapeHtml
 from mdit_py_plugins.amsmath import amsmath_plugin
 from mdit_py_plugins.dollarmath import dollarmath_plugin
+from pygments import highlight
+from pygments.formatters import HtmlFormatter
+from pygments.lexers import TextLexer, get_lexer_by_name
+from pygments.util import ClassNotFound
 
 from .katex import MathBatch
 
@@ -43,9 +47,19 @@ def _link_rule(attribute: str):
     return rule
 
 
+def highlight_fence(code: str, lang: str, attrs: str) -> str:
+    """Pygments for fenced code in notes; markdown-it keeps its own `<pre><code>` when this returns ""."""
+    try:
+        lexer = get_lexer_by_name(lang or "text")
+    except ClassNotFound:
+        lexer = TextLexer()
+    body = highlight(code, lexer, HtmlFormatter(nowrap=True)).rstrip("\n")
+    return f'<pre class="highlight"><code>{body}</code></pre>\n'
+
+
 def make_markdown() -> MarkdownIt:
     """CommonMark with raw HTML (for `<a id>` anchors), tables, `$`/`$$` math and `\\begin{align}` blocks."""
-    md = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"])
+    md = MarkdownIt("commonmark", {"html": True, "highlight": highlight_fence}).enable(["table", "strikethrough"])
     dollarmath_plugin(md, double_inline=True)
     amsmath_plugin(md)
     md.add_render_rule("math_inline", _math_rule(False, "span"))

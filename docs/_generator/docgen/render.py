@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import posixpath
+import re
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -52,7 +53,14 @@ class Page:
 
     @property
     def title(self) -> str:
-        return str(self.doc.front_matter.get("title") or default_title(self.source))
+        if self.doc.front_matter.get("title"):
+            return str(self.doc.front_matter["title"])
+        if self.doc.language == "markdown" and self.doc.sections:
+            heading = re.match(r"#+\s+(.+)", self.doc.sections[0].note)
+            if heading:
+                # The heading's text, without the target of a link around it.
+                return re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading.group(1)).strip()
+        return default_title(self.source)
 
     @property
     def summary(self) -> str:

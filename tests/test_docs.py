@@ -1,0 +1,219 @@
+"""Tests of the annotated-docs generator (docs/_generator) on a small fixture package (tests/docs/fixtures)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GENERATOR = ROOT / "docs" / "_generator"
+FIXTURES = Path(__file__).resolve().parent / "docs" / "fixtures"
+sys.path.insert(0, str(GENERATOR))
+
+from docgen.check import check_site  # noqa: E402
+from docgen.katex import katex_available  # noqa: E402
+from docgen.source import parse_python, section_keys  # noqa: E402
+
+KATEX_PROBLEM = katex_available()
+needs_katex = pytest.mark.skipif(KATEX_PROBLEM is not None, reason=f"KaTeX cannot run: {KATEX_PROBLEM}")
+
+
+def run_build(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(GENERATOR / "build.py"), *map(str, args)], capture_output=True,
+                          text=True, encoding="utf-8", check=False)
+
+
+def copy_fixture(tmp_path: Path) -> Path:
+    """A private copy of the fixture project, to change sources and translations."""
+    project = tmp_path / "project"
+    shutil.copytree(FIXTURES, project, ignore=shutil.ignore_patterns("out", "__pycache__"))
+    return project
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    if KATEX_PROBLEM is not None:
+        pytest.skip(f"KaTeX cannot run: {KATEX_PROBLEM}")
+    out = tmp_path_factory.mktemp("site")
+    result = run_build("--config", FIXTURES / "config.yaml", "--output", out)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def docs_text(html: str) -> str:
+    """The notes of a page as text a reader sees: no code cells, no code spans, no MathML annotations."""
+    notes = "".join(re.findall(r'<div class="docs"[^>]*>(.*?)</div>(?:<div class="code">|</section>)', html, re.S))
+    notes = re.sub(r"<annotation[^>]*>.*?</annotation>", "", notes, flags=re.S)
+    notes = re.sub(r"<pre.*?</pre>|<code>.*?</code>", "", notes, flags=re.S)
+    return re.sub(r"<[^>]+>", "", notes)
+
+
+# Parsing: no node needed.
+
+def test_sections_follow_docstrings_comments_and_lone_hash_lines():
+    doc = parse_python((FIXTURES / "pkg" / "sub" / "model.py").read_text(encoding="utf-8"))
+    assert doc.front_matter == {"title": "Attention module", "summary": "The module that the sample package documents."}
+    notes = [section.note for section in doc.sections]
+    assert notes[0].startswith("# Attention module")
+    assert doc.sections[0].code[0] == "import math"
+    by_name = {section.names[0]: section for section in doc.sections if section.names}
+    assert by_name["Attention"].code == ["class Attention(nn.Module):"]
+    assert by_name["Attention"].note.startswith("## Attention")
+    # The docstring leaves the code; the header stays.
+    init = by_name["Attention.__init__"]
+    assert init.code == ["    def __init__(self, d_model: int, d_k: int):", "        super().__init__()"]
+    assert not any('"""' in line for section in doc.sections for line in section.code)
+    # A comment block is the note of the code below it; the raw anchor stays in the markdown.
+    scores = next(section for section in doc.sections if '<a id="scores"></a>' in section.note)
+    assert scores.code[0].strip().startswith("scores = torch.einsum")
+    # A lone `#` starts a section with no note; trailing comments stay in the code.
+    lone = next(section for section in doc.sections if section.code and "softmax(dim=1)" in section.code[0])
+    assert lone.note == ""
+    assert "# softmax over $j$" in lone.code[0]
+    # A non-raw docstring is read as Python reads it (`\\le` is `\le`).
+    assert by_name["causal_mask"].note.endswith(r"$j \le i$.")
+    assert section_keys(doc.sections)[:3] == ["module+0", "Attention", "Attention.__init__"]
+
+
+def test_comment_block_above_a_definition_joins_its_docstring():
+    doc = parse_python('"""Module."""\nx = 1\n\n\n# Why we need it\n@staticmethod\ndef f():\n    """What it does."""\n'
+                       "    return 1\n")
+    section = next(section for section in doc.sections if section.names == ["f"])
+    assert section.note == "Why we need it\n\nWhat it does."
+    assert section.code == ["@staticmethod", "def f():", "    return 1"]
+
+
+# Generated pages.
+
+@needs_katex
+def test_math_is_rendered_at_build_time(site: Path):
+    for page in ["sub/index.html", "sub/model.html", "sub/readme.html", "ko/sub/model.html"]:
+        html = (site / page).read_text(encoding="utf-8")
+        assert 'class="katex"' in html
+        text = docs_text(html)
+        assert "$" not in text, f"raw $ left in {page}"
+        assert "\\begin" not in text and "\\frac" not in text, f"raw TeX left in {page}"
+    index = (site / "sub" / "index.html").read_text(encoding="utf-8")
+    assert index.count('class="katex-display"') == 2  # $$...$$ and \begin{align}
+    assert "<script" not in index  # no JavaScript needed for math
+    # An escaped underscore inside math reaches KaTeX untouched (markdown would have eaten the backslash).
+    assert r"<annotation encoding=\"application/x-tex\">a\_b</annotation>".replace("\\\"", '"') in index
+
+
+@needs_katex
+def test_anchors_breadcrumbs_source_link_and_colab_badge(site: Path):
+    html = (site / "sub" / "model.html").read_text(encoding="utf-8")
+    for anchor in ["section-0", "section-1", "Attention", "Attention.forward", "causal_mask", "scores"]:
+        assert f'id="{anchor}"' in html
+    assert '<a class="crumb" href="../index.html">home</a>' in html
+    assert 'href="https://github.com/example/sample/blob/main/pkg/sub/model.py"' in html
+    assert "https://colab.research.google.com/github/example/sample/blob/main/notebooks/sample.ipynb" in html
+    assert 'src="../assets/colab-badge.svg"' in html
+    assert "colab.research.google.com" not in (site / "index.html").read_text(encoding="utf-8")
+    # The root index is a table of contents of every page.
+    index = (site / "index.html").read_text(encoding="utf-8")
+    for page in ["sub/index.html", "sub/model.html", "sub/readme.html"]:
+        assert f'href="{page}"' in index
+
+
+@needs_katex
+def test_code_is_highlighted(site: Path):
+    html = (site / "sub" / "model.html").read_text(encoding="utf-8")
+    assert '<span class="k">class</span><span class="w"> </span><span class="nc">Attention</span>' in html
+    assert ".highlight .k" in (site / "assets" / "pygments.css").read_text(encoding="utf-8")
+
+
+@needs_katex
+def test_korean_page(site: Path):
+    html = (site / "ko" / "sub" / "model.html").read_text(encoding="utf-8")
+    assert html.startswith('<!DOCTYPE html>\n<html lang="ko">')
+    assert "<title>어텐션 모듈</title>" in html and "키 크기가" in html
+    # Code is not translated; an untranslated or stale section falls back to English, marked as such.
+    assert '<span class="k">class</span><span class="w"> </span><span class="nc">Attention</span>' in html
+    assert '<div class="docs" lang="en">' in html and "is the size of keys and queries" in html
+    # Language switch both ways; links to pages without a Korean edition go to the English page.
+    assert 'href="../../sub/model.html">English</a>' in html
+    assert 'href="../ko/sub/model.html">한국어</a>' in (site / "sub" / "model.html").read_text(encoding="utf-8")
+    assert '<a class="crumb" href="../../sub/index.html">sub</a>' in html
+    assert 'href="#scores"' in html
+
+
+@needs_katex
+def test_built_site_passes_the_link_and_asset_checks(site: Path):
+    assert check_site(site) == []
+
+
+# Check mode.
+
+@needs_katex
+def test_check_passes_on_a_fresh_build_and_catches_broken_links(tmp_path: Path):
+    out = tmp_path / "out"
+    config = FIXTURES / "config.yaml"
+    assert run_build("--config", config, "--output", out).returncode == 0
+    assert run_build("--config", config, "--output", out, "--check").returncode == 0
+    page = out / "sub" / "model.html"
+    original = page.read_text(encoding="utf-8")
+    for broken, message in [('<a href="nowhere.html">x</a>', "broken link nowhere.html"),
+                            ('<a href="index.html#no-such-id">x</a>', "broken anchor index.html#no-such-id"),
+                            ('<img src="https://example.com/x.png">', "remote asset https://example.com/x.png")]:
+        page.write_text(original.replace("</main>", broken + "</main>"), encoding="utf-8")
+        result = run_build("--config", config, "--output", out, "--check")
+        assert result.returncode == 1
+        assert message in result.stderr
+        assert "differs from a fresh build" in result.stderr
+    page.unlink()
+    result = run_build("--config", config, "--output", out, "--check")
+    assert result.returncode == 1 and "missing page or file: sub/model.html" in result.stderr
+
+
+@needs_katex
+def test_katex_errors_fail_the_check(tmp_path: Path):
+    project = copy_fixture(tmp_path)
+    source = project / "pkg" / "sub" / "readme.md"
+    source.write_text(source.read_text(encoding="utf-8") + "\nBroken: $\\frac{a$\n", encoding="utf-8")
+    result = run_build("--config", project / "config.yaml", "--check")
+    assert result.returncode == 1
+    assert "KaTeX error in $\\frac{a$" in result.stderr
+
+
+@needs_katex
+def test_changed_english_is_reported_for_translations(tmp_path: Path):
+    project = copy_fixture(tmp_path)
+    out = project / "out"
+    result = run_build("--config", project / "config.yaml")
+    assert result.returncode == 0
+    assert "`Attention.__init__` changed since translation" in result.stderr
+    assert "not translated, shown in English: Attention.__init__+2, Attention.forward" in result.stderr
+    assert run_build("--config", project / "config.yaml", "--check").returncode == 0
+    assert run_build("--config", project / "config.yaml", "--check", "--strict-translations").returncode == 1
+    # Edit an English note that has a fresh translation: the Korean page shows English for it and says why.
+    model = project / "pkg" / "sub" / "model.py"
+    model.write_text(model.read_text(encoding="utf-8").replace("A single head", "One head"), encoding="utf-8")
+    result = run_build("--config", project / "config.yaml")
+    assert "`Attention` changed since translation" in result.stderr
+    assert "키 크기가" not in (out / "ko" / "sub" / "model.html").read_text(encoding="utf-8")
+    # The template keeps fresh translations and moves the stale one aside.
+    result = run_build("--config", project / "config.yaml", "--translation-template", "ko", "sub/model.py")
+    assert "ko: 어텐션 모듈" in result.stdout and "previous_ko: |-\n    ## 어텐션" in result.stdout
+
+
+@needs_katex
+def test_translation_must_keep_the_math(tmp_path: Path):
+    project = copy_fixture(tmp_path)
+    path = project / "translations" / "ko" / "sub" / "model.py.yaml"
+    path.write_text(path.read_text(encoding="utf-8").replace("ko: 프로젝션 $W_q$", "ko: 프로젝션 $W_Q$"),
+                    encoding="utf-8")
+    result = run_build("--config", project / "config.yaml")
+    assert result.returncode == 1 and "changes its math" in result.stderr
+
+
+@needs_katex
+def test_committed_docs_are_current():
+    """The repository's docs/ is what the generator makes from the sources (same as CI's `build.py --check`)."""
+    result = run_build("--check")
+    assert result.returncode == 0, result.stderr
