@@ -19,8 +19,7 @@ from docgen import katex  # noqa: E402
 from docgen.check import check_required, check_site, compare_trees  # noqa: E402
 from docgen.config import Config, load_config  # noqa: E402
 from docgen.site import Site, build  # noqa: E402
-from docgen.source import section_keys  # noqa: E402
-from docgen.translate import load_entries, template  # noqa: E402
+from docgen.translate import load_entries, template, units  # noqa: E402
 
 GENERATOR_DIR = Path(__file__).resolve().parent
 # Files in the output folder that the generator does not own.
@@ -117,11 +116,10 @@ def _template(config: Config, lang: str, source: str) -> int:
     if page is None:
         print(f"error: no source {source!r} in {config.source_dir}", file=sys.stderr)
         return 2
-    texts = [("title", page.title), ("summary", page.summary)]
-    texts += list(zip(section_keys(page.doc.sections), (section.note for section in page.doc.sections)))
+    texts = units(page.title, page.summary, page.doc.sections)
     path = config.translations / lang / f"{source}.yaml"
     entries = load_entries(path, lang) if path.exists() else []
-    print(f"# {lang} translation of {config.package}/{source}; regenerate with --translation-template.")
+    print(f"# {lang} translation of {config.package}/{source}: made with `build.py --translation-template`.")
     print(template(texts, entries, lang), end="")
     return 0
 

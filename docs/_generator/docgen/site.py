@@ -12,8 +12,8 @@ from . import katex
 from .config import Config
 from .markup import render_inline, render_markdown
 from .render import Page, Row, labels, output_path, pygments_css, relative, render_page, render_rows
-from .source import parse_source, section_keys
-from .translate import Report, load_entries, translate
+from .source import parse_source
+from .translate import Report, assemble, load_entries, translate, units
 
 GENERATOR_DIR = Path(__file__).resolve().parent.parent
 ASSET_FILES = ["style.css", "colab-badge.svg"]
@@ -74,13 +74,12 @@ class Site:
         self.by_out = {page.out: page for page in self.pages}
 
     def _translate(self, page: Page, path: Path) -> None:
-        texts = [("title", page.title), ("summary", page.summary)]
-        texts += list(zip(section_keys(page.doc.sections), (section.note for section in page.doc.sections)))
+        texts = units(page.title, page.summary, page.doc.sections)
         result, report = translate(texts, load_entries(path, page.lang), page.out)
         self.result.reports.append(report)
         title = result[0] or page.title
         summary = result[1] if result[1] is not None else page.summary
-        self.translations[page.out] = (result[2:], title, summary)
+        self.translations[page.out] = (assemble(page.doc.sections, texts, result), title, summary)
 
     def title(self, page: Page) -> str:
         return self.translations[page.out][1] if page.out in self.translations else page.title
@@ -163,7 +162,8 @@ class Site:
         summary = self.summary(target)
         extra = f' <span class="summary">— {render_inline(summary, self.math, lambda href: href, where)}</span>' \
             if summary else ""
-        return f'<li><a href="{relative(target.out, page.out)}">{title}</a>{extra}</li>'
+        lang = f' lang="{target.lang}"' if target.lang != page.lang else ""
+        return f'<li{lang}><a href="{relative(target.out, page.out)}">{title}</a>{extra}</li>'
 
     def render(self, page: Page) -> str:
         words = labels(page.lang)

@@ -59,12 +59,11 @@ def split_front_matter(text: str) -> tuple[dict, str]:
     return data, text[match.end():]
 
 
-def parse_markdown(text: str) -> Document:
-    """A markdown file: one section per heading (outside fenced code), so each has its own anchor."""
-    front_matter, body = split_front_matter(text)
+def split_at_headings(text: str) -> list[str]:
+    """Cut markdown before each heading of level 1 to 3 (outside fenced code)."""
     chunks: list[list[str]] = [[]]
     fence = None
-    for line in body.splitlines():
+    for line in text.splitlines():
         stripped = line.lstrip()
         if fence is None and re.match(r"#{1,3}\s", line) and any(part.strip() for part in chunks[-1]):
             chunks.append([])
@@ -72,8 +71,13 @@ def parse_markdown(text: str) -> Document:
             marker = stripped[:3]
             fence = marker if fence is None else (None if marker == fence else fence)
         chunks[-1].append(line)
-    sections = [Section(note="\n".join(chunk).strip()) for chunk in chunks]
-    return Document(front_matter, [section for section in sections if section.note], "markdown")
+    return [chunk for chunk in ("\n".join(lines).strip() for lines in chunks) if chunk]
+
+
+def parse_markdown(text: str) -> Document:
+    """A markdown file: one section per heading, so each has its own anchor."""
+    front_matter, body = split_front_matter(text)
+    return Document(front_matter, [Section(note=chunk) for chunk in split_at_headings(body)], "markdown")
 
 
 @dataclass

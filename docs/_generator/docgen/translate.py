@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from .markup import math_segments
+from .source import Section, section_keys, split_at_headings
 
 
 @dataclass
@@ -101,6 +102,33 @@ def translate(texts: list[tuple[str, str]], entries: list[Entry], where: str) ->
         if entry.text and id(entry) not in used:
             report.orphaned.append(f"translation `{entry.key}` matches no section (its English is gone)")
     return result, report
+
+
+def units(title: str, summary: str, sections: list[Section]) -> list[tuple[str, str]]:
+    """What gets translated, as `(key, english)`: the title, the summary, and each note cut at its headings
+    (so that a change in one part of a long note leaves the other parts' translations in use)."""
+    out = [("title", title), ("summary", summary)]
+    for key, section in zip(section_keys(sections), sections):
+        for number, chunk in enumerate(split_at_headings(section.note) or [""]):
+            out.append((key if number == 0 else f"{key}#{number}", chunk))
+    return out
+
+
+def assemble(sections: list[Section], texts: list[tuple[str, str]], result: list[str | None]) -> list[str | None]:
+    """Each section's translated note (`None`: all English), from the translations of its units."""
+    notes: list[str | None] = []
+    position = 2
+    for section in sections:
+        count = len(split_at_headings(section.note)) or 1
+        parts = list(zip(texts[position:position + count], result[position:position + count]))
+        position += count
+        if all(translated is None for _, translated in parts):
+            notes.append(None)
+            continue
+        # English parts of a partly translated note keep their language for fonts and screen readers.
+        notes.append("\n\n".join(translated if translated is not None else f'<div lang="en">\n\n{english}\n\n</div>'
+                                  for (_, english), translated in parts))
+    return notes
 
 
 class _Literal(str):
