@@ -82,7 +82,11 @@ class Site:
         self.translations[page.out] = (assemble(page.doc.sections, texts, result), title, summary)
 
     def title(self, page: Page) -> str:
-        return self.translations[page.out][1] if page.out in self.translations else page.title
+        if page.out in self.translations:
+            return self.translations[page.out][1]
+        if page.source == "__init__.py" and "title" not in page.doc.front_matter:
+            return self.config.site_title
+        return page.title
 
     def summary(self, page: Page) -> str:
         return self.translations[page.out][2] if page.out in self.translations else page.summary
@@ -163,7 +167,11 @@ class Site:
         extra = f' <span class="summary">— {render_inline(summary, self.math, lambda href: href, where)}</span>' \
             if summary else ""
         lang = f' lang="{target.lang}"' if target.lang != page.lang else ""
-        return f'<li{lang}><a href="{relative(target.out, page.out)}">{title}</a>{extra}</li>'
+        editions = "".join(
+            f' <a class="edition" lang="{code}" hreflang="{code}" href="{relative(f"{code}/{other.out}", page.out)}">'
+            f'{escape(name)}</a>' for code, name in self.config.languages.items()
+            if page.lang == "en" and f"{code}/{other.out}" in self.by_out)
+        return f'<li{lang}><a href="{relative(target.out, page.out)}">{title}</a>{editions}{extra}</li>'
 
     def render(self, page: Page) -> str:
         words = labels(page.lang)
@@ -175,6 +183,8 @@ class Site:
             html = render_markdown(note if note is not None else section.note, self.math, self.link_mapper(page), where)
             fallback = "en" if page.lang != "en" and note is None and section.note else None
             rows.append(Row(f"section-{number}", section.names, html, section.code, fallback))
+        if page.source == "__init__.py" and not any(section.note for section in page.doc.sections):
+            rows.insert(0, Row("title", [], f"<h1>{escape(self.title(page))}</h1>", [], wide=True))
         if posixpath.basename(page.source) == "__init__.py":
             listing = self.listing(page, page.folder)
             if listing:
