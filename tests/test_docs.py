@@ -110,6 +110,7 @@ def test_anchors_breadcrumbs_source_link_and_colab_badge(site: Path):
     html = (site / "sub" / "model.html").read_text(encoding="utf-8")
     for anchor in ["section-0", "section-1", "Attention", "Attention.forward", "causal_mask", "scores"]:
         assert f'id="{anchor}"' in html
+    assert html.count('id="Attention.d_k"') == 1  # the property, not its setter too
     assert '<a class="crumb" href="../index.html">home</a>' in html
     assert 'href="https://github.com/example/sample/blob/main/pkg/sub/model.py"' in html
     assert "https://colab.research.google.com/github/example/sample/blob/main/notebooks/sample.ipynb" in html
@@ -136,6 +137,9 @@ def test_korean_page(site: Path):
     # Code is not translated; an untranslated or stale section falls back to English, marked as such.
     assert '<span class="k">class</span><span class="w"> </span><span class="nc">Attention</span>' in html
     assert '<div class="docs" lang="en">' in html and "is the size of keys and queries" in html
+    # A note translated in part: the English part keeps its language.
+    first = html.split('id="section-1"')[0]
+    assert "어텐션 모듈</h1>" in first and '<div lang="en">\n<h2>Shapes</h2>' in first
     # Language switch both ways; links to pages without a Korean edition go to the English page.
     assert 'href="../../sub/model.html">English</a>' in html
     assert 'href="../ko/sub/model.html">한국어</a>' in (site / "sub" / "model.html").read_text(encoding="utf-8")
@@ -188,7 +192,8 @@ def test_changed_english_is_reported_for_translations(tmp_path: Path):
     result = run_build("--config", project / "config.yaml")
     assert result.returncode == 0
     assert "`Attention.__init__` changed since translation" in result.stderr
-    assert "not translated, shown in English: Attention.__init__+2, Attention.forward" in result.stderr
+    untranslated = "module+0#1, Attention.__init__+2, Attention.d_k, Attention.d_k(2), Attention.forward"
+    assert f"not translated, shown in English: {untranslated}" in result.stderr
     assert run_build("--config", project / "config.yaml", "--check").returncode == 0
     assert run_build("--config", project / "config.yaml", "--check", "--strict-translations").returncode == 1
     # Edit an English note that has a fresh translation: the Korean page shows English for it and says why.

@@ -113,8 +113,12 @@ class Row:
 
 def render_rows(rows: list[Row], lang: str, prose: bool) -> str:
     out = []
+    used = {row.anchor for row in rows}
     for row in rows:
-        names = "".join(f'<span class="name-anchor" id="{escape(name)}"></span>' for name in row.names)
+        # A name defined twice (a property and its setter) keeps its first section.
+        fresh = [name for name in row.names if name not in used]
+        used.update(fresh)
+        names = "".join(f'<span class="name-anchor" id="{escape(name)}"></span>' for name in fresh)
         note_lang = f' lang="{row.note_lang}"' if row.note_lang else ""
         link = f'<a class="section-link" href="#{row.anchor}" title="{labels(lang)["section"]}">#</a>'
         code = "" if prose else f'<div class="code">{highlight_code(row.code)}</div>'

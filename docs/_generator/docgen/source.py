@@ -59,13 +59,17 @@ def split_front_matter(text: str) -> tuple[dict, str]:
     return data, text[match.end():]
 
 
+_ANCHOR_LINE = re.compile(r"(<a\s+(id|name)=\"[^\"]*\"\s*>\s*</a>\s*)+")
+
+
 def split_at_headings(text: str) -> list[str]:
     """Cut markdown before each heading of level 1 to 3 (outside fenced code)."""
     chunks: list[list[str]] = [[]]
     fence = None
     for line in text.splitlines():
         stripped = line.lstrip()
-        if fence is None and re.match(r"#{1,3}\s", line) and any(part.strip() for part in chunks[-1]):
+        if fence is None and re.match(r"#{1,3}\s", line) and any(
+                part.strip() and not _ANCHOR_LINE.fullmatch(part.strip()) for part in chunks[-1]):
             chunks.append([])
         if stripped.startswith(("```", "~~~")):
             marker = stripped[:3]
@@ -220,6 +224,10 @@ def section_keys(sections: list[Section]) -> list[str]:
     for section in sections:
         if section.names:
             owner, count = section.names[0], 0
+            # A name defined twice (a property and its setter): the second is `name(2)`.
+            repeat = sum(1 for key in keys if key == owner or key.startswith(owner + "("))
+            if repeat:
+                owner = f"{owner}({repeat + 1})"
             keys.append(owner)
         else:
             keys.append(f"{owner}+{count}")
