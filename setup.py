@@ -7,6 +7,10 @@ import setuptools
 here = Path(__file__).parent
 long_description = (here / "README.md").read_text(encoding="utf-8") if (here / "README.md").exists() else ""
 
+# The docs generator (docs/_generator). Exact pins: `build.py --check` compares the committed docs with a
+# rebuild, which must produce the same bytes.
+docs_requires = ["markdown-it-py==4.3.0", "mdit-py-plugins==0.7.0", "pygments==2.20.0", "pyyaml>=6"]
+
 setuptools.setup(
     name="labml_nn",
     version="0.1.0",
@@ -22,9 +26,9 @@ setuptools.setup(
         "labml-helpers>=0.4.89",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff", "matplotlib", "nbclient", "nbformat", "ipykernel", "jupytext"],
-        # Exact pins: the committed docs are checked against a rebuild, which must produce the same bytes.
-        "docs": ["markdown-it-py==4.3.0", "mdit-py-plugins==0.7.0", "pygments==2.20.0", "pyyaml>=6"],
+        # tests/test_docs.py builds docs, so the tests need the docs generator's libraries too.
+        "test": ["pytest>=7", "ruff", "matplotlib", "nbclient", "nbformat", "ipykernel", "jupytext"] + docs_requires,
+        "docs": docs_requires,
     },
     license="MIT",
     classifiers=[
