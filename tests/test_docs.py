@@ -16,6 +16,7 @@ FIXTURES = Path(__file__).resolve().parent / "docs" / "fixtures"
 sys.path.insert(0, str(GENERATOR))
 
 from docgen.check import check_site  # noqa: E402
+from docgen.config import load_config  # noqa: E402
 from docgen.katex import katex_available  # noqa: E402
 from docgen.source import parse_python, section_keys  # noqa: E402
 
@@ -86,6 +87,19 @@ def test_comment_block_above_a_definition_joins_its_docstring():
     section = next(section for section in doc.sections if section.names == ["f"])
     assert section.note == "Why we need it\n\nWhat it does."
     assert section.code == ["@staticmethod", "def f():", "    return 1"]
+
+
+def test_repository_url_comes_from_the_config_or_setup_py(tmp_path: Path):
+    project = copy_fixture(tmp_path)
+    config = load_config(project / "config.yaml")
+    assert config.source_url("sub/model.py") == "https://github.com/example/sample/blob/main/pkg/sub/model.py"
+    assert config.colab_url("sub") == \
+        "https://colab.research.google.com/github/example/sample/blob/main/notebooks/sample.ipynb"
+    assert config.colab_url("") is None and config.colab_url("subway") is None
+    (project / "setup.py").write_text('import setuptools\nsetuptools.setup(name="x", url="https://github.com/o/r/")\n',
+                                      encoding="utf-8")
+    assert load_config(project / "config.yaml").colab_url("sub/deeper") == \
+        "https://colab.research.google.com/github/o/r/blob/main/notebooks/sample.ipynb"
 
 
 # Generated pages.
