@@ -66,7 +66,8 @@ class Site:
             for path in sorted(folder.rglob("*.yaml")) if folder.exists() else []:
                 page = wanted.get(path.relative_to(folder).as_posix())
                 if page is None:
-                    self.result.warnings.append(f"{path}: translation of a source file that does not exist")
+                    self.result.warnings.append(f"{path.relative_to(config.root)}: translation of a source file "
+                                                "that does not exist")
                     continue
                 translated = Page(page.source, f"{lang}/{page.out}", page.doc, lang)
                 self._translate(translated, path)
