@@ -232,6 +232,15 @@ def test_translation_must_keep_the_math(tmp_path: Path):
 
 
 @needs_katex
+def test_translation_must_use_the_glossary_terms(tmp_path: Path):
+    project = copy_fixture(tmp_path)
+    path = project / "translations" / "ko" / "sub" / "model.py.yaml"
+    path.write_text(path.read_text(encoding="utf-8").replace("ko: 어텐션 모듈", "ko: 변압기 모듈"), encoding="utf-8")
+    result = run_build("--config", project / "config.yaml")
+    assert result.returncode == 1 and "uses '변압기'; the term is '트랜스포머'" in result.stderr
+
+
+@needs_katex
 def test_committed_docs_are_current():
     """The repository's docs/ is what the generator makes from the sources (same as CI's `build.py --check`)."""
     result = run_build("--check")

@@ -23,6 +23,7 @@ class Config:
     colab: dict[str, str] = field(default_factory=dict)
     languages: dict[str, str] = field(default_factory=dict)
     required_pages: list[str] = field(default_factory=list)
+    avoid_terms: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def source_dir(self) -> Path:
@@ -73,4 +74,5 @@ def load_config(path: Path, **overrides: str | None) -> Config:
         colab=dict(data.get("colab") or {}),
         languages=dict(data.get("languages") or {}),
         required_pages=list(data.get("required_pages") or []),
+        avoid_terms={lang: dict(terms) for lang, terms in (data.get("avoid_terms") or {}).items()},
     )

@@ -76,7 +76,8 @@ class Site:
 
     def _translate(self, page: Page, path: Path) -> None:
         texts = units(page.title, page.summary, page.doc.sections)
-        result, report = translate(texts, load_entries(path, page.lang), page.out)
+        result, report = translate(texts, load_entries(path, page.lang), page.out,
+                                   self.config.avoid_terms.get(page.lang))
         self.result.reports.append(report)
         title = result[0] or page.title
         summary = result[1] if result[1] is not None else page.summary

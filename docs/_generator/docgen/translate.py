@@ -41,7 +41,7 @@ class Report:
     stale: list[str] = field(default_factory=list)
     untranslated: list[str] = field(default_factory=list)
     orphaned: list[str] = field(default_factory=list)
-    math_errors: list[str] = field(default_factory=list)
+    math_errors: list[str] = field(default_factory=list)  # and other errors: wrong terms
 
     def lines(self) -> list[str]:
         out = [f"{self.where}: {message}" for message in self.stale + self.orphaned]
@@ -66,8 +66,12 @@ def load_entries(path: Path, lang: str) -> list[Entry]:
     return entries
 
 
-def translate(texts: list[tuple[str, str]], entries: list[Entry], where: str) -> tuple[list[str | None], Report]:
-    """For each `(key, english)` the translated text, or `None` where English must be shown."""
+def translate(texts: list[tuple[str, str]], entries: list[Entry], where: str,
+              avoid: dict[str, str] | None = None) -> tuple[list[str | None], Report]:
+    """For each `(key, english)` the translated text, or `None` where English must be shown.
+
+    `avoid` maps wrong renderings of technical terms to the right ones (machine translations turn the
+    "transformer" of this library into the electrical kind, 변압기): a translation using one is an error."""
     report = Report(where)
     by_english = {}
     for entry in entries:
@@ -84,6 +88,9 @@ def translate(texts: list[tuple[str, str]], entries: list[Entry], where: str) ->
             if math_segments(entry.en) != math_segments(entry.text):
                 report.math_errors.append(f"translation of `{key}` changes its math: "
                                           f"{math_segments(entry.en)} != {math_segments(entry.text)}")
+            for wrong, right in (avoid or {}).items():
+                if wrong in entry.text:
+                    report.math_errors.append(f"translation of `{key}` uses {wrong!r}; the term is {right!r}")
             result.append(entry.text)
             continue
         result.append(None)
