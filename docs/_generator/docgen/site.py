@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 
+import yaml
+
 from . import katex
 from .config import Config
 from .markup import render_inline, render_markdown
@@ -70,7 +72,11 @@ class Site:
                                                 "that does not exist")
                     continue
                 translated = Page(page.source, f"{lang}/{page.out}", page.doc, lang)
-                self._translate(translated, path)
+                try:
+                    self._translate(translated, path)
+                except (yaml.YAMLError, ValueError) as error:
+                    self.result.errors.append(f"{path.relative_to(config.root)}: cannot read: {error}")
+                    continue
                 self.pages.append(translated)
         self.by_out = {page.out: page for page in self.pages}
 
