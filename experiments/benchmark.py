@@ -8,7 +8,7 @@ summary: Tokens per second of a full training step and peak memory, for both Fee
 # Training benchmark
 
 For each model: random tokens, then forward, cross-entropy loss, backward, gradient-norm clipping and an Adam
-step. We time `--steps` steps after `--warmup` steps and report the median tokens per second, the slowdown
+step. We time `--steps` steps after `--warmup` steps and report the median tokens per second (the models take turns step by step, so they share the machine's load alike), the slowdown
 versus the parallel transformer measured in the same run, and the peak memory of one training step (GPU: the
 allocator's peak; CPU: the growth of the process's peak resident memory, measured in a fresh subprocess per
 model so models don't see each other's peaks).
@@ -92,23 +92,32 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
-def measure_speed(name: str, args) -> dict:
-    torch.manual_seed(0)
-    model = build(name, args)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+def measure_speed(names, args) -> list:
+    """
+    Median tokens/s of each model. The models take turns, one step each per round, so that all of them see the
+    same machine load (a shared machine's speed drifts over seconds).
+    """
+    runs = []
+    for name in names:
+        torch.manual_seed(0)
+        model = build(name, args)
+        runs.append((name, model, torch.optim.Adam(model.parameters(), lr=1e-4), []))
     tokens = torch.randint(0, args.vocab, (args.seq_len + 1, args.batch), device=args.device)
     data, target = tokens[:-1], tokens[1:]
-    times = []
     for i in range(args.warmup + args.steps):
-        sync(args.device)
-        start = time.perf_counter()
-        train_step(model, optimizer, data, target, args.vocab)
-        sync(args.device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    return {'model': name, 'tokens_per_s': args.seq_len * args.batch / median, 'step_s': median,
-            'params': sum(p.numel() for p in model.parameters())}
+        for _, model, optimizer, times in runs:
+            sync(args.device)
+            start = time.perf_counter()
+            train_step(model, optimizer, data, target, args.vocab)
+            sync(args.device)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+    results = []
+    for name, model, _, times in runs:
+        median = statistics.median(times)
+        results.append({'model': name, 'tokens_per_s': args.seq_len * args.batch / median, 'step_s': median,
+                        'params': sum(p.numel() for p in model.parameters())})
+    return results
 
 
 def measure_memory(name: str, args) -> float:
@@ -175,13 +184,10 @@ def main(argv=None):
         return
     child_argv = [a for a in argv if a not in ('--memory-only', '--no-memory')]
     child_argv = [a for i, a in enumerate(child_argv) if a != '--only' and (i == 0 or child_argv[i - 1] != '--only')]
-    results = []
-    for name in models:
-        r = {'model': name} if args.memory_only else measure_speed(name, args)
-        if not args.no_memory:
-            r['peak_mb'] = memory_in_subprocess(name, child_argv)
-        results.append(r)
-        print(f"  measured {name}", file=sys.stderr, flush=True)
+    results = [{'model': name} for name in models] if args.memory_only else measure_speed(models, args)
+    if not args.no_memory:
+        for r in results:
+            r['peak_mb'] = memory_in_subprocess(r['model'], child_argv)
     base = next((r for r in results if r['model'] == 'parallel' and 'tokens_per_s' in r), None)
     print(f"d_model={args.d_model} heads={args.heads} d_ff={args.d_ff} n_layers={args.n_layers} "
           f"seq_len={args.seq_len} batch={args.batch} threads={args.threads} device={args.device} "

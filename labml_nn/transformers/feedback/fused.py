@@ -173,8 +173,10 @@ class FeedbackLoopFunction(torch.autograd.Function):
         keys = [work[g, 0].view(BH, -1, dk) for g in range(G)]
         values = [work[g, 1].view(BH, -1, dk) for g in range(G)]
         pos_k = [lt[2].permute(1, 0, 2) for lt in layers]                 # [H, N, d_k]
-        d_pos_k = [torch.zeros_like(p) for p in pos_k]
-        d_pos_b = [x_seq.new_zeros(lt[3].t().shape) for lt in layers]    # [H, N]
+        n_pos = layers[0][3].shape[0]
+        # Score gradients of each layer's steps, right-aligned by distance: `[steps, B, H, N]`; the position
+        # tables' gradients are sums over them, computed after the loop
+        d_scores_by_distance = [x_seq.new_zeros((len(s.attn[l]), B, H, n_pos)) for l in range(L)]
         # Per-step gradients kept for the batched weight gradients
         g_attn: List[list] = [[] for _ in range(L)]
         g_ffn: List[list] = [[] for _ in range(L)]
@@ -220,11 +222,9 @@ class FeedbackLoopFunction(torch.autograd.Function):
                     d_scores = torch._softmax_backward_data(d_pd, p, -1, p.dtype) * scale
                     d_qu = torch.bmm(d_scores.view(BH, 1, n), keys[g][:, lo:hi])
                     d_keys[g][:, lo:hi] += torch.bmm(d_scores.view(BH, n, 1), qu)
-                    d_sh = d_scores.transpose(0, 1)                                    # [H, B, n]
-                    q_h = q.view(B, H, dk).transpose(0, 1)                              # [H, B, d_k]
-                    d_q = d_qu.view(B, H, dk) + torch.bmm(d_sh, pos_k[l][:, -n:]).transpose(0, 1)
-                    d_pos_k[l][:, -n:] += torch.bmm(d_sh.transpose(1, 2), q_h)
-                    d_pos_b[l][:, -n:] += d_sh.sum(1)
+                    d_scores_by_distance[l][len(attn_iter[l]), :, :, -n:] = d_scores
+                    # $\partial q = \partial (q + u) + \sum_j \partial A_{tj} p_{t-j}$
+                    d_q = d_qu.view(B, H, dk) + torch.bmm(d_scores.transpose(0, 1), pos_k[l][:, -n:]).transpose(0, 1)
                     d_q = d_q.reshape(B, D)
                     d_z = torch.mm(d_q, w_q)
                     dx = dx + torch.ops.aten.native_layer_norm_backward(
@@ -248,13 +248,12 @@ class FeedbackLoopFunction(torch.autograd.Function):
             d_mem_w = torch.zeros_like(mem_w)
         d_layers = []
         for l in range(L):
-            d_layers.extend(_layer_weight_grads(s, l, g_attn[l], g_ffn[l], d_pos_k[l], d_pos_b[l], layers[l], D))
+            d_layers.extend(_layer_weight_grads(s, l, g_attn[l], g_ffn[l], d_scores_by_distance[l], layers[l], D))
         d_prev = d_work[..., :n_prev, :].permute(4, 0, 1, 2, 3, 5) if n_prev else None
         return (None, d_x_seq, d_prev, d_mem_w, d_kv_w, *d_layers)
 
 
-def _layer_weight_grads(s: "_Saved", l: int, g_attn: list, g_ffn: list, d_pos_k: torch.Tensor,
-                        d_pos_b: torch.Tensor, lt, D: int):
+def _layer_weight_grads(s: "_Saved", l: int, g_attn: list, g_ffn: list, d_scores: torch.Tensor, lt, D: int):
     """The gradients of one layer's tensors, each as one product over all steps (in `LAYER_TENSORS` order)."""
     w_q, u, pos_emb, pos_bias, w_o, b_o, ln1_w, ln1_b, ln2_w, ln2_b, w_1, b_1, w_2, b_2 = lt
     # The feed-forward block, steps in forward order
@@ -281,7 +280,11 @@ def _layer_weight_grads(s: "_Saved", l: int, g_attn: list, g_ffn: list, d_pos_k:
         o = torch.cat([a[8] for a in saved])
         grads.update(w_q=torch.mm(d_q.t(), z), u=d_qu.sum(0).view_as(u), w_o=torch.mm(d_att.t(), o),
                      b_o=d_att.sum(0), ln1_w=(d_z * xhat).sum(0), ln1_b=d_z.sum(0),
-                     pos_emb=d_pos_k.transpose(0, 1), pos_bias=d_pos_b.t())
+                     # $\partial p_\Delta = \sum_{t, b} \partial A_{t, t - \Delta}\, q_t$ and
+                     # $\partial s_\Delta = \sum_{t, b} \partial A_{t, t - \Delta}$
+                     pos_emb=torch.einsum('tbhn,tbhd->nhd', d_scores, torch.stack([a[4] for a in saved]).view(
+                         -1, *d_scores.shape[1:3], u.shape[-1])),
+                     pos_bias=d_scores.sum((0, 1)).t())
     return [grads.get(name, torch.zeros_like(t)) for name, t in zip(LAYER_TENSORS, lt)]
 
 
