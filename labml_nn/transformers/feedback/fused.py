@@ -43,6 +43,10 @@ LAYER_TENSORS = ('w_q', 'u', 'pos_emb', 'pos_bias', 'w_o', 'b_o', 'ln1_w', 'ln1_
                  'w_1', 'b_1', 'w_2', 'b_2')
 N_LAYER_TENSORS = len(LAYER_TENSORS)
 
+# ATen kernels called directly, resolved once (their Python lookups cost more than the kernels at these sizes)
+_layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
+_relu_backward = torch.ops.aten.threshold_backward.default
+
 
 class LoopConfig(NamedTuple):
     """What the loop needs besides tensors."""
@@ -101,22 +105,26 @@ class FeedbackLoopFunction(torch.autograd.Function):
         # `pos_k [H, d_k, N]` and `pos_b [H, N]` (distance $N \dots 1$ from left to right)
         pos_k = [lt[2].permute(1, 2, 0) for lt in layers]
         pos_b = [lt[3].t() for lt in layers]
+        # Transposed weights (views) for `input @ W^T`
+        w_t = [[lt[k].t() for k in (0, 4, 10, 12)] for lt in layers]
         scale = 1 / dk ** 0.5
 
         s = _Saved(L)
         outputs = []
+        kv_w_t = kv_w.t()
         for i in range(T):
             t = cfg.n_start + i
             lo, hi = _visible(cfg, t) - first, t - first
             n = hi - lo
             x = x_seq[i]
             s.xs.append([x])
-            for l, (w_q, u, _, _, w_o, b_o, ln1_w, ln1_b, ln2_w, ln2_b, w_1, b_1, w_2, b_2) in enumerate(layers):
+            for l, (_, u, _, _, _, b_o, ln1_w, ln1_b, ln2_w, ln2_b, _, b_1, _, b_2) in enumerate(layers):
+                w_q_t, w_o_t, w_1_t, w_2_t = w_t[l]
                 g = l if G > 1 else 0
                 if n > 0:
                     # $z = \mathrm{LN}(x)$ and $q = W_q z$
                     z, mean, rstd = torch.native_layer_norm(x, (D,), ln1_w, ln1_b, cfg.eps)
-                    q = torch.mm(z, w_q.t())
+                    q = torch.mm(z, w_q_t)
                     # $(q + u)^\top k_j$ for all $j$: `[B * H, 1, n]`
                     qu = (q.view(B, H, dk) + u).view(BH, 1, dk)
                     content = torch.bmm(qu, keys[g][:, lo:hi].transpose(1, 2))
@@ -128,17 +136,17 @@ class FeedbackLoopFunction(torch.autograd.Function):
                     pd = p if masks.attn is None else p * masks.attn_mask(l, i, n)
                     # $\sum_j p_j v_j$, heads concatenated: `[B, D]`
                     o = torch.bmm(pd.view(BH, 1, n), values[g][:, lo:hi]).view(B, D)
-                    att = torch.addmm(b_o, o, w_o.t())
+                    att = torch.addmm(b_o, o, w_o_t)
                     x1 = x + (att if masks.resid is None else att * masks.resid[0, l, i])
                     s.attn[l].append((i, z, mean, rstd, q, qu, p, pd, o, n, lo, hi))
                 else:
                     x1 = x
                 # The feed-forward block
                 z2, mean2, rstd2 = torch.native_layer_norm(x1, (D,), ln2_w, ln2_b, cfg.eps)
-                hidden = torch.relu_(torch.addmm(b_1, z2, w_1.t()))
+                hidden = torch.relu_(torch.addmm(b_1, z2, w_1_t))
                 if masks.hidden is not None:
                     hidden = hidden * masks.hidden[l, i]
-                ff = torch.addmm(b_2, hidden, w_2.t())
+                ff = torch.addmm(b_2, hidden, w_2_t)
                 x = x1 + (ff if masks.resid is None else ff * masks.resid[1, l, i])
                 s.ffn[l].append((x1, z2, mean2, rstd2, hidden))
                 s.xs[i].append(x)
@@ -146,7 +154,7 @@ class FeedbackLoopFunction(torch.autograd.Function):
             if i < n_new:
                 # $m_t = \sum_l \mathrm{softmax}(w)_l x_t^l$ and its keys and values
                 mem = torch.mm(mem_w.view(1, L + 1), torch.stack(s.xs[i]).view(L + 1, B * D)).view(B, D)
-                kv = torch.mm(mem, kv_w.t()).view(B, G, 2, H, dk)
+                kv = torch.mm(mem, kv_w_t).view(B, G, 2, H, dk)
                 work[..., hi, :] = kv.permute(1, 2, 0, 3, 4)
                 s.mems.append(mem)
 
@@ -203,12 +211,11 @@ class FeedbackLoopFunction(torch.autograd.Function):
                 # The feed-forward block
                 d_ff = dx if masks.resid is None else dx * masks.resid[1, l, i]
                 d_hidden = torch.mm(d_ff, w_2)
-                d_a1 = torch.ops.aten.threshold_backward(d_hidden, hidden, 0)
+                d_a1 = _relu_backward(d_hidden, hidden, 0)
                 if masks.hidden is not None:
                     d_a1 = d_a1 * masks.hidden[l, i]
                 d_z2 = torch.mm(d_a1, w_1)
-                dx = dx + torch.ops.aten.native_layer_norm_backward(
-                    d_z2, x1, (D,), mean2, rstd2, ln2_w, None, (True, False, False))[0]
+                dx = dx + _layer_norm_backward(d_z2, x1, (D,), mean2, rstd2, ln2_w, None, (True, False, False))[0]
                 g_ffn[l].append((d_ff, d_a1, d_z2))
                 # The attention block
                 if attn_iter[l] and attn_iter[l][-1][0] == i:
@@ -227,8 +234,8 @@ class FeedbackLoopFunction(torch.autograd.Function):
                     d_q = d_qu.view(B, H, dk) + torch.bmm(d_scores.transpose(0, 1), pos_k[l][:, -n:]).transpose(0, 1)
                     d_q = d_q.reshape(B, D)
                     d_z = torch.mm(d_q, w_q)
-                    dx = dx + torch.ops.aten.native_layer_norm_backward(
-                        d_z, s.xs[i][l], (D,), mean, rstd, ln1_w, None, (True, False, False))[0]
+                    dx = dx + _layer_norm_backward(d_z, s.xs[i][l], (D,), mean, rstd, ln1_w, None,
+                                                   (True, False, False))[0]
                     g_attn[l].append((d_att, d_q, d_qu.view(B, H, dk), d_z))
                 if d_mem is not None:
                     dx = dx + mem_w[l] * d_mem
