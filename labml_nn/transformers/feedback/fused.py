@@ -37,15 +37,15 @@ configurations use the autograd loop. The tests compare both loops with a naive 
 from typing import List, NamedTuple, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
+
+from labml_nn.transformers.feedback.fused_backward import backward_loop
 
 # The per-layer tensors, in the order they are passed to `FeedbackLoopFunction`
 LAYER_TENSORS = ('w_q', 'u', 'pos_emb', 'pos_bias', 'w_o', 'b_o', 'ln1_w', 'ln1_b', 'ln2_w', 'ln2_b',
                  'w_1', 'b_1', 'w_2', 'b_2')
 N_LAYER_TENSORS = len(LAYER_TENSORS)
 
-# ATen kernels called directly, resolved once (their Python lookups cost more than the kernels at these sizes)
-_layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
-_relu_backward = torch.ops.aten.threshold_backward.default
 
 
 class LoopConfig(NamedTuple):
@@ -109,7 +109,7 @@ class FeedbackLoopFunction(torch.autograd.Function):
         w_t = [[lt[k].t() for k in (0, 4, 10, 12)] for lt in layers]
         scale = 1 / dk ** 0.5
 
-        s = _Saved(L)
+        s = _Saved(T)
         outputs = []
         kv_w_t = kv_w.t()
         for i in range(T):
@@ -117,7 +117,7 @@ class FeedbackLoopFunction(torch.autograd.Function):
             lo, hi = _visible(cfg, t) - first, t - first
             n = hi - lo
             x = x_seq[i]
-            s.xs.append([x])
+            xs, attn_saved, ffn_saved = [x], [], []
             for l, (_, u, _, _, _, b_o, ln1_w, ln1_b, ln2_w, ln2_b, _, b_1, _, b_2) in enumerate(layers):
                 w_q_t, w_o_t, w_1_t, w_2_t = w_t[l]
                 g = l if G > 1 else 0
@@ -138,9 +138,10 @@ class FeedbackLoopFunction(torch.autograd.Function):
                     o = torch.bmm(pd.view(BH, 1, n), values[g][:, lo:hi]).view(B, D)
                     att = torch.addmm(b_o, o, w_o_t)
                     x1 = x + (att if masks.resid is None else att * masks.resid[0, l, i])
-                    s.attn[l].append((i, z, mean, rstd, q, qu, p, pd, o, n, lo, hi))
+                    attn_saved.append(AttnSaved(mean, rstd, q, qu, p, o, n, lo, hi))
                 else:
                     x1 = x
+                    attn_saved.append(None)
                 # The feed-forward block
                 z2, mean2, rstd2 = torch.native_layer_norm(x1, (D,), ln2_w, ln2_b, cfg.eps)
                 hidden = torch.relu_(torch.addmm(b_1, z2, w_1_t))
@@ -148,15 +149,16 @@ class FeedbackLoopFunction(torch.autograd.Function):
                     hidden = hidden * masks.hidden[l, i]
                 ff = torch.addmm(b_2, hidden, w_2_t)
                 x = x1 + (ff if masks.resid is None else ff * masks.resid[1, l, i])
-                s.ffn[l].append((x1, z2, mean2, rstd2, hidden))
-                s.xs[i].append(x)
+                ffn_saved.append(FfnSaved(x1, mean2, rstd2, hidden))
+                xs.append(x)
+            s.xs[i], s.attn[i], s.ffn[i] = xs, attn_saved, ffn_saved
             outputs.append(x)
             if i < n_new:
                 # $m_t = \sum_l \mathrm{softmax}(w)_l x_t^l$ and its keys and values
-                mem = torch.mm(mem_w.view(1, L + 1), torch.stack(s.xs[i]).view(L + 1, B * D)).view(B, D)
+                mem = torch.mm(mem_w.view(1, L + 1), torch.stack(xs).view(L + 1, B * D)).view(B, D)
                 kv = torch.mm(mem, kv_w_t).view(B, G, 2, H, dk)
                 work[..., hi, :] = kv.permute(1, 2, 0, 3, 4)
-                s.mems.append(mem)
+                s.mems[i] = mem
 
         ctx.cfg, ctx.saved, ctx.masks, ctx.shape = cfg, s, masks, (T, B, D, n_prev, n_new, first)
         ctx.save_for_backward(x_seq, mem_w, kv_w, work, *layer_tensors)
@@ -164,149 +166,47 @@ class FeedbackLoopFunction(torch.autograd.Function):
         return torch.stack(outputs), rows
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, d_out: torch.Tensor, d_rows: Optional[torch.Tensor]):
-        cfg, s, masks = ctx.cfg, ctx.saved, ctx.masks
-        T, B, D, n_prev, n_new, first = ctx.shape
         x_seq, mem_w, kv_w, work, *layer_tensors = ctx.saved_tensors
-        L, G, H, dk = cfg.n_layers, cfg.groups, cfg.heads, cfg.d_k
-        BH = B * H
-        layers = [layer_tensors[i * N_LAYER_TENSORS:(i + 1) * N_LAYER_TENSORS] for i in range(L)]
-        scale = 1 / dk ** 0.5
-        # Gradients of the cache, in the work buffer's layout; gradients from later calls come in `d_rows`
-        d_work = torch.zeros_like(work)
-        if d_rows is not None:
-            d_work += d_rows.permute(1, 2, 3, 4, 0, 5)
-        d_keys = [d_work[g, 0].view(BH, -1, dk) for g in range(G)]
-        d_values = [d_work[g, 1].view(BH, -1, dk) for g in range(G)]
-        keys = [work[g, 0].view(BH, -1, dk) for g in range(G)]
-        values = [work[g, 1].view(BH, -1, dk) for g in range(G)]
-        pos_k = [lt[2].permute(1, 0, 2) for lt in layers]                 # [H, N, d_k]
-        n_pos = layers[0][3].shape[0]
-        # Score gradients of each layer's steps, right-aligned by distance: `[steps, B, H, N]`; the position
-        # tables' gradients are sums over them, computed after the loop
-        d_scores_by_distance = [x_seq.new_zeros((len(s.attn[l]), B, H, n_pos)) for l in range(L)]
-        # Per-step gradients kept for the batched weight gradients
-        g_attn: List[list] = [[] for _ in range(L)]
-        g_ffn: List[list] = [[] for _ in range(L)]
-        d_mems, d_kv_flat = [], []
-        d_x_seq = torch.empty_like(x_seq)
-        # Saved attention entries of each layer, consumed from the last step backwards
-        attn_iter = [list(a) for a in s.attn]
-
-        for i in reversed(range(T)):
-            if i < n_new:
-                # $\partial (k_t, v_t)$ is complete: all later steps are done
-                t_slot = cfg.n_start + i - first
-                d_kv = d_work[..., t_slot, :].permute(2, 0, 1, 3, 4).reshape(B, G * 2 * D)
-                d_mem = torch.mm(d_kv, kv_w)
-                d_kv_flat.append(d_kv)
-                d_mems.append(d_mem)
-            else:
-                d_mem = None
-            dx = d_out[i] if d_mem is None else d_out[i] + mem_w[L] * d_mem
-            for l in reversed(range(L)):
-                (w_q, u, _, _, w_o, _, ln1_w, _, ln2_w, _, w_1, _, w_2, _) = layers[l]
-                g = l if G > 1 else 0
-                x1, z2, mean2, rstd2, hidden = s.ffn[l][i]
-                # The feed-forward block
-                d_ff = dx if masks.resid is None else dx * masks.resid[1, l, i]
-                d_hidden = torch.mm(d_ff, w_2)
-                d_a1 = _relu_backward(d_hidden, hidden, 0)
-                if masks.hidden is not None:
-                    d_a1 = d_a1 * masks.hidden[l, i]
-                d_z2 = torch.mm(d_a1, w_1)
-                dx = dx + _layer_norm_backward(d_z2, x1, (D,), mean2, rstd2, ln2_w, None, (True, False, False))[0]
-                g_ffn[l].append((d_ff, d_a1, d_z2))
-                # The attention block
-                if attn_iter[l] and attn_iter[l][-1][0] == i:
-                    _, z, mean, rstd, q, qu, p, pd, o, n, lo, hi = attn_iter[l].pop()
-                    d_att = dx if masks.resid is None else dx * masks.resid[0, l, i]
-                    d_o = torch.mm(d_att, w_o).view(BH, 1, dk)
-                    d_pd = torch.bmm(d_o, values[g][:, lo:hi].transpose(1, 2)).view(B, H, n)
-                    d_values[g][:, lo:hi] += torch.bmm(pd.view(BH, n, 1), d_o)
-                    if masks.attn is not None:
-                        d_pd = d_pd * masks.attn_mask(l, i, n)
-                    d_scores = torch._softmax_backward_data(d_pd, p, -1, p.dtype) * scale
-                    d_qu = torch.bmm(d_scores.view(BH, 1, n), keys[g][:, lo:hi])
-                    d_keys[g][:, lo:hi] += torch.bmm(d_scores.view(BH, n, 1), qu)
-                    d_scores_by_distance[l][len(attn_iter[l]), :, :, -n:] = d_scores
-                    # $\partial q = \partial (q + u) + \sum_j \partial A_{tj} p_{t-j}$
-                    d_q = d_qu.view(B, H, dk) + torch.bmm(d_scores.transpose(0, 1), pos_k[l][:, -n:]).transpose(0, 1)
-                    d_q = d_q.reshape(B, D)
-                    d_z = torch.mm(d_q, w_q)
-                    dx = dx + _layer_norm_backward(d_z, s.xs[i][l], (D,), mean, rstd, ln1_w, None,
-                                                   (True, False, False))[0]
-                    g_attn[l].append((d_att, d_q, d_qu.view(B, H, dk), d_z))
-                if d_mem is not None:
-                    dx = dx + mem_w[l] * d_mem
-            d_x_seq[i] = dx
-
-        d_mem_w = d_kv_w = None
-        if d_mems:
-            d_mems.reverse()
-            d_kv_flat.reverse()
-            n = len(d_mems)
-            # $\partial \mathrm{softmax}(w)_l = \sum_{t, b} \partial m_t \cdot x_t^l$
-            xs = torch.stack([torch.stack(s.xs[i]) for i in range(n)])          # [n, L + 1, B, D]
-            d_mem_w = torch.einsum('tbd,tlbd->l', torch.stack(d_mems), xs)
-            # $\partial W_{kv} = \sum_t \partial (k_t, v_t)^\top m_t$
-            d_kv_w = torch.mm(torch.cat(d_kv_flat).t(), torch.cat(s.mems))
-        elif ctx.needs_input_grad[3]:
-            d_mem_w = torch.zeros_like(mem_w)
-        d_layers = []
-        for l in range(L):
-            d_layers.extend(_layer_weight_grads(s, l, g_attn[l], g_ffn[l], d_scores_by_distance[l], layers[l], D))
-        d_prev = d_work[..., :n_prev, :].permute(4, 0, 1, 2, 3, 5) if n_prev else None
-        return (None, d_x_seq, d_prev, d_mem_w, d_kv_w, *d_layers)
+        layers = [layer_tensors[i * N_LAYER_TENSORS:(i + 1) * N_LAYER_TENSORS] for i in range(ctx.cfg.n_layers)]
+        grads = backward_loop(ctx.cfg, ctx.saved, ctx.masks, ctx.shape, d_out, d_rows, x_seq, mem_w, kv_w, work,
+                              layers, ctx.needs_input_grad)
+        return (None, *grads)
 
 
-def _layer_weight_grads(s: "_Saved", l: int, g_attn: list, g_ffn: list, d_scores: torch.Tensor, lt, D: int):
-    """The gradients of one layer's tensors, each as one product over all steps (in `LAYER_TENSORS` order)."""
-    w_q, u, pos_emb, pos_bias, w_o, b_o, ln1_w, ln1_b, ln2_w, ln2_b, w_1, b_1, w_2, b_2 = lt
-    # The feed-forward block, steps in forward order
-    g_ffn.reverse()
-    d_ff = torch.cat([g[0] for g in g_ffn])
-    d_a1 = torch.cat([g[1] for g in g_ffn])
-    d_z2 = torch.cat([g[2] for g in g_ffn])
-    x1 = torch.cat([f[0] for f in s.ffn[l]])
-    z2 = torch.cat([f[1] for f in s.ffn[l]])
-    xhat2 = (x1 - torch.cat([f[2] for f in s.ffn[l]])) * torch.cat([f[3] for f in s.ffn[l]])
-    hidden = torch.cat([f[4] for f in s.ffn[l]])
-    grads = dict(w_2=torch.mm(d_ff.t(), hidden), b_2=d_ff.sum(0), w_1=torch.mm(d_a1.t(), z2), b_1=d_a1.sum(0),
-                 ln2_w=(d_z2 * xhat2).sum(0), ln2_b=d_z2.sum(0))
-    if g_attn:
-        g_attn.reverse()
-        saved = s.attn[l]
-        d_att = torch.cat([g[0] for g in g_attn])
-        d_q = torch.cat([g[1] for g in g_attn])
-        d_qu = torch.cat([g[2] for g in g_attn])
-        d_z = torch.cat([g[3] for g in g_attn])
-        z = torch.cat([a[1] for a in saved])
-        x = torch.cat([s.xs[a[0]][l] for a in saved])
-        xhat = (x - torch.cat([a[2] for a in saved])) * torch.cat([a[3] for a in saved])
-        o = torch.cat([a[8] for a in saved])
-        grads.update(w_q=torch.mm(d_q.t(), z), u=d_qu.sum(0).view_as(u), w_o=torch.mm(d_att.t(), o),
-                     b_o=d_att.sum(0), ln1_w=(d_z * xhat).sum(0), ln1_b=d_z.sum(0),
-                     # $\partial p_\Delta = \sum_{t, b} \partial A_{t, t - \Delta}\, q_t$ and
-                     # $\partial s_\Delta = \sum_{t, b} \partial A_{t, t - \Delta}$
-                     pos_emb=torch.einsum('tbhn,tbhd->nhd', d_scores, torch.stack([a[4] for a in saved]).view(
-                         -1, *d_scores.shape[1:3], u.shape[-1])),
-                     pos_bias=d_scores.sum((0, 1)).t())
-    return [grads.get(name, torch.zeros_like(t)) for name, t in zip(LAYER_TENSORS, lt)]
+class AttnSaved(NamedTuple):
+    """What an attention block keeps for the backward pass."""
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    q: torch.Tensor
+    qu: torch.Tensor
+    p: torch.Tensor
+    o: torch.Tensor
+    n: int
+    lo: int
+    hi: int
+
+
+class FfnSaved(NamedTuple):
+    """What a feed-forward block keeps: its input, normalisation statistics, hidden units after dropout."""
+    x1: torch.Tensor
+    mean2: torch.Tensor
+    rstd2: torch.Tensor
+    hidden: torch.Tensor
 
 
 class _Saved:
-    """What the forward pass keeps for the backward pass, per layer and step."""
+    """What the forward pass keeps for the backward pass, per step (released step by step by the backward pass)."""
 
-    def __init__(self, n_layers: int):
+    def __init__(self, T: int):
         # `xs[i][l]`: input of layer `l` at step `i` (`xs[i][L]`: the output)
-        self.xs: List[List[torch.Tensor]] = []
-        # Attention blocks (steps that had memory): `(i, z, mean, rstd, q, q + u, p, p after dropout, o, n, lo, hi)`
-        self.attn: List[list] = [[] for _ in range(n_layers)]
-        # Feed-forward blocks: `(x1, z2, mean2, rstd2, hidden after ReLU and dropout)`
-        self.ffn: List[list] = [[] for _ in range(n_layers)]
+        self.xs: List[Optional[List[torch.Tensor]]] = [None] * T
+        # `attn[i][l]`: `AttnSaved` (`None` at a step without memory); `ffn[i][l]`: `FfnSaved`
+        self.attn: List[Optional[list]] = [None] * T
+        self.ffn: List[Optional[list]] = [None] * T
         # Memory vectors $m_t$
-        self.mems: List[torch.Tensor] = []
+        self.mems: List[Optional[torch.Tensor]] = [None] * T
 
 
 class _Masks:
