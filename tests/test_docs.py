@@ -102,6 +102,12 @@ def test_repository_url_comes_from_the_config_or_setup_py(tmp_path: Path):
         "https://colab.research.google.com/github/o/r/blob/main/notebooks/sample.ipynb"
 
 
+def test_one_line_definitions_keep_their_code():
+    doc = parse_python('def f(): "Doc on the header line."\n\n\nclass A: pass\n')
+    assert [line for section in doc.sections for line in section.code] == \
+        ['def f(): "Doc on the header line."', "", "", "class A: pass"]
+
+
 # Generated pages.
 
 @needs_katex

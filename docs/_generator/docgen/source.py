@@ -103,7 +103,8 @@ def _docstrings(tree: ast.Module) -> dict[int, _Docstring]:
             if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
                 name = prefix + child.name
                 doc = _docstring_expr(child)
-                if doc is not None:
+                # A docstring on the header's own line (`def f(): "doc"`) stays in the code.
+                if doc is not None and doc.lineno > child.lineno:
                     first = min([child.lineno] + [d.lineno for d in child.decorator_list])
                     found[first] = _Docstring(first, doc.lineno - 1, doc.lineno, doc.end_lineno,
                                               inspect.cleandoc(doc.value.value), name)
