@@ -128,16 +128,17 @@ class FeedbackLoopFunction(torch.autograd.Function):
                     # $(q + u)^\top k_j$ for all $j$: `[B * H, 1, n]`
                     qu = (q.view(B, H, dk) + u).view(BH, 1, dk)
                     content = torch.bmm(qu, keys[g][:, lo:hi].transpose(1, 2))
-                    # $q^\top p_\Delta$: `[H, B, n]`
-                    position = torch.bmm(q.view(B, H, dk).transpose(0, 1), pos_k[l][:, :, -n:])
-                    # Scores with $s_\Delta$, scaled, softmax over $j$: `[B, H, n]`
-                    scores = content.view(B, H, n) + position.transpose(0, 1) + pos_b[l][:, -n:]
-                    p = torch.softmax(scores * scale, dim=-1)
+                    # $\frac{1}{\sqrt{d_k}}(q^\top p_\Delta + s_\Delta)$: `[H, B, n]`
+                    position = torch.baddbmm(pos_b[l][:, None, -n:], q.view(B, H, dk).transpose(0, 1),
+                                             pos_k[l][:, :, -n:], beta=scale, alpha=scale)
+                    # All scores, scaled, and the softmax over $j$: `[B, H, n]`
+                    scores = torch.add(position.transpose(0, 1), content.view(B, H, n), alpha=scale)
+                    p = torch.softmax(scores, dim=-1)
                     pd = p if masks.attn is None else p * masks.attn_mask(l, i, n)
                     # $\sum_j p_j v_j$, heads concatenated: `[B, D]`
                     o = torch.bmm(pd.view(BH, 1, n), values[g][:, lo:hi]).view(B, D)
                     att = torch.addmm(b_o, o, w_o_t)
-                    x1 = x + (att if masks.resid is None else att * masks.resid[0, l, i])
+                    x1 = x + att if masks.resid is None else torch.addcmul(x, att, masks.resid[0, l, i])
                     attn_saved.append(AttnSaved(mean, rstd, q, qu, p, o, n, lo, hi))
                 else:
                     x1 = x
@@ -148,7 +149,7 @@ class FeedbackLoopFunction(torch.autograd.Function):
                 if masks.hidden is not None:
                     hidden = hidden * masks.hidden[l, i]
                 ff = torch.addmm(b_2, hidden, w_2_t)
-                x = x1 + (ff if masks.resid is None else ff * masks.resid[1, l, i])
+                x = x1 + ff if masks.resid is None else torch.addcmul(x1, ff, masks.resid[1, l, i])
                 ffn_saved.append(FfnSaved(x1, mean2, rstd2, hidden))
                 xs.append(x)
             s.xs[i], s.attn[i], s.ffn[i] = xs, attn_saved, ffn_saved

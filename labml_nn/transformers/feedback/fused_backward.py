@@ -63,6 +63,8 @@ def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_rows: Optional[to
     d_x_seq = torch.empty_like(x_seq)
     pending: List[_StepGrads] = []
     chunk = max(1, CHUNK_ROWS // B)
+    # Stands for `input` in `baddbmm(input, ..., beta=0)`
+    no_input = x_seq.new_zeros(())
 
     for i in reversed(range(T)):
         sg = _StepGrads(i, L)
@@ -93,13 +95,15 @@ def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_rows: Optional[to
                 d_att = dx if masks.resid is None else dx * masks.resid[0, l, i]
                 d_o = torch.mm(d_att, w_o).view(BH, 1, dk)
                 pd = a.p if masks.attn is None else a.p * masks.attn_mask(l, i, n)
-                d_pd = torch.bmm(d_o, values[g][:, lo:hi].transpose(1, 2)).view(B, H, n)
-                d_values[g][:, lo:hi] += torch.bmm(pd.view(BH, n, 1), d_o)
+                # $\frac{1}{\sqrt{d_k}} \delta \tilde P$ (the softmax's backward is linear: the scale goes first)
+                d_pd = torch.baddbmm(no_input, d_o, values[g][:, lo:hi].transpose(1, 2), beta=0, alpha=scale)
+                d_pd = d_pd.view(B, H, n)
+                d_values[g][:, lo:hi].baddbmm_(pd.view(BH, n, 1), d_o)
                 if masks.attn is not None:
                     d_pd = d_pd * masks.attn_mask(l, i, n)
-                d_scores = torch._softmax_backward_data(d_pd, a.p, -1, a.p.dtype) * scale
+                d_scores = torch._softmax_backward_data(d_pd, a.p, -1, a.p.dtype)
                 d_qu = torch.bmm(d_scores.view(BH, 1, n), keys[g][:, lo:hi])
-                d_keys[g][:, lo:hi] += torch.bmm(d_scores.view(BH, n, 1), a.qu)
+                d_keys[g][:, lo:hi].baddbmm_(d_scores.view(BH, n, 1), a.qu)
                 # $\delta q = \delta (q + u) + \sum_j \delta A_{tj}\, p_{t-j}$
                 d_q = d_qu.view(B, H, dk) + torch.bmm(d_scores.transpose(0, 1), pos_k[l][:, -n:]).transpose(0, 1)
                 d_q = d_q.reshape(B, D)
