@@ -52,7 +52,8 @@ class CausalState:
     """
     What a causal transformer needs to continue a sequence.
 
-    * `keys[l]`, `values[l]`: cached keys/values of layer `l` for all earlier tokens, `[mem_len, batch_size, heads, d_k]`
+    * `keys[l]`, `values[l]`: cached keys/values of layer `l` for all earlier tokens,
+      `[mem_len, batch_size, heads, d_k]`
     * `offset`: how many tokens came before (the position of the next token)
     """
     keys: List[torch.Tensor] = field(default_factory=list)
@@ -108,7 +109,8 @@ class CausalAttention(nn.Module):
             k = torch.cat([past_key, k], dim=0)
             v = torch.cat([past_value, v], dim=0)
         mem_len = k.shape[0] - seq_len
-        # Distances $\Delta = i - j$ from query `i` (at position `mem_len + i`) to key `j`: `[seq_len, mem_len + seq_len]`
+        # Distances $\Delta = i - j$ from query `i` (at position `mem_len + i`) to key `j`,
+        # `[seq_len, mem_len + seq_len]`
         q_pos = torch.arange(mem_len, mem_len + seq_len, device=x.device)
         k_pos = torch.arange(mem_len + seq_len, device=x.device)
         dist = q_pos[:, None] - k_pos[None, :]
@@ -134,7 +136,7 @@ class CausalAttention(nn.Module):
 
 
 class CausalTransformerLayer(nn.Module):
-    """
+    r"""
     One pre-norm layer: $x \leftarrow x + \mathrm{Drop}(\mathrm{Attn}(\mathrm{LN}(x)))$,
     then $x \leftarrow x + \mathrm{Drop}(\mathrm{FFN}(\mathrm{LN}(x)))$.
     """
