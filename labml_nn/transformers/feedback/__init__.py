@@ -1,0 +1,86 @@
+r"""
+---
+title: Feedback Transformer
+summary: An annotated, fast PyTorch implementation of the Feedback Transformer (Fan et al., 2020), with cached
+  keys and values, a state API for continuing sequences, and a shared key/value variant.
+---
+
+# Feedback Transformer
+
+This is a PyTorch implementation of the paper
+[Addressing Some Limitations of Transformers with Feedback Memory](https://arxiv.org/abs/2002.09402)
+(Fan, Lavril, Grave, Joulin and Sukhbaatar, 2020).
+
+An ordinary (causal) transformer computes layer $l$ at step $t$ from layer $l-1$ at steps $\le t$. The
+representation at the top of the stack at step $t-1$ is therefore never seen by the lower layers of step $t$:
+the computation that can be carried from one step to the next is bounded by the depth of the network.
+
+The Feedback Transformer lets every layer of step $t$ attend to a **memory** made from *all* layers of the
+earlier steps,
+
+$$m_t = \sum_{l=0}^{L} \mathrm{softmax}(w)_l\, x_t^l ,$$
+
+where $x_t^0$ is the embedding of token $t$, $x_t^l$ the output of layer $l$ and $w$ a learned vector. The
+highest-level representations of the past now feed the lowest layers of the present, which helps on tasks that
+need state tracking (the paper shows it on algorithmic tasks and on reinforcement learning) and lets smaller,
+shallower models match deeper ones on language modelling.
+
+The price is parallelism: $m_t$ is needed by the first layer of step $t+1$, so the steps run one after the
+other, in training too. This implementation keeps that loop as small as it can:
+
+* each memory vector is projected to keys and values **once** and cached in a growing `Stack`, with a custom
+  autograd function that hands out zero-copy views ([stack.py](stack.html));
+* everything that does not depend on earlier steps (embedding, output head, loss, relative position terms)
+  runs outside the loop.
+
+## The pieces
+
+* [attention.py](attention.html): `FeedbackAttention`, attention of one query over the memory with
+  Transformer-XL style relative positions.
+* [transformer.py](transformer.html): `FeedbackTransformerLayer`, and the loops `FeedbackTransformer`
+  (weighted-sum memory, per-layer keys and values) and `FeedbackTransformerKV` (keys and values shared by all
+  layers, the paper's cheaper variant).
+* [stack.py](stack.html): `Stack` and `StackFunction`, the cache.
+* [state.py](state.html): `FeedbackState`, to continue a sequence across calls (cached generation, memory
+  carried across training batches).
+* [autoregressive.py](autoregressive.html): `AutoregressiveModel`, the language model around a transformer.
+
+## Using it
+
+```python
+import torch
+from labml_nn.transformers.feedback import (FeedbackAttention, FeedbackTransformer, FeedbackTransformerLayer,
+                                            FeedForward)
+
+d_model, heads, d_ff, n_layers = 128, 4, 256, 4
+layer = FeedbackTransformerLayer(d_model=d_model, attn=FeedbackAttention(heads, d_model),
+                                 feed_forward=FeedForward(d_model, d_ff), dropout_prob=0.1)
+transformer = FeedbackTransformer(layer, n_layers)
+x = torch.randn(64, 16, d_model)              # [seq_len, batch_size, d_model]
+y = transformer(x)                            # [seq_len, batch_size, d_model]
+# Continue a sequence: same result as one call over the concatenation
+y1, state = transformer(x[:40], return_state=True)
+y2, state = transformer(x[40:], state=state, return_state=True)
+```
+"""
+
+from labml_nn.transformers.feed_forward import FeedForward
+from labml_nn.transformers.feedback.attention import FeedbackAttention
+from labml_nn.transformers.feedback.stack import Stack, StackFunction
+from labml_nn.transformers.feedback.state import FeedbackState
+from labml_nn.transformers.feedback.transformer import (
+    FeedbackTransformer,
+    FeedbackTransformerKV,
+    FeedbackTransformerLayer,
+)
+
+__all__ = [
+    "FeedForward",
+    "FeedbackAttention",
+    "FeedbackState",
+    "FeedbackTransformer",
+    "FeedbackTransformerKV",
+    "FeedbackTransformerLayer",
+    "Stack",
+    "StackFunction",
+]

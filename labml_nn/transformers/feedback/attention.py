@@ -1,0 +1,141 @@
+r"""
+---
+title: Feedback attention with relative positions
+summary: Multi-head attention of one step's query over the memory of all earlier steps, with Transformer-XL
+  style relative position terms clipped to a small table.
+---
+
+# Feedback attention
+
+At step $t$ a layer has a single query, made from its input $x_t^{l-1}$, and attends over the memory vectors
+of the earlier steps $m_0 \dots m_{t-1}$ (never over step $t$ itself, whose memory is not yet made).
+With $q = W_q \,\mathrm{LN}(x_t^{l-1})$ split into $h$ heads, keys $k_j = W_k m_j$ and values
+$v_j = W_v m_j$, the score of memory slot $j$ at distance $\Delta = t - j \ge 1$ is
+
+$$A_{tj} = \frac{1}{\sqrt{d_k}} \Big( \underbrace{(q + u)^\top k_j}_{\text{content}}
+  + \underbrace{q^\top p_{\Delta}}_{\text{position}} + \underbrace{s_{\Delta}}_{\text{position bias}} \Big)$$
+
+per head, as in Transformer-XL: $u$ is a learned query bias shared by all positions, $p_\Delta$ a learned
+key embedding of the distance and $s_\Delta$ a learned scalar per head and distance. The output is
+
+$$\mathrm{Attn}_t = W_o \big[\, \textstyle\sum_j \mathrm{softmax}_j(A_{tj})\, v_j \,\big]_{\text{heads}} + b_o .$$
+
+## The position table
+
+The table holds $P$ = `max_distance` entries for $\Delta = 1 \dots P$. Longer distances use the last entry:
+$p_\Delta = p_P$ and $s_\Delta = s_P$ for $\Delta > P$, so any sequence length works. The default $P = 128$
+covers the training context of the experiments; labml_nn keeps 4096 entries, which at $d_{model} = 128$ is
+most of the model's parameters.
+
+Because the memory visible at a step is always the *latest* $n$ memory vectors, its distances are
+$n, n-1, \dots, 1$: the position terms depend only on how many vectors are visible, not on $t$.
+`relative_terms(n)` builds them once per forward pass; each step takes the last rows it needs.
+
+## Biases
+
+The key and value projections have no bias: a key bias adds the same $q^\top b$ to every score
+(softmax ignores it) and a value bias adds a constant that the output bias $b_o$ already provides.
+"""
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from labml_nn.transformers.mha import PrepareForMultiHeadAttention
+
+
+class FeedbackAttention(nn.Module):
+    r"""
+    Attention of one step's query over earlier memory.
+
+    * `heads`: number of heads $h$; `d_model` must be divisible by it.
+    * `is_kv_precomputed`: the keys and values arrive already projected (`FeedbackTransformerKV`
+      shares one projection between all layers), so this module has no `key` / `value` layers.
+    * `max_distance`: size $P$ of the relative position table; longer distances are clipped to $P$.
+    """
+
+    def __init__(self, heads: int, d_model: int, dropout_prob: float = 0.1, *, is_kv_precomputed: bool = False,
+                 max_distance: int = 128):
+        super().__init__()
+        if not isinstance(heads, int) or heads < 1 or not isinstance(d_model, int) or d_model % heads != 0:
+            raise ValueError(f"d_model ({d_model!r}) must be a positive multiple of heads ({heads!r})")
+        if not isinstance(max_distance, int) or max_distance < 1:
+            raise ValueError(f"max_distance must be an int >= 1, got {max_distance!r}")
+        if not 0.0 <= dropout_prob < 1.0:
+            raise ValueError(f"dropout_prob must be in [0, 1), got {dropout_prob!r}")
+        self.heads = heads
+        self.d_model = d_model
+        self.d_k = d_model // heads
+        self.max_distance = max_distance
+        self.is_kv_precomputed = is_kv_precomputed
+        # $W_q$
+        self.query = PrepareForMultiHeadAttention(d_model, heads, self.d_k, bias=False)
+        if not is_kv_precomputed:
+            # $W_k$ and $W_v$ of this layer
+            self.key = PrepareForMultiHeadAttention(d_model, heads, self.d_k, bias=False)
+            self.value = PrepareForMultiHeadAttention(d_model, heads, self.d_k, bias=False)
+        # $W_o, b_o$
+        self.output = nn.Linear(d_model, d_model)
+        # Dropout on the attention probabilities
+        self.dropout = nn.Dropout(dropout_prob)
+        # $\frac{1}{\sqrt{d_k}}$
+        self.scale = 1 / math.sqrt(self.d_k)
+        # $u$, `[heads, d_k]`
+        self.query_pos_bias = nn.Parameter(torch.zeros(heads, self.d_k))
+        # $p_\Delta$ for $\Delta = 1 \dots P$, `[P, heads, d_k]`
+        self.key_pos_embeddings = nn.Parameter(torch.zeros(max_distance, heads, self.d_k))
+        # $s_\Delta$ for $\Delta = 1 \dots P$, `[P, heads]`
+        self.key_pos_bias = nn.Parameter(torch.zeros(max_distance, heads))
+
+    def project_memory(self, memory: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `[..., heads, d_k]` of memory vectors `[..., d_model]`."""
+        if self.is_kv_precomputed:
+            raise RuntimeError("this FeedbackAttention was built with is_kv_precomputed=True: it has no key/value "
+                               "projections; the transformer projects the memory")
+        return self.key(memory), self.value(memory)
+
+    def relative_terms(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        r"""
+        Position embeddings `[n, heads, d_k]` and biases `[n, heads]` for memory slots at distances
+        $n, n-1, \dots, 1$ (oldest first, like the memory), clipped to the table.
+        """
+        # Table row $\min(\Delta, P) - 1$ for $\Delta = n \dots 1$
+        distance = torch.arange(n, 0, -1, device=self.key_pos_bias.device)
+        rows = distance.clamp_(max=self.max_distance) - 1
+        return self.key_pos_embeddings[rows], self.key_pos_bias[rows]
+
+    def forward(self, *, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                pos_emb: Optional[torch.Tensor] = None, pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        r"""
+        * `query`: the normalised input of this step, `[batch_size, d_model]`.
+        * `key`, `value`: the visible memory, oldest first, either projected, `[n, batch_size, heads, d_k]`,
+          or (without `is_kv_precomputed`) raw memory vectors `[n, batch_size, d_model]` that this module
+          projects.
+        * `pos_emb`, `pos_bias`: `relative_terms(N)` for some `N >= n`; this step uses their last `n` rows.
+          Computed here when omitted.
+
+        Returns `[batch_size, d_model]`.
+        """
+        if key.dim() == 3:
+            # Raw memory: project it (the transformers pass cached projections instead)
+            key, value = self.project_memory(key)[0], self.project_memory(value)[1]
+        n = key.shape[0]
+        if pos_emb is None or pos_bias is None:
+            pos_emb, pos_bias = self.relative_terms(n)
+        pos_emb, pos_bias = pos_emb[-n:], pos_bias[-n:]
+        batch_size = query.shape[0]
+        # $q$, `[batch_size, heads, d_k]`
+        q = self.query(query)
+        # $(q + u)^\top k_j$, `[batch_size, heads, n]`
+        scores = torch.einsum('bhd,jbhd->bhj', q + self.query_pos_bias, key)
+        # $+\, q^\top p_\Delta$
+        scores = scores + torch.einsum('bhd,jhd->bhj', q, pos_emb)
+        # $+\, s_\Delta$, then $\frac{1}{\sqrt{d_k}}$ and the softmax over the memory slots $j$
+        attn = torch.softmax((scores + pos_bias.t()) * self.scale, dim=-1)
+        attn = self.dropout(attn)
+        # $\sum_j \mathrm{softmax}_j(A_{tj}) v_j$, `[batch_size, heads, d_k]`
+        out = torch.einsum('bhj,jbhd->bhd', attn, value)
+        # Concatenate the heads and apply $W_o, b_o$
+        return self.output(out.reshape(batch_size, self.d_model))

@@ -1,0 +1,29 @@
+"""
+---
+title: Utilities
+summary: Small helpers shared by the models, such as making independent copies of a layer.
+---
+
+# Utilities
+
+A transformer is a stack of $L$ layers with the same shape but *independent* parameters.
+It is convenient to build one layer and let the container make the other $L - 1$ copies.
+"""
+
+import copy
+
+from torch import nn
+
+
+def clone_module_list(module: nn.Module, n: int) -> nn.ModuleList:
+    """
+    Make an `nn.ModuleList` of `n` deep copies of `module`.
+
+    Each copy owns its own parameters (nothing is shared with `module` or with another copy), so an
+    optimizer trains them separately; they all start from the same initial values.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n (the number of copies) must be an int >= 1, got {n!r}")
+    return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])

@@ -1,0 +1,44 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from labml_nn.transformers.feedback import (  # noqa: E402
+    FeedbackAttention,
+    FeedbackTransformer,
+    FeedbackTransformerKV,
+    FeedbackTransformerLayer,
+    FeedForward,
+)
+
+# Keep the suite predictable on 2 cores
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def make_transformer(kind: str, *, d_model=8, heads=2, d_ff=16, n_layers=2, dropout=0.0, dtype=torch.float64,
+                     max_distance=128, memory_span=None, seed=0, randomize=True):
+    """A small Feedback Transformer; `randomize` gives every parameter (position tables, w) non-trivial values."""
+    torch.manual_seed(seed)
+    kv = kind == 'kv'
+    attn = FeedbackAttention(heads, d_model, dropout, is_kv_precomputed=kv, max_distance=max_distance)
+    layer = FeedbackTransformerLayer(d_model=d_model, attn=attn, feed_forward=FeedForward(d_model, d_ff, dropout),
+                                     dropout_prob=dropout)
+    if kv:
+        model = FeedbackTransformerKV(layer, n_layers, d_model, heads, memory_span=memory_span)
+    else:
+        model = FeedbackTransformer(layer, n_layers, memory_span=memory_span)
+    model = model.to(dtype)
+    if randomize:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+@pytest.fixture(params=['weighted', 'kv'])
+def kind(request):
+    return request.param

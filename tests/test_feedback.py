@@ -1,0 +1,244 @@
+"""Tests of both Feedback Transformers against the naive reference in `reference.py`, and of their state API."""
+
+import pytest
+import torch
+from conftest import make_transformer
+from reference import reference_forward
+from torch.func import functional_call
+
+from labml_nn.transformers.feedback import FeedbackState
+
+
+def _loss(out):
+    # A loss that weights every output element differently
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    return (out * w).sum() + out.pow(2).sum()
+
+
+@pytest.mark.parametrize('max_distance', [128, 3])
+def test_outputs_and_gradients_equal_reference(kind, max_distance):
+    model = make_transformer(kind, max_distance=max_distance)
+    x = torch.randn(9, 3, 8, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    grads = torch.autograd.grad(_loss(out), [x, *model.parameters()])
+    ref, _ = reference_forward(model, x)
+    ref_grads = torch.autograd.grad(_loss(ref), [x, *model.parameters()])
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-9)
+    for (name, _), g, r in zip([('x', None), *model.named_parameters()], grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-9, msg=f"gradient of {name}")
+
+
+def test_gradcheck_end_to_end_kv():
+    model = make_transformer('kv', d_model=4, heads=2, d_ff=6, n_layers=2, max_distance=2)
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
+    x = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *ps):
+        return functional_call(model, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+def test_gradcheck_end_to_end_weighted():
+    model = make_transformer('weighted', d_model=4, heads=2, d_ff=6, n_layers=2)
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
+    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *ps):
+        return functional_call(model, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+def test_causality(kind):
+    model = make_transformer(kind)
+    x = torch.randn(10, 2, 8, dtype=torch.float64)
+    out = model(x)
+    for t in [0, 4, 9]:
+        x2 = x.clone()
+        x2[t] += torch.randn(2, 8, dtype=torch.float64)
+        out2 = model(x2)
+        # Nothing before t changes; step t does
+        torch.testing.assert_close(out2[:t], out[:t], rtol=0, atol=0)
+        assert (out2[t] - out[t]).abs().max() > 1e-6
+    # The feedback path: the last output depends on the first token
+    x = x.detach().requires_grad_()
+    g, = torch.autograd.grad(model(x)[-1].sum(), x)
+    assert g[0].abs().max() > 1e-8
+
+
+@pytest.mark.parametrize('chunks', [[1] * 8, [3, 1, 4], [2, 6], [7, 1]])
+def test_state_continuation_equals_full_forward(kind, chunks):
+    model = make_transformer(kind)
+    x = torch.randn(8, 3, 8, dtype=torch.float64, requires_grad=True)
+    full = model(x)
+    full_grads = torch.autograd.grad(_loss(full), [x, *model.parameters()])
+    state, outs, i = None, [], 0
+    for c in chunks:
+        out, state = model(x[i:i + c], state=state, return_state=True)
+        outs.append(out)
+        i += c
+    assert isinstance(state, FeedbackState) and state.n_steps == 8
+    chunked = torch.cat(outs)
+    torch.testing.assert_close(chunked, full, rtol=0, atol=1e-12)
+    # Gradients flow back through the state across calls
+    grads = torch.autograd.grad(_loss(chunked), [x, *model.parameters()])
+    for g, r in zip(grads, full_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
+
+
+def test_detach_cuts_gradients(kind):
+    model = make_transformer(kind)
+    x = torch.randn(6, 2, 8, dtype=torch.float64, requires_grad=True)
+    _, state = model(x[:3], return_state=True)
+    out, _ = model(x[3:], state=state.detach(), return_state=True)
+    g, = torch.autograd.grad(out.sum(), x)
+    assert g[:3].abs().max() == 0 and g[3:].abs().max() > 0
+    # The values are the same as without detach
+    torch.testing.assert_close(out, model(x)[3:], rtol=0, atol=1e-12)
+
+
+def test_truncated_backprop_loop(kind):
+    # Memory carried across "batches": backward each chunk, detach, continue; the cached memory stays right
+    model = make_transformer(kind)
+    x = torch.randn(9, 2, 8, dtype=torch.float64)
+    state, outs = None, []
+    for i in range(0, 9, 3):
+        out, state = model(x[i:i + 3], state=state, return_state=True)
+        out.sum().backward()
+        state = state.detach()
+        outs.append(out.detach())
+    torch.testing.assert_close(torch.cat(outs), model(x).detach(), rtol=0, atol=1e-12)
+
+
+def test_branching_from_a_state(kind):
+    model = make_transformer(kind)
+    x = torch.randn(5, 2, 8, dtype=torch.float64)
+    with torch.no_grad():
+        _, state = model(x[:3], return_state=True)
+        a, _ = model(x[3:], state=state, return_state=True)
+        b, _ = model(-x[3:], state=state, return_state=True)
+        a2, _ = model(x[3:], state=state, return_state=True)
+        torch.testing.assert_close(a, model(x)[3:], rtol=0, atol=1e-12)
+        torch.testing.assert_close(b, model(torch.cat([x[:3], -x[3:]]))[3:], rtol=0, atol=1e-12)
+        torch.testing.assert_close(a2, a, rtol=0, atol=0)
+    # With gradients flowing into the cache, a second continuation is refused
+    _, state = model(x[:3], return_state=True)
+    model(x[3:], state=state)
+    with pytest.raises(ValueError, match="already continued"):
+        model(x[3:], state=state)
+    # ... unless detached first
+    model(x[3:], state=state.detach())
+
+
+def test_long_sequences(kind):
+    # Longer than 512 and than the position table
+    model = make_transformer(kind, d_model=4, heads=1, d_ff=4, n_layers=1, max_distance=16, dtype=torch.float32)
+    x = torch.randn(600, 1, 4)
+    out = model(x)
+    assert out.shape == (600, 1, 4) and torch.isfinite(out).all()
+    out.sum().backward()
+
+
+def test_memory_weights(kind):
+    model = make_transformer(kind, n_layers=3)
+    w = model.memory_weights()
+    assert w.shape == (4,)
+    torch.testing.assert_close(w.sum(), torch.tensor(1.0, dtype=w.dtype))
+    model(torch.randn(4, 2, 8, dtype=torch.float64)).sum().backward()
+    assert model.weights.grad is not None and model.weights.grad.abs().max() > 0
+
+
+def test_memory_span_limits_attention(kind):
+    span = 3
+    model = make_transformer(kind, memory_span=span)
+    x = torch.randn(10, 2, 8, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    ref, _ = reference_forward(model, x, span=span)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-9)
+    g = torch.autograd.grad(_loss(out), model.parameters())
+    r = torch.autograd.grad(_loss(ref), model.parameters())
+    for a, b in zip(g, r):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+    # Chunked with a span equals one call
+    state, outs = None, []
+    for i in range(0, 10, 4):
+        o, state = model(x[i:i + 4], state=state, return_state=True)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs), out, rtol=0, atol=1e-12)
+
+
+def test_memory_span_at_least_seq_len_is_unlimited(kind):
+    limited = make_transformer(kind, memory_span=8)
+    unlimited = make_transformer(kind)
+    x = torch.randn(8, 2, 8, dtype=torch.float64)
+    torch.testing.assert_close(limited(x), unlimited(x), rtol=0, atol=0)
+
+
+def test_memory_span_state_stays_bounded(kind):
+    model = make_transformer(kind, memory_span=4, dtype=torch.float32)
+    with torch.no_grad():
+        _, state = model(torch.randn(1, 1, 8), return_state=True)
+        for _ in range(200):
+            _, state = model(torch.randn(1, 1, 8), state=state, return_state=True)
+    assert state.n_steps == 201
+    assert state.visible.shape[0] == 4
+    assert state.kv._buffer.data.shape[0] <= 8
+
+
+@pytest.mark.parametrize('bad, error, match', [
+    (lambda: torch.randn(4, 8, dtype=torch.float64), ValueError, r"\[seq_len >= 1, batch_size >= 1, d_model=8\]"),
+    (lambda: torch.randn(4, 2, 7, dtype=torch.float64), ValueError, "d_model=8"),
+    (lambda: torch.randn(0, 2, 8, dtype=torch.float64), ValueError, "seq_len >= 1"),
+    (lambda: torch.zeros(4, 2, 8, dtype=torch.long), TypeError, "floating point"),
+    (lambda: [[0.0]], TypeError, "torch.Tensor"),
+])
+def test_bad_input(kind, bad, error, match):
+    model = make_transformer(kind)
+    with pytest.raises(error, match=match):
+        model(bad())
+
+
+def test_bad_state(kind):
+    model = make_transformer(kind)
+    _, state = model(torch.randn(3, 2, 8, dtype=torch.float64), return_state=True)
+    with pytest.raises(ValueError, match="batch size 2, x_seq batch size 5"):
+        model(torch.randn(1, 5, 8, dtype=torch.float64), state=state)
+    with pytest.raises(TypeError, match="torch.float64"):
+        model(torch.randn(1, 2, 8, dtype=torch.float32), state=state)
+    with pytest.raises(TypeError, match="FeedbackState"):
+        model(torch.randn(1, 2, 8, dtype=torch.float64), state=(1, 2))
+    other = make_transformer('kv' if kind == 'weighted' else 'weighted')
+    with pytest.raises(ValueError, match="cache entries"):
+        other(torch.randn(1, 2, 8, dtype=torch.float64), state=state)
+
+
+def test_bad_construction():
+    from labml_nn.transformers.feedback import (
+        FeedbackAttention,
+        FeedbackTransformer,
+        FeedbackTransformerKV,
+        FeedbackTransformerLayer,
+        FeedForward,
+    )
+    with pytest.raises(ValueError, match="multiple of heads"):
+        FeedbackAttention(3, 8)
+    with pytest.raises(ValueError, match="max_distance"):
+        FeedbackAttention(2, 8, max_distance=0)
+    layer = FeedbackTransformerLayer(d_model=8, attn=FeedbackAttention(2, 8), feed_forward=FeedForward(8, 16),
+                                     dropout_prob=0.1)
+    with pytest.raises(ValueError, match="is_kv_precomputed=True"):
+        FeedbackTransformerKV(layer, 2, 8, 2)
+    with pytest.raises(ValueError, match="n_layers"):
+        FeedbackTransformer(layer, 0)
+    with pytest.raises(ValueError, match="memory_span"):
+        FeedbackTransformer(layer, 2, memory_span=0)
+    kv_layer = FeedbackTransformerLayer(d_model=8, attn=FeedbackAttention(2, 8, is_kv_precomputed=True),
+                                        feed_forward=FeedForward(8, 16), dropout_prob=0.1)
+    with pytest.raises(ValueError, match="is_kv_precomputed=False"):
+        FeedbackTransformer(kv_layer, 2)
+    with pytest.raises(TypeError, match="FeedbackAttention"):
+        FeedbackTransformerLayer(d_model=8, attn=torch.nn.Linear(8, 8), feed_forward=FeedForward(8, 16),
+                                 dropout_prob=0.1)
