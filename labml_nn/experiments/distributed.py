@@ -18,7 +18,7 @@ Without `torchrun` (`WORLD_SIZE` unset or 1) nothing here starts a process group
 
 import os
 from dataclasses import dataclass
-from typing import Any, List
+from typing import Any, Iterable, List
 
 import torch
 import torch.distributed as dist
@@ -87,6 +87,20 @@ def gather_objects(ctx: DistributedContext, obj: Any) -> List[Any]:
     out: List[Any] = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def max_replica_difference(ctx: DistributedContext, parameters: Iterable[torch.Tensor]) -> float:
+    """
+    The largest difference of any parameter between any two ranks: 0 when the replicas are identical,
+    as data-parallel training must keep them.
+    """
+    if not ctx.is_distributed:
+        return 0.0
+    flat = torch.cat([p.detach().reshape(-1) for p in parameters])
+    high, low = flat.clone(), flat.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    return (high - low).max().item()
 
 
 def barrier(ctx: DistributedContext) -> None:

@@ -44,7 +44,7 @@ from labml_helpers.datasets.text import TextDataset, TextFileDataset
 from torch import nn
 
 from labml_nn.experiments import checkpoint as ckpt
-from labml_nn.experiments.distributed import DistributedContext, all_reduce_sum, gather_objects
+from labml_nn.experiments.distributed import DistributedContext, all_reduce_sum, gather_objects, max_replica_difference
 from labml_nn.experiments.optimizer import OptimizerConfigs, ScheduledOptimizer
 from labml_nn.experiments.text_data import SequenceBatches, character_tokenizer, resolve_text_path
 
@@ -83,6 +83,9 @@ class NLPAutoRegressionConfigs(BaseConfigs):
     prompt_separator: str = ''
     sample_tokens: int = 50
     seed: int = 5
+    # CPU threads for PyTorch (0: PyTorch's default). The feedback models run many small operations one step at
+    # a time; on a busy or small machine one thread is often faster than several.
+    num_threads: int = 0
     # A run UUID, run folder or checkpoint file to continue from
     resume: str = ''
     # Defaults of the `optimizer.*` configs for this experiment (the command line overrides them)
@@ -99,7 +102,7 @@ class NLPAutoRegressionConfigs(BaseConfigs):
         """Check the plain values (no data or model is built); a `ValueError` names the first bad one."""
         for key in ('seq_len', 'batch_size', 'epochs', 'inner_iterations'):
             check_int(key, getattr(self, key), 1)
-        for key in ('train_steps', 'valid_batches', 'sample_tokens'):
+        for key in ('train_steps', 'valid_batches', 'sample_tokens', 'num_threads'):
             check_int(key, getattr(self, key), 0)
         if self.grad_norm_clip < 0:
             raise ValueError(f"grad_norm_clip must be >= 0 (0 turns clipping off), got {self.grad_norm_clip}")
@@ -113,6 +116,8 @@ class NLPAutoRegressionConfigs(BaseConfigs):
 
     def init(self) -> None:
         """Build everything, wrap the model for data-parallel training, and restore a checkpoint if resuming."""
+        if self.num_threads > 0:
+            torch.set_num_threads(self.num_threads)
         # The same initial weights on every rank; dropout draws differ per rank
         torch.manual_seed(self.seed)
         model = self.model
@@ -296,6 +301,7 @@ class NLPAutoRegressionConfigs(BaseConfigs):
     def save_checkpoint(self) -> None:
         """Write the checkpoint atomically into the run's folder (main rank; every rank sends its RNG state)."""
         rng_states = gather_objects(self._dist, ckpt.get_rng_state())
+        self._progress['replica_difference'] = max_replica_difference(self._dist, self.model.parameters())
         if not self._dist.is_main:
             return
         path = experiment_singleton().run.checkpoint_path / ckpt.CHECKPOINT_NAME

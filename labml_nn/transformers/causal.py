@@ -70,7 +70,7 @@ class CausalAttention(nn.Module):
     Multi-head causal self-attention with relative positions and a key/value cache.
     """
 
-    def __init__(self, heads: int, d_model: int, dropout_prob: float = 0.1, max_distance: int = 1024):
+    def __init__(self, heads: int, d_model: int, dropout_prob: float = 0.1, max_distance: int = 128):
         super().__init__()
         if not isinstance(heads, int) or heads < 1 or d_model % heads != 0:
             raise ValueError(f"heads must be a positive int dividing d_model={d_model}, got {heads!r}")
@@ -82,7 +82,7 @@ class CausalAttention(nn.Module):
         # $W_q$, $W_k$, $W_v$ and the output projection $W_o$
         self.query = PrepareForMultiHeadAttention(d_model, heads, self.d_k, bias=False)
         self.key = PrepareForMultiHeadAttention(d_model, heads, self.d_k, bias=False)
-        self.value = PrepareForMultiHeadAttention(d_model, heads, self.d_k, bias=True)
+        self.value = PrepareForMultiHeadAttention(d_model, heads, self.d_k, bias=False)
         self.output = nn.Linear(d_model, d_model)
         self.dropout_prob = dropout_prob
         # $u$: `[heads, d_k]`

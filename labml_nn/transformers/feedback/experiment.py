@@ -99,7 +99,7 @@ def _feedback_transformer_kv(c: Configs) -> AutoregressiveModel:
 def _causal_transformer(c: Configs) -> AutoregressiveModel:
     """An ordinary causal transformer of the same size, all positions at once."""
     layer = CausalTransformerLayer(d_model=c.d_model,
-                                   attn=CausalAttention(c.heads, c.d_model, c.dropout, max_distance=c.seq_len),
+                                   attn=CausalAttention(c.heads, c.d_model, c.dropout),
                                    feed_forward=FeedForward(c.d_model, c.d_ff, c.dropout),
                                    dropout_prob=c.dropout)
     return AutoregressiveModel(c.n_tokens, c.d_model, CausalTransformer(layer, c.n_layers)).to(c.device)
