@@ -224,14 +224,13 @@ class NLPAutoRegressionConfigs(BaseConfigs):
         """Record the epoch's full validation result and move on to the next epoch."""
         p = self._progress
         if p['valid_count'] > 0:
-            self._history['epochs'].append({'epoch': epoch, 'step': p['step'], 'tokens': p['tokens'],
-                                           'train_seconds': p['train_seconds'],
-                                           'valid_loss': p['valid_loss_sum'] / p['valid_count'],
-                                           'valid_accuracy': p['valid_correct'] / p['valid_count']})
-            logger.log([(f'epoch {epoch + 1}: ', Text.key),
-                        ('valid loss ', Text.subtle), (f"{self._history['epochs'][-1]['valid_loss']:.4f}", Text.value),
-                        (', accuracy ', Text.subtle),
-                        (f"{self._history['epochs'][-1]['valid_accuracy']:.4f}", Text.value)])
+            result = {'epoch': epoch, 'step': p['step'], 'tokens': p['tokens'], 'train_seconds': p['train_seconds'],
+                      'valid_loss': p['valid_loss_sum'] / p['valid_count'],
+                      'valid_accuracy': p['valid_correct'] / p['valid_count']}
+            self._history['epochs'].append(result)
+            self.log([(f'Epoch {epoch + 1}: ', Text.key), ('valid loss ', Text.subtle),
+                      (f"{result['valid_loss']:.4f}", Text.value), (', accuracy ', Text.subtle),
+                      (f"{result['valid_accuracy']:.4f}", Text.value)])
         p.update(epoch=epoch + 1, batch=0, valid_loss_sum=0.0, valid_correct=0.0, valid_count=0.0)
 
     # ## The training loop
@@ -266,10 +265,15 @@ class NLPAutoRegressionConfigs(BaseConfigs):
             self.save_checkpoint()
         self.log_summary()
 
+    def log(self, message: Any, *args: Any) -> None:
+        """`labml.logger.log`, on the main rank only."""
+        if self._dist.is_main:
+            logger.log(message, *args)
+
     def log_summary(self) -> None:
         p = self._progress
         tokens_per_second = p['tokens'] / max(p['train_seconds'], 1e-9)
-        logger.log([('Trained ', Text.subtle), (f"{p['step']:,}", Text.value), (' steps, ', Text.subtle),
+        self.log([('Trained ', Text.subtle), (f"{p['step']:,}", Text.value), (' steps, ', Text.subtle),
                     (f"{p['tokens']:,}", Text.value), (' tokens in ', Text.subtle),
                     (f"{p['train_seconds']:.1f}s", Text.value), (' (', Text.subtle),
                     (f'{tokens_per_second:,.0f}', Text.value), (' tokens/s)', Text.subtle)])
@@ -293,8 +297,8 @@ class NLPAutoRegressionConfigs(BaseConfigs):
         rng = payload['rng']
         if len(rng) == self._dist.world_size:
             ckpt.set_rng_state(rng[self._dist.rank])
-        elif self._dist.is_main:
-            logger.log(f'The checkpoint was written by {len(rng)} processes, this run has '
+        else:
+            self.log(f'The checkpoint was written by {len(rng)} processes, this run has '
                        f'{self._dist.world_size}: random states are not restored', Text.warning)
         tracker.set_global_step(self._progress['step'])
 
