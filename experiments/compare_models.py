@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
+from train_cpu import CPU_RECIPE
 
 MODELS = ['feedback_transformer', 'feedback_transformer_kv', 'transformer']
 
@@ -28,8 +29,8 @@ MODELS = ['feedback_transformer', 'feedback_transformer_kv', 'transformer']
 PRESETS = {
     'quality': ['d_model=128', 'heads=4', 'd_ff=256', 'n_layers=4', 'seq_len=64', 'batch_size=32', 'epochs=1',
                 'inner_iterations=5', 'num_threads=1'],
-    'cpu': ['d_model=128', 'heads=4', 'd_ff=256', 'n_layers=4', 'seq_len=64', 'batch_size=32', 'epochs=1',
-            'inner_iterations=5', 'num_threads=1'],
+    # The README's CPU recipe (`train_cpu.py`)
+    'cpu': [a for a in CPU_RECIPE if not a.startswith('model=')],
 }
 
 

@@ -9,7 +9,10 @@ import sys
 
 import pytest
 import torch
+from conftest import make_transformer
 from test_experiment import REPO, TEXT, TINY, checkpoint_of, run_cli
+
+from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not TEXT.is_file(),
                                 reason='needs torch.distributed and the Tiny Shakespeare file')
@@ -67,3 +70,67 @@ def test_resume_under_torchrun(tmp_path):
     b = checkpoint_of(tmp_path, model, 'straight.0')
     assert losses(a)[2] == pytest.approx(losses(b)[2], abs=1e-6, rel=0)
     assert a['progress']['replica_difference'] == 0.0
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _state_model(kind: str):
+    torch.manual_seed(0)
+    return AutoregressiveModel(10, 8, make_transformer(kind, dtype=torch.float32, randomize=False))
+
+
+def _state_batches(step: int):
+    """Each rank's `[5, 2]` tokens at `step`; together one `[5, 4]` batch."""
+    g = torch.Generator().manual_seed(step)
+    return torch.randint(0, 10, (5, 4), generator=g)
+
+
+def _train_with_state(model, forward, steps: int, rows: slice):
+    """A few SGD steps carrying the detached state across batches (memory across segments)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = None
+    for step in range(steps):
+        out, state = forward(_state_batches(step)[:, rows], state=state, return_state=True)
+        loss = out.logsumexp(-1).mean() - out[..., 0].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        state = state.detach()
+    return model
+
+
+def _ddp_state_worker(rank: int, port: int, kind: str, out_path: str):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+    model = _state_model(kind)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    _train_with_state(model, ddp, 3, slice(2 * rank, 2 * rank + 2))
+    params = [p.detach() for p in model.parameters()]
+    gathered = [None, None]
+    dist.all_gather_object(gathered, params)
+    if rank == 0:
+        torch.save(gathered, out_path)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kind', ['weighted', 'kv'])
+def test_state_api_and_stack_under_ddp(tmp_path, kind):
+    """
+    DDP over the state API with memory carried across batches (the key/value `Stack` included): both ranks end
+    with the same parameters, equal to one process training on both ranks' rows.
+    """
+    out_path = str(tmp_path / 'params.pt')
+    torch.multiprocessing.spawn(_ddp_state_worker, args=(_free_port(), kind, out_path), nprocs=2)
+    rank0, rank1 = torch.load(out_path, weights_only=True)
+    model = _state_model(kind)
+    _train_with_state(model, model, 3, slice(0, 4))
+    for a, b, c in zip(rank0, rank1, model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, c.detach(), rtol=1e-5, atol=1e-6)
