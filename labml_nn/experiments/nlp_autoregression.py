@@ -127,10 +127,12 @@ class NLPAutoRegressionConfigs(BaseConfigs):
             self._ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         torch.manual_seed(self.seed + 7919 * self._dist.rank)
         self._progress = {'epoch': 0, 'batch': 0, 'step': 0, 'tokens': 0, 'train_seconds': 0.0,
-                         'valid_loss_sum': 0.0, 'valid_correct': 0.0, 'valid_count': 0.0}
+                          'valid_loss_sum': 0.0, 'valid_correct': 0.0, 'valid_count': 0.0}
         self._history: Dict[str, List[Dict[str, float]]] = {'train': [], 'valid': [], 'epochs': []}
         _ = self.optimizer, self.train_loader, self.valid_loader
         self._sample_prompt = self.text.text_to_i(self.prompt)
+        if self.sample_tokens > 0 and len(self._sample_prompt) == 0:
+            raise ValueError(f"prompt={self.prompt!r} has no characters of the text's vocabulary to start a sample")
         if self._resume_payload is not None:
             self.load_state(self._resume_payload)
             self._resume_payload = None
