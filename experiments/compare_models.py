@@ -97,8 +97,9 @@ def main() -> None:
     results = [run_one(model, run_args, args.preset) for model in args.models]
     args.out.mkdir(parents=True, exist_ok=True)
     md = table(results)
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
-    header = f"Configs: {' '.join(run_args)}; commit {commit or 'unknown'}; {torch.get_num_threads()} threads\n\n"
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    header = f"Configs: {' '.join(run_args)}; commit {commit or 'unknown'}\n\n"
     (args.out / f'{args.preset}.md').write_text(header + md + '\n')
     (args.out / f'{args.preset}.json').write_text(json.dumps(
         [{k: v for k, v in r.items() if k != 'history'} for r in results], indent=2))

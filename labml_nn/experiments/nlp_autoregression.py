@@ -255,8 +255,11 @@ class NLPAutoRegressionConfigs(BaseConfigs):
                     continue
                 self.sample()
                 stopped = self.train_part(epoch, end)
-                self.valid_part(i * n_valid // k, (i + 1) * n_valid // k,
-                                is_epoch_share=self._progress['batch'] == end)
+                valid_start, valid_end = i * n_valid // k, (i + 1) * n_valid // k
+                if stopped and valid_end == valid_start:
+                    # Always report a validation loss at the end of a run
+                    valid_end = min(valid_start + 1, n_valid)
+                self.valid_part(valid_start, valid_end, is_epoch_share=self._progress['batch'] == end)
                 tracker.save()
                 tracker.new_line()
                 if stopped:
