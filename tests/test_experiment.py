@@ -17,7 +17,7 @@ from labml_nn.experiments import checkpoint as ckpt
 from labml_nn.experiments.cli import parse_overrides
 from labml_nn.experiments.optimizer import NoamFactor
 from labml_nn.experiments.text_data import SequenceBatches, resolve_text_path
-from labml_nn.transformers.feedback.experiment import Configs
+from labml_nn.transformers.feedback.experiment import Configs, main
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT = Path(os.environ.get('TINY_SHAKESPEARE_PATH', REPO.parent / 'shared' / 'data' / 'tiny_shakespeare.txt'))
@@ -87,20 +87,35 @@ def test_resume_continues_exactly(tmp_path):
     assert a['config']['dropout'] == 0.1 and a['config']['train_steps'] == 5
 
 
-@pytest.mark.parametrize('args, message', [
+BAD_CONFIGS = [
     (['model=lstm'], "model='lstm' is not an option; choose one of feedback_transformer, feedback_transformer_kv"),
     (['seq_len=0'], 'seq_len must be an int >= 1, got 0'),
     (['seq_len=-3'], 'seq_len must be an int >= 1, got -3'),
     (['batch_size=ten'], "batch_size must be an int, got 'ten'"),
     (['no_such_key=1'], "Unknown config key 'no_such_key'"),
     (['d_model=30', 'heads=4'], 'd_model=30 must be divisible by heads=4'),
+    (['dropout=1.5'], 'dropout must be in [0, 1), got 1.5'),
     (['optimizer.optimizer=SGD'], "optimizer.optimizer='SGD' is not an option; choose one of Adam, Noam"),
     (['resume=0123456789abcdef'], 'resume=0123456789abcdef: not a checkpoint file, a run folder, or the UUID'),
-])
-def test_bad_config_values(tmp_path, args, message):
+]
+
+
+@pytest.mark.parametrize('args, message', BAD_CONFIGS[:2])
+def test_bad_config_values_cli(tmp_path, args, message):
     result = run_cli(tmp_path, args)
     assert result.returncode == 2
     assert message in result.stderr
+    assert not (tmp_path / 'logs').exists(), 'nothing is started for a bad configuration'
+
+
+@pytest.mark.parametrize('args, message', BAD_CONFIGS)
+def test_bad_config_values(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv('TINY_SHAKESPEARE_PATH', str(TEXT))
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / 'logs').exists(), 'nothing is started for a bad configuration'
 
 
