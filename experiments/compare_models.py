@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -80,7 +81,7 @@ def plot(results: List[Dict[str, Any]], path: Path, title: str) -> None:
                 label=f"{r['model']} (valid)")
     ax.set_xlabel('step')
     ax.set_ylabel('cross-entropy loss')
-    ax.set_title(title)
+    ax.set_title('\n'.join(textwrap.wrap(title, 90)), fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
