@@ -46,8 +46,8 @@ def run_one(model: str, args: List[str], tag: str) -> Dict[str, Any]:
     path = Path('logs') / model / uuid / 'checkpoints' / 'checkpoint.pt'
     payload = torch.load(path, map_location='cpu', weights_only=True)
     history, progress = payload['history'], payload['progress']
-    final = history['epochs'][-1] if history['epochs'] else {
-        'valid_loss': history['valid'][-1]['loss'], 'valid_accuracy': history['valid'][-1]['accuracy']}
+    # The validation on the whole validation set at the end of the run
+    final = history['evaluations'][-1]
     return {'model': model, 'run': uuid, 'steps': progress['step'], 'tokens': progress['tokens'],
             'valid_loss': final['valid_loss'], 'valid_accuracy': final['valid_accuracy'],
             'wall_seconds': wall, 'train_seconds': progress['train_seconds'],

@@ -61,7 +61,7 @@ def test_cli_smoke(tmp_path):
     # The loss goes down: from about ln(65) to well below
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3, losses
     assert payload['config']['model'] == 'feedback_transformer_kv'
-    assert payload['history']['valid'], 'validation ran'
+    assert payload['history']['valid'] and payload['history']['evaluations'], 'validation ran'
 
 
 @pytest.mark.slow

@@ -18,10 +18,11 @@ gradient clipping, how often to validate and sample, and checkpoints. An experim
 ## The loop
 
 Each epoch is split into `inner_iterations` parts. Every part prints a sample (a continuation of `prompt`),
-trains on its share of the training batches, and validates on its share of the validation batches, so one
-epoch validates on the whole validation set once. At the end of every epoch, and when training stops, a
-checkpoint is written (see `checkpoint.py`). `train_steps` stops training after that many optimizer steps,
-`valid_batches` caps the validation batches per epoch: both are for quick runs.
+trains on its share of the training batches, and validates on its share of the validation batches for the
+progress line. At the end of every epoch, and when training stops, the model is validated on the whole
+validation set (the figure to compare runs by) and a checkpoint is written (see `checkpoint.py`).
+`train_steps` stops training after that many optimizer steps, `valid_batches` caps the validation batches:
+both are for quick runs.
 
 `train_step` and `forward_loss` are small methods on purpose: variants (memory carried across batches,
 curricula, initialization from another run) override them.
@@ -126,9 +127,8 @@ class NLPAutoRegressionConfigs(BaseConfigs):
             device_ids = [self.device.index] if self.device.type == 'cuda' else None
             self._ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         torch.manual_seed(self.seed + 7919 * self._dist.rank)
-        self._progress = {'epoch': 0, 'batch': 0, 'step': 0, 'tokens': 0, 'train_seconds': 0.0,
-                          'valid_loss_sum': 0.0, 'valid_correct': 0.0, 'valid_count': 0.0}
-        self._history: Dict[str, List[Dict[str, float]]] = {'train': [], 'valid': [], 'epochs': []}
+        self._progress = {'epoch': 0, 'batch': 0, 'step': 0, 'tokens': 0, 'train_seconds': 0.0}
+        self._history: Dict[str, List[Dict[str, float]]] = {'train': [], 'valid': [], 'evaluations': []}
         _ = self.optimizer, self.train_loader, self.valid_loader
         self._sample_prompt = self.text.text_to_i(self.prompt)
         if self.sample_tokens > 0 and len(self._sample_prompt) == 0:
@@ -186,30 +186,42 @@ class NLPAutoRegressionConfigs(BaseConfigs):
         return False
 
     @torch.no_grad()
-    def valid_part(self, start: int, end: int, is_epoch_share: bool = True) -> None:
-        """
-        Validate on validation batches `start .. end - 1` (the same batches every epoch). `is_epoch_share`: count
-        them towards the epoch's validation result (not when training stopped part-way through a share).
-        """
-        if start >= end:
-            return
+    def evaluate(self, start: int, end: int) -> Tuple[float, float]:
+        """Mean loss and accuracy over validation batches `start .. end - 1` (the same batches every time)."""
         self._ddp_model.eval()
         totals = torch.zeros(3, dtype=torch.float64)
-        with monit.section('Valid', is_partial=True), torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):
             for _, data, target in self.valid_loader.iterate(0, start, end):
                 data, target = data.to(self.device), target.to(self.device)
                 loss, correct = self.forward_loss(data, target)
                 totals += torch.tensor([loss.item() * target.numel(), correct.item(), target.numel()])
-        totals = all_reduce_sum(self._dist, totals)
-        loss_sum, correct, count = totals.tolist()
-        tracker.add({'loss.valid': loss_sum / count, 'accuracy.valid': correct / count})
-        self._history['valid'].append({'step': self._progress['step'], 'loss': loss_sum / count,
-                                       'accuracy': correct / count})
-        if not is_epoch_share:
+        # Sums over all ranks' rows
+        loss_sum, correct, count = all_reduce_sum(self._dist, totals).tolist()
+        return loss_sum / count, correct / count
+
+    def valid_part(self, start: int, end: int) -> None:
+        """Validate on a share of the validation set, for the progress line."""
+        if start >= end:
             return
-        self._progress['valid_loss_sum'] += loss_sum
-        self._progress['valid_correct'] += correct
-        self._progress['valid_count'] += count
+        with monit.section('Valid', is_partial=True):
+            loss, accuracy = self.evaluate(start, end)
+        tracker.add({'loss.valid': loss, 'accuracy.valid': accuracy})
+        self._history['valid'].append({'step': self._progress['step'], 'loss': loss, 'accuracy': accuracy})
+
+    def full_validation(self) -> None:
+        """Validate on the whole validation set (up to `valid_batches`): at the end of an epoch and of a run."""
+        with monit.section('Validate'):
+            loss, accuracy = self.evaluate(0, self.n_valid_batches())
+        p = self._progress
+        self._history['evaluations'].append({'epoch': p['epoch'], 'step': p['step'], 'tokens': p['tokens'],
+                                             'train_seconds': p['train_seconds'], 'valid_loss': loss,
+                                             'valid_accuracy': accuracy})
+        self.log([(f"Step {p['step']:,}: ", Text.key), ('valid loss ', Text.subtle), (f'{loss:.4f}', Text.value),
+                  (', accuracy ', Text.subtle), (f'{accuracy:.4f}', Text.value)])
+
+    def n_valid_batches(self) -> int:
+        n = len(self.valid_loader)
+        return n if self.valid_batches <= 0 else min(self.valid_batches, n)
 
     @torch.no_grad()
     def sample(self) -> None:
@@ -222,19 +234,6 @@ class NLPAutoRegressionConfigs(BaseConfigs):
         text = self.prompt_separator.join(self.text.itos[t] for t in tokens)
         logger.log([(self.prompt, Text.subtle), (self.prompt_separator + text, Text.value)])
 
-    def end_epoch(self, epoch: int) -> None:
-        """Record the epoch's full validation result and move on to the next epoch."""
-        p = self._progress
-        if p['valid_count'] > 0:
-            result = {'epoch': epoch, 'step': p['step'], 'tokens': p['tokens'], 'train_seconds': p['train_seconds'],
-                      'valid_loss': p['valid_loss_sum'] / p['valid_count'],
-                      'valid_accuracy': p['valid_correct'] / p['valid_count']}
-            self._history['epochs'].append(result)
-            self.log([(f'Epoch {epoch + 1}: ', Text.key), ('valid loss ', Text.subtle),
-                      (f"{result['valid_loss']:.4f}", Text.value), (', accuracy ', Text.subtle),
-                      (f"{result['valid_accuracy']:.4f}", Text.value)])
-        p.update(epoch=epoch + 1, batch=0, valid_loss_sum=0.0, valid_correct=0.0, valid_count=0.0)
-
     # ## The training loop
 
     def run(self) -> None:
@@ -244,8 +243,7 @@ class NLPAutoRegressionConfigs(BaseConfigs):
         if self.inner_iterations > n_train:
             raise ValueError(f"inner_iterations={self.inner_iterations} is more than the {n_train} training "
                              f"batches of an epoch")
-        n_valid = len(self.valid_loader) if self.valid_batches <= 0 else min(self.valid_batches,
-                                                                             len(self.valid_loader))
+        n_valid = self.n_valid_batches()
         k = self.inner_iterations
         for epoch in monit.loop(range(self._progress['epoch'], self.epochs)):
             for i in range(k):
@@ -255,18 +253,16 @@ class NLPAutoRegressionConfigs(BaseConfigs):
                     continue
                 self.sample()
                 stopped = self.train_part(epoch, end)
-                valid_start, valid_end = i * n_valid // k, (i + 1) * n_valid // k
-                if stopped and valid_end == valid_start:
-                    # Always report a validation loss at the end of a run
-                    valid_end = min(valid_start + 1, n_valid)
-                self.valid_part(valid_start, valid_end, is_epoch_share=self._progress['batch'] == end)
+                self.valid_part(i * n_valid // k, (i + 1) * n_valid // k)
                 tracker.save()
                 tracker.new_line()
                 if stopped:
+                    self.full_validation()
                     self.save_checkpoint()
                     self.log_summary()
                     return
-            self.end_epoch(epoch)
+            self.full_validation()
+            self._progress.update(epoch=epoch + 1, batch=0)
             self.save_checkpoint()
         self.log_summary()
 
