@@ -16,8 +16,8 @@ def _loss(out):
 
 
 @pytest.mark.parametrize('max_distance', [128, 3])
-def test_outputs_and_gradients_equal_reference(kind, max_distance):
-    model = make_transformer(kind, max_distance=max_distance)
+def test_outputs_and_gradients_equal_reference(kind, fused, max_distance):
+    model = make_transformer(kind, max_distance=max_distance, fused=fused)
     x = torch.randn(9, 3, 8, dtype=torch.float64, requires_grad=True)
     out = model(x)
     grads = torch.autograd.grad(_loss(out), [x, *model.parameters()])
@@ -28,32 +28,25 @@ def test_outputs_and_gradients_equal_reference(kind, max_distance):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-9, msg=f"gradient of {name}")
 
 
-def test_gradcheck_end_to_end_kv():
-    model = make_transformer('kv', d_model=4, heads=2, d_ff=6, n_layers=2, max_distance=2)
+@pytest.mark.parametrize('kind_', ['kv', 'weighted'])
+def test_gradcheck_end_to_end(kind_, fused):
+    # Input and every parameter, dropout on: the seed is reset inside `f` so every evaluation draws the same masks
+    model = make_transformer(kind_, d_model=4, heads=2, d_ff=4, n_layers=2, max_distance=2, dropout=0.2,
+                             fused=fused)
+    model.train()
     names = [n for n, _ in model.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
     x = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True)
 
     def f(x, *ps):
+        torch.manual_seed(1)
         return functional_call(model, dict(zip(names, ps)), (x,))
 
     assert torch.autograd.gradcheck(f, (x, *params))
 
 
-def test_gradcheck_end_to_end_weighted():
-    model = make_transformer('weighted', d_model=4, heads=2, d_ff=6, n_layers=2)
-    names = [n for n, _ in model.named_parameters()]
-    params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
-    x = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
-
-    def f(x, *ps):
-        return functional_call(model, dict(zip(names, ps)), (x,))
-
-    assert torch.autograd.gradcheck(f, (x, *params))
-
-
-def test_causality(kind):
-    model = make_transformer(kind)
+def test_causality(kind, fused):
+    model = make_transformer(kind, fused=fused)
     x = torch.randn(10, 2, 8, dtype=torch.float64)
     out = model(x)
     for t in [0, 4, 9]:
@@ -70,8 +63,8 @@ def test_causality(kind):
 
 
 @pytest.mark.parametrize('chunks', [[1] * 8, [3, 1, 4], [2, 6], [7, 1]])
-def test_state_continuation_equals_full_forward(kind, chunks):
-    model = make_transformer(kind)
+def test_state_continuation_equals_full_forward(kind, fused, chunks):
+    model = make_transformer(kind, fused=fused)
     x = torch.randn(8, 3, 8, dtype=torch.float64, requires_grad=True)
     full = model(x)
     full_grads = torch.autograd.grad(_loss(full), [x, *model.parameters()])
@@ -89,8 +82,8 @@ def test_state_continuation_equals_full_forward(kind, chunks):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-10)
 
 
-def test_detach_cuts_gradients(kind):
-    model = make_transformer(kind)
+def test_detach_cuts_gradients(kind, fused):
+    model = make_transformer(kind, fused=fused)
     x = torch.randn(6, 2, 8, dtype=torch.float64, requires_grad=True)
     _, state = model(x[:3], return_state=True)
     out, _ = model(x[3:], state=state.detach(), return_state=True)
@@ -100,9 +93,9 @@ def test_detach_cuts_gradients(kind):
     torch.testing.assert_close(out, model(x)[3:], rtol=0, atol=1e-12)
 
 
-def test_truncated_backprop_loop(kind):
+def test_truncated_backprop_loop(kind, fused):
     # Memory carried across "batches": backward each chunk, detach, continue; the cached memory stays right
-    model = make_transformer(kind)
+    model = make_transformer(kind, fused=fused)
     x = torch.randn(9, 2, 8, dtype=torch.float64)
     state, outs = None, []
     for i in range(0, 9, 3):
@@ -124,13 +117,30 @@ def test_branching_from_a_state(kind):
         torch.testing.assert_close(a, model(x)[3:], rtol=0, atol=1e-12)
         torch.testing.assert_close(b, model(torch.cat([x[:3], -x[3:]]))[3:], rtol=0, atol=1e-12)
         torch.testing.assert_close(a2, a, rtol=0, atol=0)
-    # With gradients flowing into the cache, a second continuation is refused
+    # With gradients flowing into the cache, the autograd loop refuses a second continuation ...
+    model.fused = False
     _, state = model(x[:3], return_state=True)
     model(x[3:], state=state)
     with pytest.raises(ValueError, match="already continued"):
         model(x[3:], state=state)
     # ... unless detached first
     model(x[3:], state=state.detach())
+
+
+def test_branching_with_gradients_fused(kind):
+    # The fused loop copies the cache it continues from, so two continuations of one state are independent and
+    # their gradients add up through the shared prefix
+    model = make_transformer(kind)
+    x = torch.randn(5, 2, 8, dtype=torch.float64, requires_grad=True)
+    _, state = model(x[:3], return_state=True)
+    a = model(x[3:], state=state)
+    b = model(x[3:] * 2, state=state)
+    got = torch.autograd.grad(_loss(a) + _loss(b), [x, *model.parameters()])
+    ref_a, _ = reference_forward(model, x)
+    ref_b, _ = reference_forward(model, torch.cat([x[:3], x[3:] * 2]))
+    want = torch.autograd.grad(_loss(ref_a[3:]) + _loss(ref_b[3:]), [x, *model.parameters()])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-9)
 
 
 def test_long_sequences(kind):
@@ -151,9 +161,9 @@ def test_memory_weights(kind):
     assert model.weights.grad is not None and model.weights.grad.abs().max() > 0
 
 
-def test_memory_span_limits_attention(kind):
+def test_memory_span_limits_attention(kind, fused):
     span = 3
-    model = make_transformer(kind, memory_span=span)
+    model = make_transformer(kind, memory_span=span, fused=fused)
     x = torch.randn(10, 2, 8, dtype=torch.float64, requires_grad=True)
     out = model(x)
     ref, _ = reference_forward(model, x, span=span)
@@ -242,3 +252,34 @@ def test_bad_construction():
     with pytest.raises(TypeError, match="FeedbackAttention"):
         FeedbackTransformerLayer(d_model=8, attn=torch.nn.Linear(8, 8), feed_forward=FeedForward(8, 16),
                                  dropout_prob=0.1)
+
+
+def test_fused_and_autograd_loops_agree_with_dropout(kind):
+    # Same masks cannot be drawn by both loops, so compare them in eval mode after training-mode steps, and check
+    # that dropout in the fused loop really drops (outputs differ between two seeds)
+    model = make_transformer(kind, dropout=0.3)
+    model.train()
+    x = torch.randn(6, 2, 8, dtype=torch.float64)
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(1)
+    b = model(x)
+    assert (a - b).abs().max() > 1e-3
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(x), a, rtol=0, atol=0)
+    model.eval()
+    fused_out = model(x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fused_out, rtol=0, atol=1e-12)
+
+
+def test_fused_state_then_autograd_continuation_is_refused(kind):
+    model = make_transformer(kind)
+    x = torch.randn(4, 2, 8, dtype=torch.float64)
+    _, state = model(x[:2], return_state=True)
+    model.fused = False
+    with pytest.raises(ValueError, match="fused training loop"):
+        model(x[2:], state=state)
+    model(x[2:], state=state.detach())
+    with torch.no_grad():
+        model(x[2:], state=state)

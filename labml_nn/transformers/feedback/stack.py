@@ -168,6 +168,19 @@ class Stack:
         other._last = other._alias(start, n)
         return other
 
+    @staticmethod
+    def from_rows(rows: torch.Tensor, first: int, *, window: Optional[int] = None) -> "Stack":
+        r"""
+        A stack whose entries `first, first + 1, ...` are `rows` (`[n, *entry_shape]`, any strides, no copy), all
+        constants for autograd: their gradients flow through `rows` itself. The fused loop returns its cache so.
+        """
+        stack = Stack(window=window)
+        end = first + rows.shape[0]
+        stack.length = stack.frozen = end
+        stack._buffer = _Buffer(rows.detach(), first=first, end=end)
+        stack._last = stack._alias(stack._visible_start(end - 1), end)
+        return stack
+
     @property
     def shape(self) -> Optional[torch.Size]:
         """Shape of one entry, once known."""

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from labml_nn.transformers.feedback import fused as fused_loop
 from labml_nn.transformers.feedback.attention import FeedbackAttention
 from labml_nn.transformers.feedback.stack import Stack
 from labml_nn.transformers.feedback.state import FeedbackState
@@ -99,7 +100,7 @@ class _FeedbackLoop(nn.Module):
     # Number of key/value groups in the cache (`n_layers`, or 1 when shared)
     groups: int
 
-    def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, memory_span: Optional[int]):
+    def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, memory_span: Optional[int], fused: bool):
         super().__init__()
         if not isinstance(layer, FeedbackTransformerLayer):
             raise TypeError(f"layer must be a FeedbackTransformerLayer, got {type(layer).__name__}")
@@ -113,6 +114,8 @@ class _FeedbackLoop(nn.Module):
         self.heads = layer.attn.heads
         self.d_k = layer.attn.d_k
         self.memory_span = memory_span
+        # Train with the fused loop (`fused.py`) when the layers allow it
+        self.fused = fused and fused_loop.supports(layer)
         # Final layer norm
         self.norm = nn.LayerNorm([layer.size])
         # $w \in \mathbb{R}^{L+1}$, the memory weights over the embedding and the $L$ layer outputs
@@ -137,16 +140,19 @@ class _FeedbackLoop(nn.Module):
         Returns `[seq_len, batch_size, d_model]`, and the state if asked for.
         """
         self._check_input(x_seq, state)
+        if self.fused and torch.is_grad_enabled():
+            return self._forward_fused(x_seq, state, return_state)
         seq_len, batch_size, _ = x_seq.shape
         # The cache of keys and values, entries `[groups, 2, batch_size, heads, d_k]`
         if state is None:
             n_start, stack, visible = 0, Stack(seq_len, window=self.memory_span), None
         else:
             n_start, stack, visible = state.n_steps, state.stack_for_continuation(), state.visible
+            if torch.is_grad_enabled() and state.visible.requires_grad and state.kv.frozen >= n_start:
+                raise ValueError("this state was made by the fused training loop and carries gradients: continue it "
+                                 "with the same model settings (model.fused=True) or call state.detach() first")
         # Relative position terms for the most memory any step of this call sees
-        n_visible = n_start + seq_len - 1
-        if self.memory_span is not None:
-            n_visible = min(n_visible, self.memory_span)
+        n_visible = self._n_visible(n_start, seq_len)
         pos = [layer.attn.relative_terms(n_visible) if n_visible > 0 else (None, None) for layer in self.layers]
         # $\mathrm{softmax}(w)$ and the projection of memory vectors to keys and values, once per call
         mem_w = self.memory_weights()
@@ -181,6 +187,43 @@ class _FeedbackLoop(nn.Module):
         if return_state:
             return out, FeedbackState(stack, n_start + seq_len, visible)
         return out
+
+    def _n_visible(self, n_start: int, seq_len: int) -> int:
+        # The most memory vectors any step of a call sees
+        n_visible = n_start + seq_len - 1
+        return n_visible if self.memory_span is None else min(n_visible, self.memory_span)
+
+    def _forward_fused(self, x_seq: torch.Tensor, state: Optional[FeedbackState], return_state: bool):
+        """The same computation as `forward`, as one autograd function with a hand-written backward pass."""
+        seq_len = x_seq.shape[0]
+        n_start = 0 if state is None else state.n_steps
+        n_visible = max(1, self._n_visible(n_start, seq_len))
+        tensors = []
+        for layer in self.layers:
+            attn, ff = layer.attn, layer.feed_forward
+            pos_emb, pos_bias = attn.relative_terms(n_visible)
+            tensors += [attn.query.linear.weight, attn.query_pos_bias, pos_emb, pos_bias, attn.output.weight,
+                        attn.output.bias, layer.norm_self_attn.weight, layer.norm_self_attn.bias,
+                        layer.norm_ff.weight, layer.norm_ff.bias, ff.layer1.weight, ff.layer1.bias,
+                        ff.layer2.weight, ff.layer2.bias]
+        layer = self.layers[0]
+        p_attn, p_resid, p_hidden = (layer.attn.dropout.p, layer.dropout.p, layer.feed_forward.dropout.p) \
+            if self.training else (0.0, 0.0, 0.0)
+        seed = int(torch.randint(2 ** 62, ())) if max(p_attn, p_resid, p_hidden) > 0 else 0
+        cfg = fused_loop.LoopConfig(n_layers=self.n_layers, groups=self.groups, heads=self.heads, d_k=self.d_k,
+                               eps=layer.norm_ff.eps, window=self.memory_span, p_attn=p_attn, p_resid=p_resid,
+                               p_hidden=p_hidden, n_start=n_start, make_last_memory=return_state, seed=seed)
+        prev = None if state is None else state.visible
+        out, rows = fused_loop.run_loop(cfg, x_seq, prev, self.memory_weights(), self._kv_weight(), tensors)
+        out = self.norm(out)
+        if not return_state:
+            return out
+        # The state: the cache rows that the next step can see, their gradients flowing through `rows`
+        n_end = n_start + seq_len
+        first_row = n_start - (0 if prev is None else prev.shape[0])
+        first_visible = 0 if self.memory_span is None else max(0, n_end - self.memory_span)
+        visible = rows[first_visible - first_row:]
+        return out, FeedbackState(Stack.from_rows(visible, first_visible, window=self.memory_span), n_end, visible)
 
     def _check_input(self, x_seq: torch.Tensor, state: Optional[FeedbackState]) -> None:
         if not isinstance(x_seq, torch.Tensor):
@@ -217,13 +260,16 @@ class FeedbackTransformer(_FeedbackLoop):
     * `layer`: a `FeedbackTransformerLayer`, copied `n_layers` times (its attention must have its own
       key/value projections, `is_kv_precomputed=False`)
     * `memory_span`: attend to at most this many latest memory vectors (`None`: all)
+    * `fused`: train with the fused loop of `fused.py` (same results, several times faster); `False` uses
+      autograd over the module-by-module loop
     """
 
-    def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, *, memory_span: Optional[int] = None):
+    def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, *, memory_span: Optional[int] = None,
+                 fused: bool = True):
         if isinstance(layer, FeedbackTransformerLayer) and layer.attn.is_kv_precomputed:
             raise ValueError("FeedbackTransformer projects the memory with each layer's own key/value layers: build "
                              "its FeedbackAttention with is_kv_precomputed=False (or use FeedbackTransformerKV)")
-        super().__init__(layer, n_layers, memory_span)
+        super().__init__(layer, n_layers, memory_span, fused)
         self.groups = n_layers
 
     def _kv_weight(self) -> torch.Tensor:
@@ -240,10 +286,11 @@ class FeedbackTransformerKV(_FeedbackLoop):
     * `layer`: a `FeedbackTransformerLayer` whose attention has `is_kv_precomputed=True`
     * `d_model`, `heads`: sizes of the shared projections
     * `memory_span`: attend to at most this many latest memory vectors (`None`: all)
+    * `fused`: as for `FeedbackTransformer`
     """
 
     def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, d_model: int, heads: int, *,
-                 memory_span: Optional[int] = None):
+                 memory_span: Optional[int] = None, fused: bool = True):
         if isinstance(layer, FeedbackTransformerLayer):
             if not layer.attn.is_kv_precomputed:
                 raise ValueError("FeedbackTransformerKV shares one key/value projection between layers: build the "
@@ -251,7 +298,7 @@ class FeedbackTransformerKV(_FeedbackLoop):
             if layer.size != d_model or layer.attn.heads != heads:
                 raise ValueError(f"d_model={d_model}, heads={heads} must match the layer's "
                                  f"(d_model={layer.size}, heads={layer.attn.heads})")
-        super().__init__(layer, n_layers, memory_span)
+        super().__init__(layer, n_layers, memory_span, fused)
         self.groups = 1
         d_k = d_model // heads
         # $W_k$ and $W_v$, shared by all layers

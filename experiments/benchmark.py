@@ -1,0 +1,209 @@
+"""
+---
+title: Training speed and memory benchmark
+summary: Tokens per second of a full training step and peak memory, for both Feedback Transformers and a
+  same-size parallel transformer, measured in one run.
+---
+
+# Training benchmark
+
+For each model: random tokens, then forward, cross-entropy loss, backward, gradient-norm clipping and an Adam
+step. We time `--steps` steps after `--warmup` steps and report the median tokens per second (the models take turns step by step, so they share the machine's load alike), the slowdown
+versus the parallel transformer measured in the same run, and the peak memory of one training step (GPU: the
+allocator's peak; CPU: the growth of the process's peak resident memory, measured in a fresh subprocess per
+model so models don't see each other's peaks).
+
+```bash
+python experiments/benchmark.py                       # the CPU configuration of the speed issue
+python experiments/benchmark.py --d-model 512 --heads 8 --d-ff 2048 --n-layers 6 --seq-len 128 --batch 64 \
+    --memory-only                                     # peak memory at labml_nn's experiment size
+```
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from labml_nn.transformers.feedback import (  # noqa: E402
+    FeedbackAttention,
+    FeedbackTransformer,
+    FeedbackTransformerKV,
+    FeedbackTransformerLayer,
+    FeedForward,
+)
+from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel  # noqa: E402
+
+MODELS = ('parallel', 'feedback_transformer', 'feedback_transformer_kv')
+
+
+class ParallelTransformer(nn.Module):
+    """A causal pre-norm `nn.TransformerEncoder` with learned positions: the speed baseline."""
+
+    def __init__(self, d_model: int, heads: int, d_ff: int, n_layers: int, max_len: int):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d_model, heads, d_ff, dropout=0.0, activation='relu', norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        self.positions = nn.Parameter(torch.zeros(max_len, 1, d_model))
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor, state=None, return_state: bool = False) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[0], device=x.device)
+        return self.norm(self.encoder(x + self.positions[:x.shape[0]], mask=mask, is_causal=True))
+
+
+def build(name: str, args) -> nn.Module:
+    d = args.d_model
+    if name == 'parallel':
+        transformer = ParallelTransformer(d, args.heads, args.d_ff, args.n_layers, args.seq_len)
+    else:
+        kv = name == 'feedback_transformer_kv'
+        layer = FeedbackTransformerLayer(d_model=d, attn=FeedbackAttention(args.heads, d, args.dropout,
+                                                                           is_kv_precomputed=kv),
+                                         feed_forward=FeedForward(d, args.d_ff, args.dropout),
+                                         dropout_prob=args.dropout)
+        if kv:
+            transformer = FeedbackTransformerKV(layer, args.n_layers, d, args.heads)
+        else:
+            transformer = FeedbackTransformer(layer, args.n_layers)
+    return AutoregressiveModel(args.vocab, d, transformer).to(args.device)
+
+
+def train_step(model, optimizer, data, target, vocab):
+    logits = model(data)
+    loss = F.cross_entropy(logits.view(-1, vocab), target.view(-1))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
+def sync(device: str):
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def measure_speed(names, args) -> list:
+    """
+    Median tokens/s of each model. The models take turns, one step each per round, so that all of them see the
+    same machine load (a shared machine's speed drifts over seconds).
+    """
+    runs = []
+    for name in names:
+        torch.manual_seed(0)
+        model = build(name, args)
+        runs.append((name, model, torch.optim.Adam(model.parameters(), lr=1e-4), []))
+    tokens = torch.randint(0, args.vocab, (args.seq_len + 1, args.batch), device=args.device)
+    data, target = tokens[:-1], tokens[1:]
+    for i in range(args.warmup + args.steps):
+        for _, model, optimizer, times in runs:
+            sync(args.device)
+            start = time.perf_counter()
+            train_step(model, optimizer, data, target, args.vocab)
+            sync(args.device)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+    results = []
+    for name, model, _, times in runs:
+        median = statistics.median(times)
+        results.append({'model': name, 'tokens_per_s': args.seq_len * args.batch / median, 'step_s': median,
+                        'params': sum(p.numel() for p in model.parameters())})
+    return results
+
+
+def measure_memory(name: str, args) -> float:
+    """Peak memory of one training step in MB."""
+    torch.manual_seed(0)
+    model = build(name, args)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, args.vocab, (args.seq_len + 1, args.batch), device=args.device)
+    if args.device.startswith('cuda'):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        train_step(model, optimizer, tokens[:-1], tokens[1:], args.vocab)
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    # CPU (Linux): reset the peak resident size, then compare it with the resident size before the step.
+    # A first tiny step creates the optimizer state beforehand.
+    train_step(model, optimizer, tokens[:2], tokens[1:3], args.vocab)
+    Path('/proc/self/clear_refs').write_text('5')
+    base = _proc_status_kb('VmRSS')
+    train_step(model, optimizer, tokens[:-1], tokens[1:], args.vocab)
+    return (_proc_status_kb('VmHWM') - base) / 1024
+
+
+def _proc_status_kb(field: str) -> int:
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith(field + ':'):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status (peak memory on CPU needs Linux)")
+
+
+def memory_in_subprocess(name: str, argv) -> float:
+    out = subprocess.run([sys.executable, __file__, *argv, '--only', name, '--memory-child'],
+                         check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('---')[-1].strip().splitlines()[0])
+    p.add_argument('--d-model', type=int, default=128)
+    p.add_argument('--heads', type=int, default=4)
+    p.add_argument('--d-ff', type=int, default=256)
+    p.add_argument('--n-layers', type=int, default=4)
+    p.add_argument('--seq-len', type=int, default=64)
+    p.add_argument('--batch', type=int, default=16)
+    p.add_argument('--vocab', type=int, default=65)
+    p.add_argument('--dropout', type=float, default=0.0)
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--warmup', type=int, default=3)
+    p.add_argument('--steps', type=int, default=8)
+    p.add_argument('--only', choices=MODELS, action='append', help='measure only these models')
+    p.add_argument('--memory-only', action='store_true', help='skip the speed measurement')
+    p.add_argument('--no-memory', action='store_true', help='skip the memory measurement')
+    p.add_argument('--memory-child', action='store_true', help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    models = args.only or list(MODELS)
+    if args.memory_child:
+        print(measure_memory(models[0], args))
+        return
+    child_argv = [a for a in argv if a not in ('--memory-only', '--no-memory')]
+    child_argv = [a for i, a in enumerate(child_argv) if a != '--only' and (i == 0 or child_argv[i - 1] != '--only')]
+    results = [{'model': name} for name in models] if args.memory_only else measure_speed(models, args)
+    if not args.no_memory:
+        for r in results:
+            r['peak_mb'] = memory_in_subprocess(r['model'], child_argv)
+    base = next((r for r in results if r['model'] == 'parallel' and 'tokens_per_s' in r), None)
+    print(f"d_model={args.d_model} heads={args.heads} d_ff={args.d_ff} n_layers={args.n_layers} "
+          f"seq_len={args.seq_len} batch={args.batch} threads={args.threads} device={args.device} "
+          f"torch={torch.__version__}")
+    print(f"{'model':<26}{'tokens/s':>12}{'step ms':>10}{'slowdown':>10}{'peak MB':>10}")
+    for r in results:
+        if base is not None and 'tokens_per_s' in r:
+            r['slowdown_vs_parallel'] = base['tokens_per_s'] / r['tokens_per_s']
+        tps = f"{r['tokens_per_s']:,.0f}" if 'tokens_per_s' in r else '-'
+        ms = f"{r['step_s'] * 1e3:.1f}" if 'step_s' in r else '-'
+        slow = f"{r['slowdown_vs_parallel']:.2f}x" if 'slowdown_vs_parallel' in r else '-'
+        mb = f"{r['peak_mb']:,.0f}" if 'peak_mb' in r else '-'
+        print(f"{r['model']:<26}{tps:>12}{ms:>10}{slow:>10}{mb:>10}")
+    print(json.dumps({'config': {k: v for k, v in vars(args).items() if k not in ('only', 'memory_child')},
+                      'results': results}))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,199 @@
+r"""
+---
+title: The fused loop's backward pass
+summary: Backpropagation through time by hand for the Feedback Transformer, with weight gradients computed in
+  large batched products.
+---
+
+# Backward pass of the fused loop
+
+We walk the steps from last to first. At step $t$:
+
+1. **The memory.** Every later step that attended to $m_t$ has added its gradient to $k_t, v_t$ (in `d_work`),
+   and gradients from later calls arrive with the returned cache rows. So
+   $\delta m_t = [\delta k_t; \delta v_t]\, W_{kv}$ is complete, and $x_t^l$ receives
+   $\mathrm{softmax}(w)_l\, \delta m_t$.
+2. **The layers, top to bottom.** For the feed-forward block, with $a = z W_1^\top + b_1$ and
+   $h = \mathrm{ReLU}(a)$ (after dropout),
+   $\delta h = \delta f\, W_2$, $\delta a = \delta h \odot [a > 0]$, $\delta z = \delta a\, W_1$ and the layer
+   norm's backward gives $\delta x$. For attention, with probabilities $P$ (after dropout $\tilde P$) over the
+   visible slots,
+   $$\delta o = \delta\mathrm{Attn}\, W_o, \quad \delta \tilde P = \delta o\, V^\top, \quad
+     \delta v_j \mathrel{+}= \tilde P_j\, \delta o, \quad
+     \delta A = \tfrac{1}{\sqrt{d_k}}\, P \odot \big(\delta P - \textstyle\sum_j P_j \delta P_j\big),$$
+   $$\delta (q + u) = \delta A\, K, \quad \delta k_j \mathrel{+}= \delta A_j (q + u), \quad
+     \delta q = \delta (q + u) + \textstyle\sum_j \delta A_j\, p_{t-j}.$$
+3. **Weight gradients wait.** Each is a sum over steps of an outer product, so the step only keeps its
+   $\delta$'s. Every few steps (`CHUNK_ROWS` rows of steps $\times$ batch) we turn the kept $\delta$'s into
+   weight gradients with one matrix product per weight, and drop them.
+"""
+
+from typing import List, Optional
+
+import torch
+
+# ATen kernels called directly, resolved once (their Python lookups cost more than the kernels at these sizes)
+_layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
+_relu_backward = torch.ops.aten.threshold_backward.default
+
+# How many rows (steps x batch) of per-step gradients to keep before turning them into weight gradients
+CHUNK_ROWS = 2048
+
+
+def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_rows: Optional[torch.Tensor], x_seq: torch.Tensor,
+                  mem_w: torch.Tensor, kv_w: torch.Tensor, work: torch.Tensor, layers, needs_input_grad):
+    """
+    Gradients of `FeedbackLoopFunction`'s inputs after `cfg`: `x_seq, prev, mem_w, kv_w`, then each layer's tensors
+    (`layers` is a list of per-layer tuples in `LAYER_TENSORS` order).
+    """
+    T, B, D, n_prev, n_new, first = shape
+    L, G, H, dk = cfg.n_layers, cfg.groups, cfg.heads, cfg.d_k
+    BH = B * H
+    scale = 1 / dk ** 0.5
+    # Gradients of the cache, in the work buffer's layout; gradients from later calls come in `d_rows`
+    d_work = torch.zeros_like(work)
+    if d_rows is not None:
+        d_work += d_rows.permute(1, 2, 3, 4, 0, 5)
+    d_keys = [d_work[g, 0].view(BH, -1, dk) for g in range(G)]
+    d_values = [d_work[g, 1].view(BH, -1, dk) for g in range(G)]
+    keys = [work[g, 0].view(BH, -1, dk) for g in range(G)]
+    values = [work[g, 1].view(BH, -1, dk) for g in range(G)]
+    pos_k = [lt[2].permute(1, 0, 2) for lt in layers]                     # [H, N, d_k]
+    acc = _WeightGrads(layers)
+    d_x_seq = torch.empty_like(x_seq)
+    pending: List[_StepGrads] = []
+    chunk = max(1, CHUNK_ROWS // B)
+
+    for i in reversed(range(T)):
+        sg = _StepGrads(i, L)
+        d_mem = None
+        if i < n_new:
+            # $\delta (k_t, v_t)$ is complete: all later steps are done
+            slot = cfg.n_start + i - first
+            sg.d_kv = d_work[..., slot, :].permute(2, 0, 1, 3, 4).reshape(B, G * 2 * D)
+            d_mem = sg.d_mem = torch.mm(sg.d_kv, kv_w)
+        dx = d_out[i] if d_mem is None else d_out[i] + mem_w[L] * d_mem
+        for l in reversed(range(L)):
+            (w_q, u, _, _, w_o, _, ln1_w, _, ln2_w, _, w_1, _, w_2, _) = layers[l]
+            g = l if G > 1 else 0
+            fs = s.ffn[i][l]
+            # The feed-forward block
+            d_ff = dx if masks.resid is None else dx * masks.resid[1, l, i]
+            d_hidden = torch.mm(d_ff, w_2)
+            d_a1 = _relu_backward(d_hidden, fs.hidden, 0)
+            if masks.hidden is not None:
+                d_a1 = d_a1 * masks.hidden[l, i]
+            d_z2 = torch.mm(d_a1, w_1)
+            dx = dx + _layer_norm_backward(d_z2, fs.x1, (D,), fs.mean2, fs.rstd2, ln2_w, None, (True, False, False))[0]
+            sg.ffn[l] = (d_ff, d_a1, d_z2)
+            # The attention block
+            a = s.attn[i][l]
+            if a is not None:
+                n, lo, hi = a.n, a.lo, a.hi
+                d_att = dx if masks.resid is None else dx * masks.resid[0, l, i]
+                d_o = torch.mm(d_att, w_o).view(BH, 1, dk)
+                pd = a.p if masks.attn is None else a.p * masks.attn_mask(l, i, n)
+                d_pd = torch.bmm(d_o, values[g][:, lo:hi].transpose(1, 2)).view(B, H, n)
+                d_values[g][:, lo:hi] += torch.bmm(pd.view(BH, n, 1), d_o)
+                if masks.attn is not None:
+                    d_pd = d_pd * masks.attn_mask(l, i, n)
+                d_scores = torch._softmax_backward_data(d_pd, a.p, -1, a.p.dtype) * scale
+                d_qu = torch.bmm(d_scores.view(BH, 1, n), keys[g][:, lo:hi])
+                d_keys[g][:, lo:hi] += torch.bmm(d_scores.view(BH, n, 1), a.qu)
+                # $\delta q = \delta (q + u) + \sum_j \delta A_{tj}\, p_{t-j}$
+                d_q = d_qu.view(B, H, dk) + torch.bmm(d_scores.transpose(0, 1), pos_k[l][:, -n:]).transpose(0, 1)
+                d_q = d_q.reshape(B, D)
+                d_z = torch.mm(d_q, w_q)
+                dx = dx + _layer_norm_backward(d_z, s.xs[i][l], (D,), a.mean, a.rstd, ln1_w, None,
+                                               (True, False, False))[0]
+                sg.attn[l] = (d_att, d_q, d_qu.view(B, H, dk), d_z, d_scores)
+            if d_mem is not None:
+                dx = dx + mem_w[l] * d_mem
+        d_x_seq[i] = dx
+        pending.append(sg)
+        if len(pending) == chunk or i == 0:
+            acc.add(s, pending, layers, cfg, D)
+            pending = []
+
+    d_prev = d_work[..., :n_prev, :].permute(4, 0, 1, 2, 3, 5) if n_prev else None
+    d_mem_w = acc.mem_w if acc.mem_w is not None or not needs_input_grad[3] else torch.zeros_like(mem_w)
+    return (d_x_seq, d_prev, d_mem_w, acc.kv_w, *[g for layer in acc.layers for g in layer])
+
+
+class _StepGrads:
+    """The per-step gradients that weight gradients are made of."""
+
+    def __init__(self, i: int, n_layers: int):
+        self.i = i
+        self.d_kv: Optional[torch.Tensor] = None
+        self.d_mem: Optional[torch.Tensor] = None
+        # Per layer: `(d_ff, d_a1, d_z2)`, and `(d_att, d_q, d_qu, d_z, d_scores)` or `None`
+        self.ffn: list = [None] * n_layers
+        self.attn: list = [None] * n_layers
+
+
+class _WeightGrads:
+    """Weight gradients, accumulated chunk by chunk with one product per weight."""
+
+    def __init__(self, layers):
+        self.layers = [[torch.zeros_like(t) for t in lt] for lt in layers]
+        self.mem_w: Optional[torch.Tensor] = None
+        self.kv_w: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def _add(current: Optional[torch.Tensor], new: torch.Tensor) -> torch.Tensor:
+        return new if current is None else current + new
+
+    def add(self, s, steps: List[_StepGrads], layers, cfg, D: int) -> None:
+        steps = steps[::-1]
+        cat = torch.cat
+        for l, lt in enumerate(layers):
+            (_, u, pos_emb, _, _, _, ln1_w, ln1_b, ln2_w, ln2_b, _, _, _, _) = lt
+            g = self.layers[l]
+            # The feed-forward block: $\delta W_2 = \sum \delta f^\top h$, $\delta W_1 = \sum \delta a^\top z_2$, ...
+            d_ff = cat([sg.ffn[l][0] for sg in steps])
+            d_a1 = cat([sg.ffn[l][1] for sg in steps])
+            d_z2 = cat([sg.ffn[l][2] for sg in steps])
+            fs = [s.ffn[sg.i][l] for sg in steps]
+            xhat2 = (cat([f.x1 for f in fs]) - cat([f.mean2 for f in fs])) * cat([f.rstd2 for f in fs])
+            z2 = torch.addcmul(ln2_b, xhat2, ln2_w)
+            g[12] = g[12] + torch.mm(d_ff.t(), cat([f.hidden for f in fs]))
+            g[13] = g[13] + d_ff.sum(0)
+            g[10] = g[10] + torch.mm(d_a1.t(), z2)
+            g[11] = g[11] + d_a1.sum(0)
+            g[8] = g[8] + (d_z2 * xhat2).sum(0)
+            g[9] = g[9] + d_z2.sum(0)
+            # The attention block, at steps that had memory
+            att_steps = [sg for sg in steps if sg.attn[l] is not None]
+            if not att_steps:
+                continue
+            ga = [sg.attn[l] for sg in att_steps]
+            sa = [s.attn[sg.i][l] for sg in att_steps]
+            d_att, d_q, d_qu, d_z = (cat([x[k] for x in ga]) for k in range(4))
+            xhat = (cat([s.xs[sg.i][l] for sg in att_steps]) - cat([a.mean for a in sa])) * cat([a.rstd for a in sa])
+            z = torch.addcmul(ln1_b, xhat, ln1_w)
+            g[0] = g[0] + torch.mm(d_q.t(), z)
+            g[1] = g[1] + d_qu.sum(0)
+            g[4] = g[4] + torch.mm(d_att.t(), cat([a.o for a in sa]))
+            g[5] = g[5] + d_att.sum(0)
+            g[6] = g[6] + (d_z * xhat).sum(0)
+            g[7] = g[7] + d_z.sum(0)
+            # Position tables: score gradients right-aligned by distance, `[steps, B, H, N]`
+            B, H = d_qu.shape[0] // len(ga), d_qu.shape[1]
+            d_scores = d_q.new_zeros((len(ga), B, H, pos_emb.shape[0]))
+            for k, x in enumerate(ga):
+                d_scores[k, :, :, -x[4].shape[-1]:] = x[4]
+            q = torch.stack([a.q for a in sa]).view(len(ga), B, H, -1)
+            # $\delta p_\Delta = \sum_{t, b} \delta A_{t, t - \Delta}\, q_t$ and
+            # $\delta s_\Delta = \sum_{t, b} \delta A_{t, t - \Delta}$
+            g[2] = g[2] + torch.einsum('tbhn,tbhd->nhd', d_scores, q)
+            g[3] = g[3] + d_scores.sum((0, 1)).t()
+        # The memory: $\delta\, \mathrm{softmax}(w)_l = \sum_{t, b} \delta m_t \cdot x_t^l$,
+        # $\delta W_{kv} = \sum_t \delta (k_t, v_t)^\top m_t$
+        mem_steps = [sg for sg in steps if sg.d_mem is not None]
+        if mem_steps:
+            xs = torch.stack([torch.stack(s.xs[sg.i]) for sg in mem_steps])          # [n, L + 1, B, D]
+            self.mem_w = self._add(self.mem_w, torch.einsum('tbd,tlbd->l', torch.stack([sg.d_mem for sg in mem_steps]),
+                                                            xs))
+            self.kv_w = self._add(self.kv_w, torch.mm(cat([sg.d_kv for sg in mem_steps]).t(),
+                                                      cat([s.mems[sg.i] for sg in mem_steps])))
