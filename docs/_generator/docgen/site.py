@@ -179,6 +179,9 @@ class Site:
             f' <a class="edition" lang="{code}" hreflang="{code}" href="{relative(f"{code}/{other.out}", page.out)}">'
             f'{escape(name)}</a>' for code, name in self.config.languages.items()
             if page.lang == "en" and f"{code}/{other.out}" in self.by_out)
+        if other.doc.language == "markdown":
+            # A readme often shares its folder's title: say which file it is.
+            title += f' <span class="file">({escape(posixpath.basename(other.source))})</span>'
         return f'<li{lang}><a href="{relative(target.out, page.out)}">{title}</a>{editions}{extra}</li>'
 
     def render(self, page: Page) -> str:
