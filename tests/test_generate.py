@@ -6,38 +6,22 @@ right distribution, and reject bad arguments with clear errors.
 
 import pytest
 import torch
+from conftest import make_transformer
 
-from labml_nn.transformers.feed_forward import FeedForward
-from labml_nn.transformers.feedback import (
-    FeedbackAttention,
-    FeedbackTransformer,
-    FeedbackTransformerKV,
-    FeedbackTransformerLayer,
-)
 from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel, sample_token
 
 N_VOCAB = 11
 VARIANTS = ["weighted", "kv"]
 
 
-def make_model(variant: str, *, d_model: int = 16, heads: int = 2, n_layers: int = 2, n_vocab: int = N_VOCAB,
-               memory_span=None, max_distance: int = 6, seed: int = 0) -> AutoregressiveModel:
-    """A tiny model in float64, with dropout (so that eval mode matters) and random position terms."""
-    torch.manual_seed(seed)
-    kv = variant == "kv"
-    attn = FeedbackAttention(heads, d_model, 0.2, is_kv_precomputed=kv, max_distance=max_distance)
-    layer = FeedbackTransformerLayer(d_model=d_model, attn=attn, feed_forward=FeedForward(d_model, 2 * d_model, 0.2),
-                                     dropout_prob=0.2)
-    if kv:
-        transformer = FeedbackTransformerKV(layer, n_layers, d_model, heads, memory_span=memory_span)
-    else:
-        transformer = FeedbackTransformer(layer, n_layers, memory_span=memory_span)
-    model = AutoregressiveModel(n_vocab, d_model, transformer).double()
-    with torch.no_grad():
-        # Position tables start at zero; make them matter, and make the logits peaked enough to differ
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return model
+def make_model(variant: str, *, memory_span=None, seed: int = 0) -> AutoregressiveModel:
+    """
+    A tiny language model in float64, with dropout (so that eval mode matters), a position table shorter
+    than the generated text, and random values in every parameter.
+    """
+    transformer = make_transformer(variant, d_model=16, heads=2, d_ff=32, n_layers=2, dropout=0.2, max_distance=6,
+                                   memory_span=memory_span, seed=seed)
+    return AutoregressiveModel(N_VOCAB, 16, transformer).double()
 
 
 def greedy_by_recomputation(model: AutoregressiveModel, prompt: torch.Tensor, n: int) -> torch.Tensor:
