@@ -4,10 +4,15 @@ model over the whole sequence for every token (the slow, obviously correct way),
 right distribution, and reject bad arguments with clear errors.
 """
 
+import os
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import make_transformer
 
+from labml_nn.transformers.feedback import generate as cli
 from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel, sample_token
 
 N_VOCAB = 11
@@ -174,3 +179,78 @@ def test_bad_prompt(prompt, error, match):
     model = make_model("weighted")
     with pytest.raises(error, match=match):
         model.generate(prompt, 3)
+
+
+# ## The command: sampling from a saved checkpoint
+
+TEXT = Path(os.environ.get("TINY_SHAKESPEARE_PATH",
+                           Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_shakespeare.txt"))
+
+
+@pytest.fixture
+def checkpoint(tmp_path, monkeypatch):
+    """A checkpoint of a tiny Feedback Transformer KV, in the experiment's format (built by its configs)."""
+    # The training experiment (another branch until merged) defines the models and the checkpoint format
+    configs = pytest.importorskip("labml_nn.transformers.feedback.experiment").Configs
+    ckpt = pytest.importorskip("labml_nn.experiments.checkpoint")
+    if not TEXT.is_file():
+        pytest.skip(f"Tiny Shakespeare not found at {TEXT}; set TINY_SHAKESPEARE_PATH")
+    from labml import experiment
+    # labml's project folder (and its data folder) in the test's own directory
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TINY_SHAKESPEARE_PATH", str(TEXT))
+    config = {"model": "feedback_transformer_kv", "d_model": 16, "heads": 2, "d_ff": 32, "n_layers": 2}
+    conf = configs()
+    experiment.evaluate()
+    experiment.configs(conf, config)
+    torch.manual_seed(0)
+    model = conf.model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    path = tmp_path / "run" / "checkpoints" / ckpt.CHECKPOINT_NAME
+    ckpt.save_atomic({"version": 1, "model": model.state_dict(), "optimizer": {}, "progress": {}, "rng": [],
+                      "config": config, "history": {}}, path)
+    return path, model.eval(), conf.text
+
+
+def test_command_greedy_text(checkpoint, capsys):
+    path, model, text = checkpoint
+    # A run folder works as well as the file
+    assert cli.main([f"checkpoint={path.parent.parent}", "prompt=It is", "tokens=25", "temperature=0"]) == 0
+    out = capsys.readouterr().out
+    expected = greedy_by_recomputation(model, torch.tensor([text.stoi[c] for c in "It is"])[:, None], 25)
+    assert out == "".join(text.itos[i] for i in expected[:, 0].tolist()) + "\n"
+
+
+def test_command_sampling_is_reproducible(checkpoint, capsys):
+    path = checkpoint[0]
+    args = [f"checkpoint={path}", "prompt=ROMEO:", "tokens=40", "temperature=0.9", "top_k=5", "samples=3"]
+    assert cli.main(args + ["seed=3"]) == 0
+    first = capsys.readouterr().out
+    assert cli.main(args + ["seed=3"]) == 0
+    assert capsys.readouterr().out == first
+    assert cli.main(args + ["seed=4"]) == 0
+    assert capsys.readouterr().out != first
+    samples = first.rstrip("\n").split("\n\n")
+    assert len(samples) == 3 and all(s.startswith("ROMEO:") and len(s) == 46 for s in samples)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["prompt=It is"], "checkpoint= is required"),
+    (["checkpoint=no_such_run"], "checkpoint=no_such_run: not a checkpoint file"),
+    (["checkpoint={path}", "prompt=héllo"], r"prompt has characters outside the model's vocabulary: \['é'\]"),
+    (["checkpoint={path}", "prompt="], "prompt must not be empty"),
+    (["checkpoint={path}", "tokens=-1"], "tokens must be an int >= 0"),
+    (["checkpoint={path}", "tokens=ten"], "tokens must be an int, got 'ten'"),
+    (["checkpoint={path}", "temperature=-0.5"], r"temperature must be a finite number >= 0"),
+    (["checkpoint={path}", "top_k=0"], "top_k must be an int >= 1"),
+    (["checkpoint={path}", "samples=0"], "samples must be an int >= 1"),
+    (["checkpoint={path}", "steps=3"], "unknown argument 'steps=3'"),
+])
+def test_command_errors(checkpoint, capsys, args, message):
+    args = [a.format(path=checkpoint[0]) for a in args]
+    assert cli.main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert re.search(message, captured.err), captured.err
