@@ -254,3 +254,20 @@ def test_command_errors(checkpoint, capsys, args, message):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert re.search(message, captured.err), captured.err
+
+
+def test_parallel_baseline_with_key_value_cache():
+    """`generate()` only needs the state API: the parallel baseline's key/value cache gives the same tokens."""
+    causal = pytest.importorskip("labml_nn.transformers.causal")
+    from labml_nn.transformers.feed_forward import FeedForward
+    torch.manual_seed(0)
+    layer = causal.CausalTransformerLayer(d_model=16, attn=causal.CausalAttention(2, 16, 0.2, max_distance=6),
+                                          feed_forward=FeedForward(16, 32, 0.2), dropout_prob=0.2)
+    model = AutoregressiveModel(N_VOCAB, 16, causal.CausalTransformer(layer, 2)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    prompt = torch.randint(N_VOCAB, (4, 3))
+    assert torch.equal(model.generate(prompt, 20, temperature=0), greedy_by_recomputation(model, prompt, 20))
+    a = model.generate(prompt, 20, top_k=3, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, model.generate(prompt, 20, top_k=3, generator=torch.Generator().manual_seed(2)))
