@@ -43,11 +43,31 @@ def test_notebook_is_committed_without_outputs():
                 f'cell {i} of {NOTEBOOK.name} has outputs; regenerate it with jupytext')
 
 
-def test_colab_badge_points_at_the_notebook():
-    """Every "Open in Colab" link in the README (or its notebook section) opens this notebook of this repository."""
+def repository_url() -> str:
+    """The notebook's `REPOSITORY_URL` (a literal: on Colab it is what installs the library)."""
     match = re.search(r"^REPOSITORY_URL = '(https://github\.com/[^']+)'$", SOURCE.read_text(), re.MULTILINE)
     assert match, 'the notebook names its repository in REPOSITORY_URL'
-    github = match.group(1).removeprefix('https://github.com/')
+    return match.group(1)
+
+
+def test_repository_url_is_the_projects():
+    """The notebook's URL is the one the project declares: setup.py's `url=`, else the docs' `repository_url`."""
+    declared = []
+    setup = re.search(r'^\s*url\s*=\s*["\']([^"\']+)["\']', (REPO / 'setup.py').read_text(), re.MULTILINE)
+    if setup:
+        declared.append(setup.group(1))
+    docs_config = REPO / 'docs' / '_generator' / 'config.yaml'
+    if docs_config.is_file():
+        docs = re.search(r'^repository_url:\s*(\S+)', docs_config.read_text(), re.MULTILINE)
+        declared += [docs.group(1)] if docs else []
+    if not declared:
+        pytest.skip('the project declares no repository URL yet (setup.py url=)')
+    assert repository_url() == declared[0], (repository_url(), declared)
+
+
+def test_colab_badge_points_at_the_notebook():
+    """Every "Open in Colab" link in the README (or its notebook section) opens this notebook of this repository."""
+    github = repository_url().removeprefix('https://github.com/')
     expected = f'https://colab.research.google.com/github/{github}/blob/main/{NOTEBOOK.relative_to(REPO).as_posix()}'
     readmes = [p for p in (REPO / 'README.md', REPO / 'README.nb.md') if p.is_file()]
     links = [link for p in readmes
