@@ -78,7 +78,10 @@ def plot(results: List[Dict[str, Any]], path: Path, title: str) -> None:
         line, = ax.plot(steps[width - 1:], smooth, label=f"{r['model']} (train)")
         valid = r['history']['valid']
         ax.plot([h['step'] for h in valid], [h['loss'] for h in valid], 'o--', color=line.get_color(),
-                label=f"{r['model']} (valid)")
+                label=f"{r['model']} (valid, a share)")
+        full = r['history']['evaluations']
+        ax.plot([h['step'] for h in full], [h['valid_loss'] for h in full], '*', markersize=12,
+                color=line.get_color(), label=f"{r['model']} (whole validation set)")
     ax.set_xlabel('step')
     ax.set_ylabel('cross-entropy loss')
     ax.set_title('\n'.join(textwrap.wrap(title, 90)), fontsize=9)
