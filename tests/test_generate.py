@@ -59,6 +59,9 @@ def test_one_token_prompt_and_zero_new_tokens(variant):
     assert torch.equal(model.generate(prompt, 9, temperature=0), greedy_by_recomputation(model, prompt, 9))
     out = model.generate(prompt, 0)
     assert torch.equal(out, prompt) and out.dtype == torch.long
+    # int32 prompts are accepted; the result is always int64
+    out = model.generate(prompt.int(), 5, temperature=0)
+    assert out.dtype == torch.long and torch.equal(out, model.generate(prompt, 5, temperature=0))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
