@@ -162,17 +162,18 @@ def save_figure(fig, name):
 
 
 fig, (ax_train, ax_valid) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-for name, payload in CHECKPOINTS.items():
+for i, (name, payload) in enumerate(CHECKPOINTS.items()):
     history = payload['history']
     steps = [h['step'] for h in history['train']]
     smooth, width = moving_average([h['loss'] for h in history['train']], max(1, len(steps) // 20))
     line, = ax_train.plot(steps[width - 1:], smooth, label=name)
     color = line.get_color()
     ax_valid.plot([h['step'] for h in history['valid']], [h['loss'] for h in history['valid']], 'o--',
-                  color=color, label=f'{name} (part of the set)')
+                  color=color, label=f'{name} (a share of the set)')
     evaluations = history['evaluations']
+    # Smaller stars for later models, so that stars at the same place stay visible
     ax_valid.plot([h['step'] for h in evaluations], [h['valid_loss'] for h in evaluations], '*',
-                  markersize=14, color=color, label=f"{name} (whole set: {evaluations[-1]['valid_loss']:.3f})")
+                  markersize=18 - 4 * i, color=color, label=f"{name} (whole set: {evaluations[-1]['valid_loss']:.3f})")
 ax_train.set_title(f'Training loss (moving average over {width} steps)')
 ax_valid.set_title('Validation loss')
 for ax in (ax_train, ax_valid):

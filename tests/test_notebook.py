@@ -26,12 +26,12 @@ def cells(nb):
 
 
 def test_notebook_matches_its_source():
-    """`jupytext --to ipynb notebooks/feedback_transformer.py` gives the committed notebook's cells."""
+    """`jupytext --update --to ipynb notebooks/feedback_transformer.py` gives the committed notebook's cells."""
     expected = jupytext.reads(SOURCE.read_text(encoding='utf-8'), fmt='py:percent')
     committed = nbformat.read(NOTEBOOK, as_version=4)
     assert cells(committed) == cells(expected), (
         f'{NOTEBOOK.name} is out of sync with {SOURCE.name}: '
-        f'run `jupytext --to ipynb {SOURCE.relative_to(REPO)}`')
+        f'run `jupytext --update --to ipynb {SOURCE.relative_to(REPO)}`')
     assert committed.metadata.get('kernelspec', {}).get('name') == 'python3'
 
 
