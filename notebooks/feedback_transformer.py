@@ -64,6 +64,10 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
+
+# labml takes a Jupyter kernel whose environment lacks `_` (which shells set) for PyCharm's, whose output needs
+# ipywidgets; kernels started by an IDE or headless may lack it
+os.environ.setdefault('_', sys.executable)
 from labml import experiment, lab
 
 from labml_nn.experiments import checkpoint as ckpt

@@ -5,7 +5,6 @@ The Colab notebook: its `.ipynb` is the jupytext `py:percent` source, committed 
 
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -86,9 +85,8 @@ def test_notebook_runs_quick(tmp_path, monkeypatch):
     monkeypatch.setenv('NOTEBOOK_QUICK', '1')
     monkeypatch.setenv('TINY_SHAKESPEARE_PATH', str(TEXT))
     monkeypatch.setenv('NOTEBOOK_FIGURES', str(figures))
-    # labml takes a kernel whose environment lacks `_` (which shells set) for PyCharm's, whose output needs
-    # ipywidgets; a headless kernel started from Python may lack it
-    monkeypatch.setenv('_', os.environ.get('_', sys.executable))
+    # No `_` (which shells set): the notebook must cope with a kernel that labml would take for PyCharm's
+    monkeypatch.delenv('_', raising=False)
     monkeypatch.setenv('PYTHONPATH', os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')])))
     # labml writes `logs/` and `data/` under the working directory: a temporary one, not the repository
     work = tmp_path / 'work'
