@@ -24,7 +24,8 @@
 # step $t$ thus see what high layers computed at earlier steps, at the price of running the steps one after the
 # other.
 #
-# This notebook installs `labml_nn` (on Colab), trains on Tiny Shakespeare, through labml's experiment API,
+# This notebook installs `labml_nn` (on Colab) and trains three models on Tiny Shakespeare with labml's experiment
+# API:
 #
 # * `feedback_transformer_kv`: keys and values shared by all layers, so each memory vector is projected once;
 # * `feedback_transformer`: every layer projects the memory with its own keys and values;
@@ -33,7 +34,7 @@
 # then plots their losses and the learned memory weights $\mathrm{softmax}(w)$, and samples text from each with
 # cached generation.
 #
-# Environment variables: `NOTEBOOK_QUICK=1` makes every run tiny (the whole notebook in a couple of minutes on
+# Environment variables: `NOTEBOOK_QUICK=1` makes every run tiny (the whole notebook in under 2 minutes on
 # 2 CPU cores, as CI runs it); `TINY_SHAKESPEARE_PATH` points at a local copy of the text (else it is
 # downloaded once into labml's `data/` folder); `NOTEBOOK_FIGURES` is a folder to save the plots into as PNG.
 
@@ -72,7 +73,7 @@ from labml import experiment, lab
 
 from labml_nn.experiments import checkpoint as ckpt
 from labml_nn.transformers.feedback.experiment import main as run_experiment
-from labml_nn.transformers.feedback.generate import load_model, sample_text
+from labml_nn.transformers.feedback.generate import load_model
 
 # %% [markdown]
 # ## Configuration
@@ -220,18 +221,23 @@ plt.show()
 # %% [markdown]
 # ## Sampling
 #
-# `generate()` feeds the prompt once and then one character per step from the cached keys and values of the
-# memory (the parallel baseline from its key/value cache), so the prefix is never run again. Temperature 0.8,
-# among the 10 most likely characters, with a fixed seed.
+# `model.generate()` feeds the prompt once and then one character per step from the cached keys and values of the
+# memory (the parallel baseline from its key/value cache), so the prefix is never run again. We sample at
+# temperature 0.8 among the 10 most likely characters, from a seeded generator: the same text on every run.
 
 # %%
 PROMPT = 'It is'
 N_TOKENS = 200 if QUICK else 500
 for name, (model, text) in TRAINED.items():
+    device = model.src_embed.weight.device
+    # The prompt's character ids, `[prompt_len, batch_size = 1]`
+    prompt = torch.tensor([text.stoi[c] for c in PROMPT], device=device)[:, None]
+    generator = torch.Generator(device=device).manual_seed(1)
     start = time.perf_counter()
-    [sample] = sample_text(model, text.itos, text.stoi, prompt=PROMPT, tokens=N_TOKENS, temperature=0.8,
-                           top_k=10, seed=1, samples=1)
+    # `[prompt_len + N_TOKENS, 1]`: the prompt followed by the sampled characters
+    tokens = model.generate(prompt, N_TOKENS, temperature=0.8, top_k=10, generator=generator)
     seconds = time.perf_counter() - start
+    sample = ''.join(text.itos[i] for i in tokens[:, 0].tolist())
     print(f'--- {name} ({N_TOKENS / seconds:,.0f} characters/s) ---')
     print(sample)
     print()
