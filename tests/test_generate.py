@@ -235,8 +235,9 @@ def test_command_sampling_is_reproducible(checkpoint, capsys):
     assert capsys.readouterr().out == first
     assert cli.main(args + ["seed=4"]) == 0
     assert capsys.readouterr().out != first
-    samples = first.rstrip("\n").split("\n\n")
-    assert len(samples) == 3 and all(s.startswith("ROMEO:") and len(s) == 46 for s in samples)
+    samples = re.split(r"--- sample \d ---\n", first)
+    assert samples[0] == "" and len(samples) == 4
+    assert all(s.startswith("ROMEO:") and len(s) == 47 and s.endswith("\n") for s in samples[1:])
 
 
 @pytest.mark.parametrize("args,message", [

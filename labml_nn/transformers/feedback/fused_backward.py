@@ -40,7 +40,7 @@ _relu_backward = torch.ops.aten.threshold_backward.default
 CHUNK_ROWS = 2048
 
 
-def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_rows: Optional[torch.Tensor], x_seq: torch.Tensor,
+def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_cache: Optional[torch.Tensor], x_seq: torch.Tensor,
                   mem_w: torch.Tensor, kv_w: torch.Tensor, work: torch.Tensor, layers, needs_input_grad):
     """
     Gradients of `FeedbackLoopFunction`'s inputs after `cfg`: `x_seq, prev, mem_w, kv_w`, then each layer's tensors
@@ -50,10 +50,8 @@ def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_rows: Optional[to
     L, G, H, dk = cfg.n_layers, cfg.groups, cfg.heads, cfg.d_k
     BH = B * H
     scale = 1 / dk ** 0.5
-    # Gradients of the cache, in the work buffer's layout; gradients from later calls come in `d_rows`
-    d_work = torch.zeros_like(work)
-    if d_rows is not None:
-        d_work += d_rows.permute(1, 2, 3, 4, 0, 5)
+    # Gradients of the cache; those from later calls come in `d_cache`
+    d_work = torch.zeros_like(work) if d_cache is None else d_cache.clone()
     d_keys = [d_work[g, 0].view(BH, -1, dk) for g in range(G)]
     d_values = [d_work[g, 1].view(BH, -1, dk) for g in range(G)]
     keys = [work[g, 0].view(BH, -1, dk) for g in range(G)]
@@ -63,6 +61,8 @@ def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_rows: Optional[to
     d_x_seq = torch.empty_like(x_seq)
     pending: List[_StepGrads] = []
     chunk = max(1, CHUNK_ROWS // B)
+    # Stands for `input` in `baddbmm(input, ..., beta=0)`
+    no_input = x_seq.new_zeros(())
 
     for i in reversed(range(T)):
         sg = _StepGrads(i, L)
@@ -93,13 +93,15 @@ def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_rows: Optional[to
                 d_att = dx if masks.resid is None else dx * masks.resid[0, l, i]
                 d_o = torch.mm(d_att, w_o).view(BH, 1, dk)
                 pd = a.p if masks.attn is None else a.p * masks.attn_mask(l, i, n)
-                d_pd = torch.bmm(d_o, values[g][:, lo:hi].transpose(1, 2)).view(B, H, n)
-                d_values[g][:, lo:hi] += torch.bmm(pd.view(BH, n, 1), d_o)
+                # $\frac{1}{\sqrt{d_k}} \delta \tilde P$ (the softmax's backward is linear: the scale goes first)
+                d_pd = torch.baddbmm(no_input, d_o, values[g][:, lo:hi].transpose(1, 2), beta=0, alpha=scale)
+                d_pd = d_pd.view(B, H, n)
+                d_values[g][:, lo:hi].baddbmm_(pd.view(BH, n, 1), d_o)
                 if masks.attn is not None:
                     d_pd = d_pd * masks.attn_mask(l, i, n)
-                d_scores = torch._softmax_backward_data(d_pd, a.p, -1, a.p.dtype) * scale
+                d_scores = torch._softmax_backward_data(d_pd, a.p, -1, a.p.dtype)
                 d_qu = torch.bmm(d_scores.view(BH, 1, n), keys[g][:, lo:hi])
-                d_keys[g][:, lo:hi] += torch.bmm(d_scores.view(BH, n, 1), a.qu)
+                d_keys[g][:, lo:hi].baddbmm_(d_scores.view(BH, n, 1), a.qu)
                 # $\delta q = \delta (q + u) + \sum_j \delta A_{tj}\, p_{t-j}$
                 d_q = d_qu.view(B, H, dk) + torch.bmm(d_scores.transpose(0, 1), pos_k[l][:, -n:]).transpose(0, 1)
                 d_q = d_q.reshape(B, D)
@@ -115,7 +117,7 @@ def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_rows: Optional[to
             acc.add(s, pending, layers, cfg, D)
             pending = []
 
-    d_prev = d_work[..., :n_prev, :].permute(4, 0, 1, 2, 3, 5) if n_prev else None
+    d_prev = d_work[..., :n_prev, :] if n_prev else None
     d_mem_w = acc.mem_w if acc.mem_w is not None or not needs_input_grad[3] else torch.zeros_like(mem_w)
     return (d_x_seq, d_prev, d_mem_w, acc.kv_w, *[g for layer in acc.layers for g in layer])
 

@@ -27,9 +27,9 @@ Arguments are `key=value`, like the experiment's:
 
 The checkpoint holds the run's configuration; the model is rebuilt with the experiment's own configs and its
 weights loaded, so any model the experiment trains can be sampled, including the parallel baseline (with its
-key/value cache). The text goes to standard output, one sample after another separated by a blank line;
-progress messages go to standard error. A bad argument, a missing checkpoint or a prompt character outside
-the vocabulary stops the command with a message and exit status 2.
+key/value cache). The text goes to standard output (with several samples, each after a line
+`--- sample <i> ---`); progress messages go to standard error. A bad argument, a missing checkpoint or a
+prompt character outside the vocabulary stops the command with a message and exit status 2.
 """
 
 import contextlib
@@ -157,7 +157,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print('\n\n'.join(texts))
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f'--- sample {i + 1} ---')
+        print(text)
     return 0
 
 
