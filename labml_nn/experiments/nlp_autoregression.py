@@ -136,6 +136,8 @@ class NLPAutoRegressionConfigs(BaseConfigs):
         if self._resume_payload is not None:
             self.load_state(self._resume_payload)
             self._resume_payload = None
+        # A new run counts steps from its own start (labml's step counter outlives runs in one process)
+        tracker.set_global_step(self._progress['step'])
 
     # ## One step
 
