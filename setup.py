@@ -17,6 +17,8 @@ setuptools.setup(
     description="An annotated, tested and fast PyTorch implementation of the Feedback Transformer",
     long_description=long_description,
     long_description_content_type="text/markdown",
+    # The one place that holds the repository's address (the notebook, the docs and their tests read it)
+    url="https://github.com/labml-feedback/labml_nn",
     packages=setuptools.find_packages(include=["labml_nn", "labml_nn.*"]),
     python_requires=">=3.9",
     install_requires=[

@@ -48,3 +48,7 @@ def kind(request):
 def fused(request):
     """Both training loops: the fused one (`fused.py`) and autograd over the modules."""
     return request.param == 'fused'
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test that takes more than a few seconds (still run in CI)")

@@ -207,6 +207,24 @@ class _FeedbackLoop(nn.Module):
                         ff.layer2.weight, ff.layer2.bias]
         return tensors
 
+    def _inference_tensors(self, n_visible: int):
+        r"""
+        `_layer_tensors` split by layer, $\mathrm{softmax}(w)$ and the key/value matrix, for calls without autograd.
+        Generation makes one call per token, so what depends only on the parameters is kept until they change.
+        """
+        params = self.__dict__.get('_params_list') or self.__dict__.setdefault('_params_list', list(self.parameters()))
+        key = tuple((p._version, p.data_ptr()) for p in params)
+        cached = self.__dict__.get('_inference_cache')
+        if cached is None or cached[0] != key:
+            layers = [list(t) for t in fused_loop.split_layers(self._loop_config(0, False, False),
+                                                               self._layer_tensors(1))]
+            cached = (key, layers, self.memory_weights(), self._kv_weight())
+            self.__dict__['_inference_cache'] = cached
+        _, layers, mem_w, kv_w = cached
+        for layer, lt in zip(self.layers, layers):
+            lt[2], lt[3] = layer.attn.relative_terms(n_visible)
+        return [tuple(lt) for lt in layers], mem_w, kv_w
+
     def _loop_config(self, n_start: int, return_state: bool, dropout: bool) -> fused_loop.LoopConfig:
         layer = self.layers[0]
         p_attn, p_resid, p_hidden = (layer.attn.dropout.p, layer.dropout.p, layer.feed_forward.dropout.p) \
@@ -250,9 +268,8 @@ class _FeedbackLoop(nn.Module):
         entry = x_seq.new_empty((self.groups, 2, batch_size, self.heads, self.d_k))
         cache, first = stack.reserve(n_new, entry)
         cfg = self._loop_config(n_start, return_state, False)
-        tensors = self._layer_tensors(max(1, self._n_visible(n_start, seq_len)))
-        out = fused_loop.run_steps(cfg, x_seq, fused_loop.split_layers(cfg, tensors), self.memory_weights(),
-                                   self._kv_weight(), cache, first)
+        layers, mem_w, kv_w = self._inference_tensors(max(1, self._n_visible(n_start, seq_len)))
+        out = fused_loop.run_steps(cfg, x_seq, layers, mem_w, kv_w, cache, first)
         out = self.norm(out)
         if not return_state:
             return out

@@ -1,0 +1,24 @@
+"""The README's two commands for a fresh machine stay true: CI runs the test command verbatim."""
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands():
+    text = (ROOT / 'README.md').read_text(encoding='utf-8')
+    block = text.split('```bash', 1)[1].split('```', 1)[0]
+    return [line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith('#')]
+
+
+def test_readme_starts_with_main_and_test_commands():
+    main, test = _readme_commands()[:2]
+    assert main.startswith('pip install torch==2.13.0 -e .') and 'train_cpu.py' in main
+    assert 'pytest' in test
+    assert (ROOT / main.split('python ', 1)[1].split()[0]).exists()
+
+
+def test_ci_runs_the_readme_test_command():
+    test = _readme_commands()[1]
+    ci = [line.strip() for line in (ROOT / '.ci' / 'run').read_text().splitlines()]
+    assert test in ci
