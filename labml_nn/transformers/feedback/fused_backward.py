@@ -52,8 +52,9 @@ def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_cache: Optional[t
     scale = 1 / dk ** 0.5
     # Gradients of the cache; those from later calls come in `d_cache`
     d_work = torch.zeros_like(work) if d_cache is None else d_cache.clone()
-    # Keys and values of a group side by side, `[2 * B * H, time, d_k]`: one product updates both
-    d_kv_groups = [d_work[g].view(2 * BH, -1, dk) for g in range(G)]
+    # The cache's gradient as `[groups * 2 * B * H, time, d_k]`: one product per step updates every layer's keys
+    # and values
+    d_work_rows = d_work.view(G * 2 * BH, -1, dk)
     keys = [work[g, 0].view(BH, -1, dk) for g in range(G)]
     values = [work[g, 1].view(BH, -1, dk) for g in range(G)]
     pos_k = [lt[2].permute(1, 0, 2) for lt in layers]                     # [H, N, d_k]
@@ -73,6 +74,8 @@ def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_cache: Optional[t
         sg = _StepGrads(i, L)
         ffn_i, attn_i, xs_i = s.ffn[i], s.attn[i], s.xs[i]
         d_mem = None
+        # Per layer (top first): $\delta A_t$, $\tilde P_t$, $q_t + u$ and $\delta o_t$, for the cache's gradient
+        outer = []
         if i < n_new:
             # $\delta (k_t, v_t)$ is complete: all later steps are done
             slot = cfg.n_start + i - first
@@ -106,9 +109,7 @@ def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_cache: Optional[t
                     d_pd = d_pd * masks.attn_mask(l, i, n)
                 d_scores = torch._softmax_backward_data(d_pd, p, -1, p.dtype)
                 d_qu = torch.bmm(d_scores.view(BH, 1, n), keys[g][:, lo:hi])
-                # $\delta k_j \mathrel{+}= \delta A_{tj} (q + u)$ and $\delta v_j \mathrel{+}= \tilde P_{tj}\, \delta o$
-                d_kv_groups[g][:, lo:hi] += torch.bmm(torch.cat([d_scores.view(BH, n, 1), pd.view(BH, n, 1)]),
-                                                      torch.cat([qu, d_o]))
+                outer.append((d_scores, pd, qu, d_o))
                 # $\delta q = \delta (q + u) + \sum_j \delta A_{tj}\, p_{t-j}$
                 d_q = d_qu.view(B, H, dk) + torch.bmm(d_scores.transpose(0, 1), pos_k[l][:, -n:]).transpose(0, 1)
                 d_q = d_q.reshape(B, D)
@@ -117,6 +118,8 @@ def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_cache: Optional[t
                 sg.attn[l] = (d_att, d_q, d_qu.view(B, H, dk), d_z, d_scores)
             if d_mem is not None:
                 dx = torch.add(dx, d_mem, alpha=mem_ws[l])
+        if outer:
+            _add_cache_gradient(d_work_rows, outer, lo, hi, G, BH, dk)
         d_x_seq[i] = dx
         pending.append(sg)
         if len(pending) == chunk or i == 0:
@@ -126,6 +129,30 @@ def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_cache: Optional[t
     d_prev = d_work[..., :n_prev, :] if n_prev else None
     d_mem_w = acc.mem_w if acc.mem_w is not None or not needs_input_grad[3] else torch.zeros_like(mem_w)
     return (d_x_seq, d_prev, d_mem_w, acc.kv_w, *[g for layer in acc.layers for g in layer])
+
+
+def _add_cache_gradient(d_work_rows: torch.Tensor, outer: list, lo: int, hi: int, G: int, BH: int, dk: int) -> None:
+    r"""
+    $\delta k_j \mathrel{+}= \sum_l \delta A^l_{tj} (q^l_t + u^l)$ and
+    $\delta v_j \mathrel{+}= \sum_l \tilde P^l_{tj}\, \delta o^l_t$ for the slots $j$ step $t$ saw, all layers in
+    one batched product: with shared keys and values the sum over layers is the product's inner dimension, with
+    per-layer ones each layer is a batch of its own.
+    """
+    n = hi - lo
+    L = len(outer)
+    # Bottom layer first, as the groups are stored
+    outer = outer[::-1]
+    if G == 1:
+        # `[2 * BH, n, L] @ [2 * BH, L, d_k]`
+        a = torch.stack([o[0] for o in outer] + [o[1] for o in outer]).view(2, L, BH, n)
+        a = a.permute(0, 2, 3, 1).reshape(2 * BH, n, L)
+        b = torch.stack([o[2] for o in outer] + [o[3] for o in outer]).view(2, L, BH, dk)
+        b = b.permute(0, 2, 1, 3).reshape(2 * BH, L, dk)
+    else:
+        # `[L * 2 * BH, n, 1] @ [L * 2 * BH, 1, d_k]`, layer $l$'s keys and values at rows of group $l$
+        a = torch.stack([x for o in outer for x in (o[0], o[1])]).view(L * 2 * BH, n, 1)
+        b = torch.stack([x for o in outer for x in (o[2], o[3])]).view(L * 2 * BH, 1, dk)
+    d_work_rows[:, lo:hi] += torch.bmm(a, b)
 
 
 class _StepGrads:
