@@ -1,0 +1,104 @@
+"""
+---
+title: Checkpoints that survive a crash
+summary: Saving checkpoints atomically in a labml run's folder, finding them again, and the random states to resume.
+---
+
+# Checkpoints
+
+labml 0.5.3 has no checkpoint API, so the experiment writes its own with `torch.save` into
+`<run folder>/checkpoints/checkpoint.pt`: the model, the optimizer with its schedule, the position in training,
+the random number generator states, the configuration and the loss history.
+
+A checkpoint is written to a temporary file in the same folder, flushed to disk, and then renamed over the old
+one. A rename within a folder is atomic, so a process killed mid-save leaves either the old checkpoint or the new
+one, never a torn file.
+
+Checkpoints hold only tensors and plain Python values, so they load with `torch.load(..., weights_only=True)`:
+opening one never runs code from the file.
+"""
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+CHECKPOINT_NAME = 'checkpoint.pt'
+
+
+def save_atomic(payload: Dict[str, Any], path: Path) -> None:
+    """`torch.save(payload)` to `path` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    # Make the rename itself durable
+    if hasattr(os, 'O_DIRECTORY'):
+        fd = os.open(path.parent, os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def load_checkpoint(path: Path) -> Dict[str, Any]:
+    """Load a checkpoint onto the CPU; a clear error if it is missing or not one of ours."""
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}")
+    try:
+        payload = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable checkpoint: {e}") from e
+    missing = {'model', 'optimizer', 'progress', 'rng', 'config'} - set(payload)
+    if missing:
+        raise ValueError(f"{path} is not a training checkpoint of this experiment (missing {sorted(missing)})")
+    return payload
+
+
+def find_checkpoint(resume: str, experiments_path: Optional[Path]) -> Path:
+    """
+    The checkpoint that `resume=` names: a checkpoint file, a run folder, or a run UUID looked up among
+    labml's experiments (`<experiments>/<name>/<uuid>/checkpoints/checkpoint.pt`).
+    """
+    path = Path(resume).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for candidate in (path / 'checkpoints' / CHECKPOINT_NAME, path / CHECKPOINT_NAME):
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(f"resume={resume}: no {CHECKPOINT_NAME} in that folder or its checkpoints/")
+    if experiments_path is not None and experiments_path.is_dir() and '/' not in resume:
+        # A distributed run's rank-0 folder is `<uuid>.0`
+        for run in sorted(experiments_path.glob(f'*/{resume}')) + sorted(experiments_path.glob(f'*/{resume}.0')):
+            candidate = run / 'checkpoints' / CHECKPOINT_NAME
+            if candidate.is_file():
+                return candidate
+    raise FileNotFoundError(f"resume={resume}: not a checkpoint file, a run folder, or the UUID of a run with a "
+                            f"checkpoint under {experiments_path}")
+
+
+def get_rng_state() -> Dict[str, Any]:
+    """The states of the random number generators that training draws from (dropout, initialization)."""
+    return {
+        'torch': torch.get_rng_state(),
+        'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        'python': random.getstate(),
+    }
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore what `get_rng_state` returned."""
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    random.setstate(state['python'])

@@ -1,0 +1,201 @@
+"""
+---
+title: Running an experiment from the command line
+summary: key=value overrides of labml configs, checked before anything starts; resume, labml's folders, torchrun.
+---
+
+# Command line
+
+```
+python -m labml_nn.transformers.feedback.experiment model=feedback_transformer_kv d_model=128 seq_len=64
+```
+
+Every argument is `key=value`, with the same keys as the labml configs (dotted keys reach sub-configs, e.g.
+`optimizer.learning_rate=1.0`). Values are converted to the type of the config and checked, and an unknown
+key, an unknown option or a value out of range stops the program with a message naming it, before a run folder
+is made or data is downloaded. `--help` lists the keys.
+
+## Where things go
+
+labml keeps runs in `<project>/logs/<experiment>/<run uuid>/` and data in `<project>/data/`. The project is the
+nearest folder, from the working directory up, holding a `.labml.yaml` (whose settings, such as `app_url`, are
+used), else the working directory itself. Nothing is sent anywhere unless `app_url` points at a labml app.
+
+## Resuming
+
+`resume=<run uuid | run folder | checkpoint file>` loads the checkpoint, takes the configuration it was
+trained with, applies the command line's `key=value` on top, and continues in a new run.
+"""
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Type
+
+from labml import experiment, lab
+
+from labml_nn.experiments import checkpoint as ckpt
+from labml_nn.experiments.distributed import (
+    DistributedContext,
+    broadcast_object,
+    init_distributed,
+    shutdown_distributed,
+)
+from labml_nn.experiments.nlp_autoregression import NLPAutoRegressionConfigs
+from labml_nn.experiments.text_data import resolve_text_path
+
+_TRUE = {'true', '1', 'yes', 'on'}
+_FALSE = {'false', '0', 'no', 'off'}
+
+
+def _annotations(cls: type) -> Dict[str, Any]:
+    """Config annotations of `cls` and its bases (nearest wins)."""
+    out: Dict[str, Any] = {}
+    for base in reversed(cls.__mro__):
+        out.update({k: v for k, v in getattr(base, '__annotations__', {}).items() if not k.startswith('_')})
+    return out
+
+
+def _convert(key: str, raw: str, kind: Any, options: List[str]) -> Any:
+    """Convert the command-line string `raw` for config `key` of type `kind`, or raise a `ValueError`."""
+    if options:
+        if raw not in options:
+            raise ValueError(f"{key}={raw!r} is not an option; choose one of {', '.join(options)}")
+        return raw
+    if kind is bool:
+        if raw.lower() in _TRUE | _FALSE:
+            return raw.lower() in _TRUE
+        raise ValueError(f"{key} must be true or false, got {raw!r}")
+    if kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            raise ValueError(f"{key} must be {'an int' if kind is int else 'a number'}, got {raw!r}") from None
+    if kind is str:
+        return raw
+    raise ValueError(f"{key} cannot be set from the command line (it is computed)")
+
+
+def parse_overrides(conf_class: Type[NLPAutoRegressionConfigs], argv: List[str]) -> Dict[str, Any]:
+    """`key=value` arguments to a dictionary of typed config values."""
+    from labml_nn.experiments.optimizer import OptimizerConfigs
+    sub_configs = {'optimizer': OptimizerConfigs}
+    known = _annotations(conf_class)
+    top_options = {k: v['options'] for k, v in conf_class()._to_json().items()}
+    overrides: Dict[str, Any] = {}
+    for arg in argv:
+        key, sep, raw = arg.partition('=')
+        if not sep or not key:
+            raise ValueError(f"Arguments are key=value (e.g. seq_len=64), got {arg!r}")
+        prefix, _, sub_key = key.partition('.')
+        if sub_key and prefix in sub_configs:
+            sub_class = sub_configs[prefix]
+            sub_known = _annotations(sub_class)
+            if sub_key not in sub_known:
+                raise ValueError(f"Unknown config key {key!r}; {prefix}.* keys are {', '.join(sorted(sub_known))}")
+            sub_options = sub_class()._to_json()[sub_key]['options']
+            overrides[key] = _convert(key, raw, sub_known[sub_key], sub_options)
+        elif key in known:
+            overrides[key] = _convert(key, raw, known[key], top_options.get(key, []))
+        else:
+            raise ValueError(f"Unknown config key {key!r}; see --help for the keys")
+    return overrides
+
+
+def usage(conf_class: Type[NLPAutoRegressionConfigs]) -> str:
+    """The `--help` text: every settable key with its type, default or options."""
+    from labml_nn.experiments.optimizer import OptimizerConfigs
+    lines = ["Usage: python -m labml_nn.transformers.feedback.experiment [key=value ...]", "", "Config keys:"]
+    for prefix, cls in (('', conf_class), ('optimizer.', OptimizerConfigs)):
+        info = cls()._to_json()
+        experiment_defaults = conf_class._optimizer_defaults if prefix else {}
+        for key, kind in sorted(_annotations(cls).items()):
+            # Options named `_...` are computed values, not choices
+            options = [o for o in info.get(key, {}).get('options', []) if not o.startswith('_')]
+            default = getattr(cls, key).value if getattr(cls, key).has_value else None
+            default = experiment_defaults.get(key, default)
+            if options:
+                lines.append(f"  {prefix}{key}: one of {', '.join(options)} (default {default or options[0]})")
+            elif kind in (int, float, str, bool):
+                lines.append(f"  {prefix}{key}: {kind.__name__} (default {default!r})")
+    return '\n'.join(lines)
+
+
+def configure_lab() -> None:
+    """Use the nearest `.labml.yaml` from the working directory up, else the working directory, as the project."""
+    from labml.internal import util
+    cwd = Path.cwd().resolve()
+    for folder in [cwd, *cwd.parents]:
+        config_file = folder / '.labml.yaml'
+        if config_file.is_file():
+            settings = util.yaml_load(config_file.read_text()) or {}
+            settings.setdefault('path', str(folder))
+            settings['config_file_path'] = folder
+            lab.configure(settings)
+            return
+    lab.configure({'path': str(cwd)})
+
+
+def _prepare(conf_class: Type[NLPAutoRegressionConfigs], overrides: Dict[str, Any],
+             ctx: DistributedContext) -> Dict[str, Any]:
+    """On the main rank: merge a resumed run's configuration, check the values and find the data."""
+    payload = None
+    if overrides.get('resume'):
+        path = ckpt.find_checkpoint(overrides['resume'], lab.get_experiments_path())
+        payload = ckpt.load_checkpoint(path)
+        overrides = {**payload['config'], **overrides}
+    probe = conf_class()
+    probe._overrides = overrides
+    probe._dist = ctx
+    probe._set_values(overrides)
+    probe.validate()
+    resolve_text_path(probe.text_path, lab.get_data_path())
+    uuid = os.environ.get('RUN_UUID') or experiment.generate_uuid()
+    return {'overrides': overrides, 'payload': payload, 'uuid': uuid,
+            'name': probe.experiment_name()}
+
+
+def run_experiment(conf_class: Type[NLPAutoRegressionConfigs], argv: Optional[List[str]] = None) -> None:
+    """Parse `argv`, start a labml experiment (one per rank under torchrun) and train."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ('-h', '--help') for a in argv):
+        print(usage(conf_class))
+        return
+    ctx = init_distributed()
+    try:
+        try:
+            overrides = parse_overrides(conf_class, argv)
+            configure_lab()
+            setup: Dict[str, Any] = {}
+            if ctx.is_main:
+                try:
+                    setup = _prepare(conf_class, overrides, ctx)
+                except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+                    setup = {'error': str(e)}
+            setup = broadcast_object(ctx, setup)
+            if 'error' in setup:
+                raise ValueError(setup['error'])
+        except (ValueError, TypeError, FileNotFoundError) as e:
+            if ctx.is_main:
+                print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        _train(conf_class, ctx, setup)
+    finally:
+        shutdown_distributed(ctx)
+
+
+def _train(conf_class: Type[NLPAutoRegressionConfigs], ctx: DistributedContext, setup: Dict[str, Any]) -> None:
+    from labml.internal.lab import lab_singleton
+    conf = conf_class()
+    conf._dist = ctx
+    conf._overrides = setup['overrides']
+    conf._resume_payload = setup['payload']
+    writers = {'screen', 'file'} if ctx.is_main else set()
+    if ctx.is_main and lab_singleton().app_configs is not None:
+        writers.add('app')
+    experiment.create(uuid=setup['uuid'], name=setup['name'], writers=writers,
+                      distributed_rank=ctx.rank, distributed_world_size=ctx.world_size if ctx.is_distributed else 0,
+                      disable_screen=not ctx.is_main)
+    experiment.configs(conf, dict(setup['overrides']))
+    with experiment.start():
+        conf.run()

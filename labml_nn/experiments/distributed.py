@@ -1,0 +1,108 @@
+"""
+---
+title: Data-parallel training with PyTorch's distributed engine
+summary: Joining a torchrun job (gloo on CPU, nccl on GPU) and the few collective operations the training loop needs.
+---
+
+# Data-parallel training
+
+`torchrun --nproc_per_node N -m labml_nn.transformers.feedback.experiment ...` starts $N$ copies of the training
+script and tells each its `RANK`, `LOCAL_RANK` and `WORLD_SIZE` in environment variables. Each copy joins the
+process group here (gloo on CPU, nccl when CUDA is available), wraps the model in
+`torch.nn.parallel.DistributedDataParallel`, and trains on its own rows of every batch. DDP averages the
+gradients over the ranks during `backward()`, so every rank takes the same optimizer step and the parameters
+stay identical.
+
+Without `torchrun` (`WORLD_SIZE` unset or 1) nothing here starts a process group and the helpers are no-ops.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, List
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Which process this is: `rank` of `world_size`, `local_rank` on its machine."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main rank prints, logs to labml, samples and writes checkpoints."""
+        return self.rank == 0
+
+
+def init_distributed() -> DistributedContext:
+    """Join the `torchrun` process group if there is one; gloo on CPU, nccl on GPU."""
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    if world_size <= 1:
+        return DistributedContext()
+    if dist.is_initialized():
+        return DistributedContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', '0')))
+    rank = int(os.environ['RANK'])
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group('nccl', device_id=torch.device('cuda', local_rank))
+    else:
+        dist.init_process_group('gloo')
+    return DistributedContext(rank, world_size, local_rank)
+
+
+def shutdown_distributed(ctx: DistributedContext) -> None:
+    if ctx.is_distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(ctx: DistributedContext, tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `tensor` over all ranks (the tensor itself when not distributed)."""
+    if ctx.is_distributed:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(ctx: DistributedContext, obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not ctx.is_distributed:
+        return obj
+    box = [obj if ctx.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(ctx: DistributedContext, obj: Any) -> List[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not ctx.is_distributed:
+        return [obj]
+    out: List[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def max_replica_difference(ctx: DistributedContext, parameters: Iterable[torch.Tensor]) -> float:
+    """
+    The largest difference of any parameter between any two ranks: 0 when the replicas are identical,
+    as data-parallel training must keep them.
+    """
+    if not ctx.is_distributed:
+        return 0.0
+    flat = torch.cat([p.detach().reshape(-1) for p in parameters])
+    high, low = flat.clone(), flat.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    return (high - low).max().item()
+
+
+def barrier(ctx: DistributedContext) -> None:
+    if ctx.is_distributed:
+        dist.barrier()

@@ -1,0 +1,114 @@
+r"""
+---
+title: Configurable optimizer with the Noam learning-rate schedule
+summary: Adam, optionally with the warm-up-then-decay schedule of "Attention Is All You Need", as labml configs.
+---
+
+# Optimizer configurations
+
+Set from the command line with labml-style keys: `optimizer.optimizer=Noam` (or `Adam`),
+`optimizer.learning_rate=1.0`, `optimizer.warmup=2000`, `optimizer.weight_decay=0`.
+
+## The Noam schedule
+
+"Attention Is All You Need" raises the learning rate linearly for `warmup` steps and then decays it with the
+inverse square root of the step $s$ (counting from 1):
+
+$$\eta_s = \eta \cdot d_{model}^{-1/2} \cdot \min\big(s^{-1/2},\; s \cdot \mathit{warmup}^{-3/2}\big).$$
+
+With `learning_rate` $\eta = 1$, $d_{model} = 128$ and 2,000 warm-up steps the rate peaks at about $2 \cdot 10^{-3}$.
+It is PyTorch's own `LambdaLR` over Adam, so its step count is saved and restored with `state_dict()`.
+"""
+
+from typing import Any, Dict, Optional
+
+import torch
+from labml.configs import BaseConfigs, meta_config, option
+from torch.optim.lr_scheduler import LambdaLR
+
+
+class NoamFactor:
+    """The Noam multiplier of the learning rate at scheduler step `i` (optimizer step $s = i + 1$)."""
+
+    def __init__(self, d_model: int, warmup: int):
+        self.d_model = d_model
+        self.warmup = warmup
+
+    def __call__(self, i: int) -> float:
+        s = i + 1
+        return self.d_model ** -0.5 * min(s ** -0.5, s * self.warmup ** -1.5)
+
+
+class ScheduledOptimizer:
+    """
+    An optimizer and its (optional) learning-rate schedule, stepped together.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Optional[LambdaLR] = None):
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+
+    def step(self) -> None:
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate the next step will use."""
+        return self.optimizer.param_groups[0]['lr']
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {'optimizer': self.optimizer.state_dict(),
+                'scheduler': self.scheduler.state_dict() if self.scheduler is not None else None}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state['optimizer'])
+        if (self.scheduler is None) != (state['scheduler'] is None):
+            raise ValueError("The checkpoint's optimizer schedule does not match optimizer.optimizer")
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state['scheduler'])
+
+
+class OptimizerConfigs(BaseConfigs):
+    """
+    * `optimizer`: `Adam` (constant `learning_rate`) or `Noam` (Adam with the Noam schedule)
+    * `learning_rate`: the constant rate, or $\\eta$ of the Noam schedule
+    * `warmup`, `d_model`: of the Noam schedule
+    """
+    optimizer: ScheduledOptimizer
+    learning_rate: float = 1e-3
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup: int = 2000
+    d_model: int = 512
+    parameters: Any
+
+    def __init__(self):
+        super().__init__(_primary='optimizer')
+
+
+meta_config(OptimizerConfigs.parameters)
+
+
+def _adam(c: OptimizerConfigs, lr: float) -> torch.optim.Adam:
+    if c.learning_rate <= 0:
+        raise ValueError(f"optimizer.learning_rate must be > 0, got {c.learning_rate}")
+    return torch.optim.Adam(c.parameters, lr=lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
+
+
+@option(OptimizerConfigs.optimizer, 'Adam')
+def _adam_optimizer(c: OptimizerConfigs) -> ScheduledOptimizer:
+    return ScheduledOptimizer(_adam(c, c.learning_rate))
+
+
+@option(OptimizerConfigs.optimizer, 'Noam')
+def _noam_optimizer(c: OptimizerConfigs) -> ScheduledOptimizer:
+    if c.warmup < 1:
+        raise ValueError(f"optimizer.warmup must be >= 1, got {c.warmup}")
+    optimizer = _adam(c, c.learning_rate)
+    return ScheduledOptimizer(optimizer, LambdaLR(optimizer, NoamFactor(c.d_model, c.warmup)))

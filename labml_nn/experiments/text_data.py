@@ -1,0 +1,167 @@
+"""
+---
+title: Character-level text data for autoregressive training
+summary: Finding (or downloading) Tiny Shakespeare, and cutting it into shuffled, shardable batches of sequences.
+---
+
+# Character-level text data
+
+The experiments train on [Tiny Shakespeare](https://github.com/karpathy/char-rnn), about a million characters
+of plays. Every character is a token. The first 90% of the text is for training, the last 10% for validation
+(labml-helpers' `TextFileDataset` makes that split and the vocabulary).
+
+## Where the file comes from
+
+In order of preference:
+
+1. `text_path=/path/file` on the command line,
+2. the environment variable `TINY_SHAKESPEARE_PATH`,
+3. `tiny_shakespeare.txt` in labml's data folder, downloaded once from the char-rnn repository if missing.
+
+## Batches
+
+The text is cut into non-overlapping sequences of `seq_len + 1` characters (input and the same shifted by one
+as target). Every epoch visits them in a new random order, each nudged by a random offset smaller than
+`seq_len` so that the model does not always see the same boundaries. The order and the offsets are a pure
+function of `(seed, epoch)`: nothing is kept between epochs, so training can stop anywhere and resume at the
+same batch, and every data-parallel rank can compute the same plan and take its own slice of each batch without
+talking to the others.
+"""
+
+import os
+import urllib.request
+from pathlib import Path
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+
+TINY_SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
+TINY_SHAKESPEARE_ENV = 'TINY_SHAKESPEARE_PATH'
+
+_HOW_TO_PROVIDE = (f"Provide the file with text_path=/path/to/tiny_shakespeare.txt on the command line, "
+                   f"or set the environment variable {TINY_SHAKESPEARE_ENV}=/path/to/tiny_shakespeare.txt "
+                   f"(download it from {TINY_SHAKESPEARE_URL}).")
+
+
+def character_tokenizer(text: str) -> List[str]:
+    """Every character is a token."""
+    return list(text)
+
+
+def _check_text_file(path: Path, origin: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"Tiny Shakespeare file not found at {path} (from {origin}). {_HOW_TO_PROVIDE}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"Tiny Shakespeare file {path} (from {origin}) is empty. {_HOW_TO_PROVIDE}")
+    return path
+
+
+def download_text(url: str, path: Path) -> None:
+    """
+    Download `url` to `path` through a temporary file, so an interrupted download never leaves a partial file
+    where the next run would take it for the real one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f'.{os.getpid()}.download')
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, 'wb') as f:
+            while chunk := response.read(1 << 16):
+                f.write(chunk)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise RuntimeError(f"Could not download Tiny Shakespeare from {url}: {e}. {_HOW_TO_PROVIDE}") from e
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def resolve_text_path(text_path: str, data_folder: Optional[Path], url: str = TINY_SHAKESPEARE_URL) -> Path:
+    """
+    The text file to train on: `text_path` if given, else `$TINY_SHAKESPEARE_PATH`, else
+    `data_folder/tiny_shakespeare.txt`, downloaded from `url` if it is not there yet.
+    """
+    if text_path:
+        return _check_text_file(Path(text_path).expanduser(), 'text_path')
+    env_path = os.environ.get(TINY_SHAKESPEARE_ENV, '')
+    if env_path:
+        return _check_text_file(Path(env_path).expanduser(), TINY_SHAKESPEARE_ENV)
+    if data_folder is None:
+        raise FileNotFoundError(f"No data folder is configured for labml. {_HOW_TO_PROVIDE}")
+    path = Path(data_folder) / 'tiny_shakespeare.txt'
+    if not path.exists():
+        download_text(url, path)
+    return _check_text_file(path, 'labml data folder')
+
+
+class SequenceBatches:
+    """
+    Shuffled batches of sequences from one long token tensor.
+
+    * `data`: the whole text as token ids, `[n_tokens]`
+    * `batch_size`: the *global* batch size; with `world_size` ranks, rank `r` gets rows
+      `r * batch_size / world_size ... (r + 1) * batch_size / world_size - 1` of every batch
+    * `shuffle`: a new order every epoch (else the text order)
+    * `random_offset`: shift each sequence by a random amount below `seq_len`
+
+    Batches are `(data, target)`, both `[seq_len, batch_size / world_size]`. The last, incomplete batch of an
+    epoch is dropped so every step has the same size on every rank.
+    """
+
+    def __init__(self, data: torch.Tensor, *, seq_len: int, batch_size: int, shuffle: bool = True,
+                 random_offset: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if data.dim() != 1:
+            raise ValueError(f"data must be a 1-D tensor of token ids, got shape {list(data.shape)}")
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        if batch_size < 1 or batch_size % world_size != 0:
+            raise ValueError(f"batch_size (global) must be a positive multiple of the world size {world_size}, "
+                             f"got {batch_size}")
+        self.data = data
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.random_offset = random_offset
+        self.seed = seed
+        self.local_batch_size = batch_size // world_size
+        self.rank = rank
+        self.n_sequences = (data.shape[0] - 1) // seq_len
+        if len(self) == 0:
+            raise ValueError(f"The text ({data.shape[0]:,} tokens) is too short for one batch of "
+                             f"batch_size={batch_size} sequences of seq_len={seq_len}")
+        # Positions `0 .. seq_len` inside a sequence, hoisted out of every batch
+        self._arange = torch.arange(seq_len + 1)
+        self._plan_epoch: Optional[int] = None
+        self._plan: Optional[torch.Tensor] = None
+
+    def __len__(self) -> int:
+        return self.n_sequences // self.batch_size
+
+    def plan(self, epoch: int) -> torch.Tensor:
+        """The start of every sequence of `epoch`, in visiting order, `[len(self) * batch_size]`."""
+        if self._plan_epoch != epoch:
+            starts = torch.arange(self.n_sequences) * self.seq_len
+            if self.shuffle or self.random_offset:
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                if self.random_offset:
+                    # At most `seq_len - 1`, and never past the end of the text
+                    room = (self.data.shape[0] - 1 - self.seq_len - starts).clamp(max=self.seq_len - 1)
+                    starts = starts + (torch.rand(self.n_sequences, generator=generator) * (room + 1)).long()
+                if self.shuffle:
+                    starts = starts[torch.randperm(self.n_sequences, generator=generator)]
+            self._plan = starts[:len(self) * self.batch_size]
+            self._plan_epoch = epoch
+        return self._plan
+
+    def batch(self, epoch: int, idx: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Batch `idx` of `epoch`, this rank's share: `(data, target)`, each `[seq_len, local_batch_size]`."""
+        first = idx * self.batch_size + self.rank * self.local_batch_size
+        starts = self.plan(epoch)[first:first + self.local_batch_size]
+        # `[seq_len + 1, local_batch_size]` token ids
+        seqs = self.data[starts[None, :] + self._arange[:, None]]
+        return seqs[:-1], seqs[1:]
+
+    def iterate(self, epoch: int, start: int, end: int) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
+        """Batches `start .. end - 1` of `epoch` as `(idx, data, target)`."""
+        for idx in range(start, end):
+            data, target = self.batch(epoch, idx)
+            yield idx, data, target

@@ -1,0 +1,196 @@
+r"""
+---
+title: A causal (parallel) transformer baseline with relative positions and a key/value cache
+summary: An ordinary decoder-only transformer built from the same blocks as the Feedback Transformer, for comparison.
+---
+
+# Causal transformer baseline
+
+To judge the Feedback Transformer we need the model it tries to improve on: an ordinary causal transformer of
+the same size, where step $t$ of layer $l$ attends over the layer-$(l-1)$ outputs of steps $0 \dots t$.
+Because no step depends on a *later-computed* representation of an earlier step, all positions of a sequence
+are computed at once; that is what makes it fast to train, and what the feedback model gives up.
+
+This module is built from the same pieces as the feedback model, with the same parameter names, so that a
+trained baseline's weights can be copied into a feedback model by name:
+
+* queries, keys and values from `PrepareForMultiHeadAttention` (`query`, `key`, `value`), an output
+  projection `output`;
+* the position-wise `FeedForward`;
+* pre-norm residual blocks and a final `LayerNorm`;
+* Transformer-XL style relative positions. For a query at position $i$ and a key at position $j \le i$
+  (distance $\Delta = i - j \ge 0$)
+
+$$A_{ij} = \frac{(q_i + u)^\top k_j + q_i^\top p_{\Delta} + s_{\Delta}}{\sqrt{d_k}},$$
+
+  with a learned query bias $u$, key-position embeddings $p_\Delta$ and a scalar bias $s_\Delta$ per head.
+  Distances beyond the table are clipped to its last entry.
+
+## The state: a key/value cache
+
+`out, state = model(x, state=state, return_state=True)` continues a sequence. Keys and values of a token never
+change once computed, so the state keeps, for every layer, the keys and values of all earlier tokens, and the
+number of tokens seen (the position offset). Running $T$ tokens in one call equals any chunking of them;
+generating one token at a time costs one new row of keys/values per layer instead of re-running the prefix.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from labml_nn.transformers.feed_forward import FeedForward
+from labml_nn.transformers.mha import PrepareForMultiHeadAttention
+from labml_nn.utils import clone_module_list
+
+
+@dataclass
+class CausalState:
+    """
+    What a causal transformer needs to continue a sequence.
+
+    * `keys[l]`, `values[l]`: cached keys/values of layer `l` for all earlier tokens,
+      `[mem_len, batch_size, heads, d_k]`
+    * `offset`: how many tokens came before (the position of the next token)
+    """
+    keys: List[torch.Tensor] = field(default_factory=list)
+    values: List[torch.Tensor] = field(default_factory=list)
+    offset: int = 0
+
+    def detach(self) -> 'CausalState':
+        """A copy that keeps the cached values but cuts the autograd graph (for memory carried across batches)."""
+        return CausalState([k.detach() for k in self.keys], [v.detach() for v in self.values], self.offset)
+
+
+class CausalAttention(nn.Module):
+    """
+    Multi-head causal self-attention with relative positions and a key/value cache.
+    """
+
+    def __init__(self, heads: int, d_model: int, dropout_prob: float = 0.1, max_distance: int = 128):
+        super().__init__()
+        if not isinstance(heads, int) or heads < 1 or d_model % heads != 0:
+            raise ValueError(f"heads must be a positive int dividing d_model={d_model}, got {heads!r}")
+        if not isinstance(max_distance, int) or max_distance < 1:
+            raise ValueError(f"max_distance must be a positive int, got {max_distance!r}")
+        self.heads = heads
+        self.d_k = d_model // heads
+        self.max_distance = max_distance
+        # $W_q$, $W_k$, $W_v$ and the output projection $W_o$
+        self.query = PrepareForMultiHeadAttention(d_model, heads, self.d_k, bias=False)
+        self.key = PrepareForMultiHeadAttention(d_model, heads, self.d_k, bias=False)
+        self.value = PrepareForMultiHeadAttention(d_model, heads, self.d_k, bias=False)
+        self.output = nn.Linear(d_model, d_model)
+        self.dropout_prob = dropout_prob
+        # $u$: `[heads, d_k]`
+        self.query_pos_bias = nn.Parameter(torch.zeros(heads, self.d_k))
+        # $p_\Delta$: `[max_distance, heads, d_k]`
+        self.key_pos_embeddings = nn.Parameter(torch.zeros(max_distance, heads, self.d_k))
+        # $s_\Delta$: `[max_distance, heads]`
+        self.key_pos_bias = nn.Parameter(torch.zeros(max_distance, heads))
+        self.scale = 1 / math.sqrt(self.d_k)
+
+    def forward(self, x: torch.Tensor, past_key: Optional[torch.Tensor] = None,
+                past_value: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        `x`: `[seq_len, batch_size, d_model]` (already normalized);
+        `past_key`, `past_value`: `[mem_len, batch_size, heads, d_k]` or `None`.
+        Returns the attention output `[seq_len, batch_size, d_model]` and the keys/values of all tokens so far.
+        """
+        seq_len, batch_size, _ = x.shape
+        # $q$, $k$, $v$: `[seq_len, batch_size, heads, d_k]`
+        q = self.query(x)
+        k = self.key(x)
+        v = self.value(x)
+        if past_key is not None:
+            k = torch.cat([past_key, k], dim=0)
+            v = torch.cat([past_value, v], dim=0)
+        mem_len = k.shape[0] - seq_len
+        # Distances $\Delta = i - j$ from query `i` (at position `mem_len + i`) to key `j`,
+        # `[seq_len, mem_len + seq_len]`
+        q_pos = torch.arange(mem_len, mem_len + seq_len, device=x.device)
+        k_pos = torch.arange(mem_len + seq_len, device=x.device)
+        dist = q_pos[:, None] - k_pos[None, :]
+        # Keys after the query are masked; distances beyond the table use its last entry
+        future = dist < 0
+        dist = dist.clamp(0, self.max_distance - 1)
+        # $q_i^\top p_\Delta$ for every table entry, `[batch_size, heads, seq_len, max_distance]`,
+        # then picked out by distance: `[batch_size, heads, seq_len, mem_len + seq_len]`
+        q_p = torch.einsum('ibhd,phd->bhip', q, self.key_pos_embeddings)
+        q_p = q_p.gather(-1, dist.expand(batch_size, self.heads, seq_len, -1))
+        # $s_\Delta$: `[heads, seq_len, mem_len + seq_len]`
+        s = self.key_pos_bias[dist].permute(2, 0, 1)
+        # The position terms, scaled, with $-\infty$ on future keys: an additive mask for attention
+        bias = ((q_p + s) * self.scale).masked_fill(future, float('-inf'))
+        # $\mathrm{softmax}\big(((q + u)^\top k + q^\top p_\Delta + s_\Delta) / \sqrt{d_k}\big)\, v$,
+        # in `[batch_size, heads, seq, d_k]` layout
+        out = F.scaled_dot_product_attention((q + self.query_pos_bias).permute(1, 2, 0, 3), k.permute(1, 2, 0, 3),
+                                             v.permute(1, 2, 0, 3), attn_mask=bias,
+                                             dropout_p=self.dropout_prob if self.training else 0.0)
+        # Back to `[seq_len, batch_size, d_model]`, then $W_o$
+        out = out.permute(2, 0, 1, 3).reshape(seq_len, batch_size, -1)
+        return self.output(out), k, v
+
+
+class CausalTransformerLayer(nn.Module):
+    r"""
+    One pre-norm layer: $x \leftarrow x + \mathrm{Drop}(\mathrm{Attn}(\mathrm{LN}(x)))$,
+    then $x \leftarrow x + \mathrm{Drop}(\mathrm{FFN}(\mathrm{LN}(x)))$.
+    """
+
+    def __init__(self, *, d_model: int, attn: CausalAttention, feed_forward: FeedForward, dropout_prob: float):
+        super().__init__()
+        self.size = d_model
+        self.attn = attn
+        self.feed_forward = feed_forward
+        self.dropout = nn.Dropout(dropout_prob)
+        self.norm_self_attn = nn.LayerNorm([d_model])
+        self.norm_ff = nn.LayerNorm([d_model])
+
+    def forward(self, x: torch.Tensor, past_key: Optional[torch.Tensor] = None,
+                past_value: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        attn, k, v = self.attn(self.norm_self_attn(x), past_key, past_value)
+        x = x + self.dropout(attn)
+        x = x + self.dropout(self.feed_forward(self.norm_ff(x)))
+        return x, k, v
+
+
+class CausalTransformer(nn.Module):
+    """
+    A stack of `n_layers` copies of `layer` and a final layer norm.
+    Same call signature as the feedback transformers: `forward(x, state=None, return_state=False)`.
+    """
+
+    def __init__(self, layer: CausalTransformerLayer, n_layers: int):
+        super().__init__()
+        self.layers = clone_module_list(layer, n_layers)
+        self.norm = nn.LayerNorm([layer.size])
+
+    def forward(self, x: torch.Tensor, state: Optional[CausalState] = None,
+                return_state: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, CausalState]]:
+        """
+        `x`: `[seq_len, batch_size, d_model]`; returns `[seq_len, batch_size, d_model]` (and the new state).
+        """
+        if x.dim() != 3 or x.shape[-1] != self.norm.normalized_shape[0]:
+            raise ValueError(f"x must be [seq_len, batch_size, {self.norm.normalized_shape[0]}], got {list(x.shape)}")
+        if state is not None:
+            if not isinstance(state, CausalState):
+                raise TypeError(f"state must be a CausalState, got {type(state).__name__}")
+            if state.keys and (len(state.keys) != len(self.layers) or state.keys[0].shape[1] != x.shape[1]):
+                raise ValueError(f"state holds {len(state.keys)} layers of batch size {state.keys[0].shape[1]}; "
+                                 f"expected {len(self.layers)} layers of batch size {x.shape[1]}")
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            past_k = state.keys[i] if state is not None and state.keys else None
+            past_v = state.values[i] if state is not None and state.values else None
+            x, k, v = layer(x, past_k, past_v)
+            keys.append(k)
+            values.append(v)
+        out = self.norm(x)
+        if not return_state:
+            return out
+        offset = (state.offset if state is not None else 0) + x.shape[0]
+        return out, CausalState(keys, values, offset)
