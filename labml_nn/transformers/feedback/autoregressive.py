@@ -14,9 +14,35 @@ $$\text{tokens} \xrightarrow{\ \text{embedding}\ } x^0 \xrightarrow{\ \text{tran
 The transformer applies its own final layer norm. Any transformer with the state API works here:
 `transformer(x, state=..., return_state=...)`, so a sequence can be fed in pieces, which is what cached
 generation does.
+
+## Cached generation
+
+Sampling text the naive way runs the model over the whole sequence again for every new token: token $T$
+costs $T$ steps, and $T$ tokens cost $O(T^2)$ steps (for the Feedback Transformer every one of them
+sequential). The state API removes the repetition. `generate()` feeds the prompt once,
+
+$$\text{logits}, s = \text{model}(\text{prompt}, \text{state}=\varnothing),$$
+
+then repeatedly picks a token $y$ from the last logits and feeds only that token,
+$\text{logits}, s \leftarrow \text{model}(y, \text{state}=s)$. Each new token is one step of the model;
+the only work that grows with the length is the attention over the cached memory (a dot product per
+memory slot), and with a `memory_span` not even that.
+
+The next token is drawn from the softmax of the logits $z$ at temperature $\tau$,
+
+$$p_i \propto \exp\big((z_i - \max_j z_j) / \tau\big),$$
+
+restricted to the `top_k` largest logits when given. $\tau = 0$ is the limit $\tau \to 0$: the most likely
+token (greedy decoding). Subtracting $\max_j z_j$ changes nothing mathematically and keeps tiny
+temperatures from overflowing.
+
+Only `model(tokens, state=state, return_state=True)` is used, so any transformer with the state API can be
+sampled this way: both Feedback Transformers (their state is the cached keys and values of the memory) and a
+parallel transformer whose state is a key/value cache.
 """
 
-from typing import Optional, Tuple, Union
+import math
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -67,3 +93,91 @@ class AutoregressiveModel(nn.Module):
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi >= self.n_vocab:
             raise ValueError(f"{name} holds token ids in [{lo}, {hi}], outside the vocabulary [0, {self.n_vocab - 1}]")
+
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        r"""
+        Continue `prompt` by `max_new_tokens` tokens, each sampled from the model given all tokens before it.
+
+        * `prompt`: token ids, `LongTensor [prompt_len >= 1, batch_size]`; each column is continued on its own
+        * `max_new_tokens`: how many tokens to add, `>= 0`
+        * `temperature`: $\tau \ge 0$; `0` is greedy decoding (the most likely token, `top_k` then has no effect)
+        * `top_k`: sample only among the `top_k` most likely tokens (`None`: all; values above the vocabulary
+          size mean all)
+        * `generator`: the `torch.Generator` that `torch.multinomial` draws from, on the model's device, for
+          reproducible samples independent of the global random state; `None` uses the global generator
+          (so `torch.manual_seed` makes it reproducible too)
+
+        Returns `LongTensor [prompt_len + max_new_tokens, batch_size]`: the prompt followed by the new tokens.
+
+        The prompt runs through the model once; each new token is then one call on the cached state. The
+        model runs in eval mode (no dropout) without autograd; the train/eval mode of every submodule is
+        restored afterwards. Nothing is kept between calls.
+        """
+        self.check_tokens(prompt, "prompt")
+        _check_sampling_args(max_new_tokens, temperature, top_k, generator, self.src_embed.weight.device)
+        if prompt.device != self.src_embed.weight.device:
+            raise ValueError(f"prompt is on {prompt.device} but the model is on {self.src_embed.weight.device}")
+        prompt_len, batch_size = prompt.shape
+        # Eval mode for every submodule, remembering each one's own flag
+        modes: Dict[nn.Module, bool] = {m: m.training for m in self.modules()}
+        self.eval()
+        try:
+            # `inference_mode` is `no_grad` without autograd's bookkeeping (version counters, view tracking)
+            with torch.inference_mode():
+                # The prompt, then room for the new tokens, `[prompt_len + max_new_tokens, batch_size]`
+                tokens = torch.empty((prompt_len + max_new_tokens, batch_size), dtype=torch.long,
+                                     device=prompt.device)
+                tokens[:prompt_len] = prompt
+                if max_new_tokens > 0:
+                    # The whole prompt in one call: logits for the first new token and the state after the prompt
+                    logits, state = self(tokens[:prompt_len], return_state=True)
+                    for t in range(prompt_len, prompt_len + max_new_tokens):
+                        tokens[t] = sample_token(logits[-1], temperature, top_k, generator)
+                        if t + 1 < tokens.shape[0]:
+                            # One step from the cached state: only the new token goes in, `[1, batch_size]`
+                            logits, state = self(tokens[t:t + 1], state=state, return_state=True)
+        finally:
+            for m, training in modes.items():
+                m.training = training
+        # A normal tensor (not an inference tensor), free to use with autograd or modify in place
+        return tokens.clone()
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_k: Optional[int],
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    r"""
+    Pick one token per row of `logits` `[batch_size, n_vocab]`: the most likely when `temperature` is 0,
+    otherwise a draw from $\mathrm{softmax}(z / \tau)$ over the `top_k` largest logits (all when `None`).
+    Returns `LongTensor [batch_size]`.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    ids = None
+    if top_k is not None and top_k < logits.shape[-1]:
+        # The `top_k` largest logits, in decreasing order, and their token ids, `[batch_size, top_k]`
+        logits, ids = torch.topk(logits, top_k, dim=-1)
+    # $(z_i - \max_j z_j) / \tau \le 0$: no overflow however small $\tau$ is
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    # One draw per row from $p \propto \exp(\cdot)$, `[batch_size, 1]`
+    choice = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+    if ids is not None:
+        choice = ids.gather(-1, choice)
+    return choice.squeeze(-1)
+
+
+def _check_sampling_args(max_new_tokens: int, temperature: float, top_k: Optional[int],
+                         generator: Optional[torch.Generator], device: torch.device) -> None:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+            or not math.isfinite(temperature) or temperature < 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k must be None (no limit) or an int >= 1, got {top_k!r}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if generator.device.type != device.type:
+            raise ValueError(f"generator is on {generator.device} but the model is on {device}; "
+                             f"make it with torch.Generator(device={str(device)!r})")

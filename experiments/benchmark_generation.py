@@ -1,0 +1,221 @@
+r"""
+---
+title: Benchmark of cached generation
+summary: Tokens per second of AutoregressiveModel.generate for the Feedback Transformers (and the parallel
+  baseline when available), against re-running the whole prefix for every token.
+---
+
+# Benchmark: generating text
+
+```
+python experiments/benchmark_generation.py                      # the issue's configuration
+python experiments/benchmark_generation.py --batch 1 --repeats 3 --full-tokens 64
+```
+
+Three measurements, on randomly initialised models (speed does not depend on the weights):
+
+* **cached**: `generate(prompt, tokens)`: the prompt once, then one step per new token from the cached state.
+  Median over `--repeats` runs, after one warm-up run.
+* **full re-computation**: what labml_nn's sampling does, `model(sequence so far)` for every new token. For a
+  Feedback Transformer token $T$ costs $T$ sequential steps, so $N$ tokens cost $O(N^2)$; it runs once
+  (`--full-repeats`), over `--full-tokens` new tokens.
+* **growth**: one generation of `--growth-tokens` tokens at batch 1, timing every step with a forward hook;
+  tokens/s of the first and of the last `--growth-window` generated tokens. The only per-token work that
+  should grow with the position is the attention over the memory (one dot product per memory slot), so the
+  ratio shows how much the position costs.
+
+tokens/s counts every sequence of the batch: batch $\times$ new tokens / seconds. The prompt (`--prompt-len`
+tokens) is part of the timed call. Each run samples at temperature 1 with a seeded `torch.Generator`.
+The last line of the output is the whole result as JSON.
+
+Seconds are wall-clock time by default. On a machine shared with other jobs, wall-clock time of small
+multi-threaded operations is erratic (a thread waits for a core); `--clock cpu --threads 1` measures the CPU
+time of the benchmark's own thread instead, which other jobs barely disturb.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from labml_nn.transformers.feed_forward import FeedForward
+from labml_nn.transformers.feedback import (
+    FeedbackAttention,
+    FeedbackTransformer,
+    FeedbackTransformerKV,
+    FeedbackTransformerLayer,
+)
+from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel, sample_token
+
+try:
+    # The parallel baseline with a key/value cache (the training experiment's branch)
+    from labml_nn.transformers.causal import CausalAttention, CausalTransformer, CausalTransformerLayer
+except ImportError as e:
+    CausalTransformer = None
+    CAUSAL_MISSING = f"labml_nn.transformers.causal is not available ({e})"
+
+VARIANTS = {"weighted": "FeedbackTransformer", "kv": "FeedbackTransformerKV",
+            "baseline": "CausalTransformer (KV cache)"}
+
+
+def build_model(variant: str, args: argparse.Namespace) -> AutoregressiveModel:
+    """A randomly initialised language model of the benchmark's size."""
+    d, h, dropout = args.d_model, args.heads, 0.1
+    ffn = FeedForward(d, args.d_ff, dropout)
+    if variant == "baseline":
+        layer = CausalTransformerLayer(d_model=d, attn=CausalAttention(h, d, dropout), feed_forward=ffn,
+                                       dropout_prob=dropout)
+        transformer = CausalTransformer(layer, args.n_layers)
+    else:
+        kv = variant == "kv"
+        attn = FeedbackAttention(h, d, dropout, is_kv_precomputed=kv)
+        layer = FeedbackTransformerLayer(d_model=d, attn=attn, feed_forward=ffn, dropout_prob=dropout)
+        if kv:
+            transformer = FeedbackTransformerKV(layer, args.n_layers, d, h)
+        else:
+            transformer = FeedbackTransformer(layer, args.n_layers)
+    return AutoregressiveModel(args.vocab, d, transformer).eval()
+
+
+def full_recomputation(model: nn.Module, prompt: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """Sampling without a state: run the model over the whole sequence so far for every new token."""
+    seq = prompt
+    with torch.inference_mode():
+        for _ in range(n):
+            token = sample_token(model(seq)[-1], 1.0, None, generator)
+            seq = torch.cat([seq, token[None]])
+    return seq
+
+
+# `time.perf_counter` (wall clock) or `time.thread_time` (CPU time of this thread), set by `--clock`
+clock = time.perf_counter
+
+
+def seconds(fn: Callable[..., object], *args, **kwargs) -> float:
+    """Seconds of `fn(*args, **kwargs)` by `clock`."""
+    start = clock()
+    fn(*args, **kwargs)
+    return clock() - start
+
+
+def cached_tokens_per_second(model: AutoregressiveModel, batch: int, args: argparse.Namespace) -> float:
+    """Median tokens/s of `generate()` over the repeats (after a warm-up run)."""
+    prompt = torch.randint(args.vocab, (args.prompt_len, batch))
+    times = [seconds(model.generate, prompt, args.tokens, temperature=1.0, generator=torch.Generator().manual_seed(r))
+             for r in range(args.repeats + 1)]
+    return batch * args.tokens / statistics.median(times[1:])
+
+
+def full_tokens_per_second(model: AutoregressiveModel, batch: int, args: argparse.Namespace) -> float:
+    """Median tokens/s of full re-computation."""
+    prompt = torch.randint(args.vocab, (args.prompt_len, batch))
+    # A short warm-up
+    full_recomputation(model, prompt, 2, torch.Generator().manual_seed(0))
+    times = [seconds(full_recomputation, model, prompt, args.full_tokens, torch.Generator().manual_seed(r))
+             for r in range(args.full_repeats)]
+    return batch * args.full_tokens / statistics.median(times)
+
+
+def growth(model: AutoregressiveModel, args: argparse.Namespace) -> Dict[str, float]:
+    """tokens/s (batch 1) over the first and the last `growth_window` tokens of a long generation."""
+    stamps: List[float] = []
+    # Called after each forward call: the prompt, then one call per generated token but the last
+    handle = model.register_forward_hook(lambda *_: stamps.append(clock()))
+    try:
+        model.generate(torch.randint(args.vocab, (args.prompt_len, 1)), args.growth_tokens,
+                       generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    # `steps[i]`: the time from the end of call i to the end of call i + 1 (sample a token, one model step)
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    w = args.growth_window
+    first, last = w / sum(steps[:w]), w / sum(steps[-w:])
+    return {"first": first, "last": last, "last_over_first": last / first}
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("---")[-1].strip().splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--d-ff", type=int, default=256)
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=65)
+    p.add_argument("--tokens", type=int, default=256, help="new tokens per generation")
+    p.add_argument("--prompt-len", type=int, default=1)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall-clock time, or the CPU time of the main thread (use with --threads 1)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--full-tokens", type=int, default=256, help="new tokens for full re-computation (0: skip)")
+    p.add_argument("--full-repeats", type=int, default=1)
+    p.add_argument("--growth-tokens", type=int, default=1024, help="length of the growth run (0: skip)")
+    p.add_argument("--growth-window", type=int, default=64)
+    args = p.parse_args(argv)
+    for name in ("d_model", "heads", "d_ff", "n_layers", "vocab", "tokens", "prompt_len", "threads", "repeats",
+                 "full_repeats", "growth_window"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if min(args.batch) < 1 or args.full_tokens < 0 or args.growth_tokens < 0:
+        p.error("--batch must be >= 1, --full-tokens and --growth-tokens >= 0")
+    if args.clock == "cpu" and args.threads != 1:
+        p.error("--clock cpu counts the main thread only: use it with --threads 1")
+    if 0 < args.growth_tokens < 2 * args.growth_window + 1:
+        p.error("--growth-tokens must be 0 or more than twice --growth-window")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    global clock
+    args = parse_args(argv)
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    notes = []
+    variants = list(args.variants)
+    if "baseline" in variants and CausalTransformer is None:
+        variants.remove("baseline")
+        notes.append(f"baseline missing: {CAUSAL_MISSING}")
+    result = {"config": {k: v for k, v in vars(args).items()}, "torch": torch.__version__,
+              "load_average_before": os.getloadavg()[0], "results": {}}
+    print(f"Generation, d_model={args.d_model} heads={args.heads} d_ff={args.d_ff} n_layers={args.n_layers} "
+          f"vocab={args.vocab}, {args.tokens} new tokens (full re-computation: {args.full_tokens}), "
+          f"{args.threads} threads, median of {args.repeats}, {args.clock} clock; tokens/s = batch x new tokens / s")
+    header = "| model | batch | cached tokens/s | full re-computation tokens/s | speed-up |"
+    rows = [header, "|---|---:|---:|---:|---:|"]
+    for variant in variants:
+        model = build_model(variant, args)
+        res = result["results"][variant] = {}
+        for batch in args.batch:
+            cached = cached_tokens_per_second(model, batch, args)
+            full = full_tokens_per_second(model, batch, args) if args.full_tokens else None
+            res[f"batch_{batch}"] = {"cached": cached, "full": full}
+            rows.append(f"| {VARIANTS[variant]} | {batch} | {cached:,.0f} | "
+                        + (f"{full:,.1f} | {cached / full:,.0f}x |" if full else "- | - |"))
+            print(rows[-1], flush=True)
+        if args.growth_tokens:
+            res["growth"] = growth(model, args)
+    print("\n" + "\n".join(rows))
+    if args.growth_tokens:
+        print(f"\nPer-token cost along one generation of {args.growth_tokens} tokens (batch 1): tokens/s of the "
+              f"first and last {args.growth_window} generated tokens")
+        print("| model | first | last | last / first |\n|---|---:|---:|---:|")
+        for variant in variants:
+            g = result["results"][variant]["growth"]
+            print(f"| {VARIANTS[variant]} | {g['first']:,.0f} | {g['last']:,.0f} | {g['last_over_first']:.2f} |")
+    for note in notes:
+        print(f"\nNote: {note}")
+    result["notes"] = notes
+    result["load_average_after"] = os.getloadavg()[0]
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
