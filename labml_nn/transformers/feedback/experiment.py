@@ -100,7 +100,7 @@ class Configs(AcceleratedConfigs):
 
     def source_checkpoint(self) -> dict:
         """The checkpoint `init_from` names."""
-        return ckpt.load_checkpoint(ckpt.find_checkpoint(self.init_from, lab.get_experiments_path()))
+        return ckpt.load_checkpoint(ckpt.find_checkpoint(self.init_from, lab.get_experiments_path(), 'init_from'))
 
     def init(self) -> None:
         resuming = self._resume_payload is not None
