@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -35,8 +36,9 @@ COMMON = ['d_model=128', 'heads=4', 'd_ff=256', 'n_layers=2', 'batch_size=16', '
           'optimizer.optimizer=Adam', 'optimizer.learning_rate=0.002', 'sample_tokens=0', 'num_threads=1']
 CARRY = [*COMMON, 'model=feedback_transformer_kv', 'seq_len=32', 'memory_span=32', 'train_steps=300',
          'inner_iterations=2']
-CURRICULUM = [*COMMON, 'model=feedback_transformer_kv', 'seq_len=64', 'train_steps=300', 'inner_iterations=15',
-              'valid_batches=60']
+# 49 validations of 2 batches each, one every 20 steps
+CURRICULUM = [*COMMON, 'model=feedback_transformer_kv', 'seq_len=64', 'train_steps=300', 'inner_iterations=49',
+              'valid_batches=98']
 CURRICULUM_STAGES = '16:0,32:0.25,64:0.5'
 PRETRAIN = [*COMMON, 'model=transformer', 'seq_len=32', 'train_steps=400', 'inner_iterations=2',
             'valid_batches=40']
@@ -103,8 +105,11 @@ def part_carry() -> Dict[str, Any]:
 
 
 def part_curriculum() -> Dict[str, Any]:
-    return {'curriculum': train([*CURRICULUM, f'seq_len_curriculum={CURRICULUM_STAGES}'], 'curriculum'),
-            'constant': train(CURRICULUM, 'constant')}
+    # Both runs at the same time, so that they share whatever else loads the machine alike
+    with ThreadPoolExecutor(2) as pool:
+        curriculum = pool.submit(train, [*CURRICULUM, f'seq_len_curriculum={CURRICULUM_STAGES}'], 'curriculum')
+        constant = pool.submit(train, CURRICULUM, 'constant')
+        return {'curriculum': curriculum.result(), 'constant': constant.result()}
 
 
 def part_init() -> Dict[str, Any]:
