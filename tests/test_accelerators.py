@@ -298,3 +298,22 @@ def test_init_from_a_feedback_checkpoint_is_refused(tmp_path, monkeypatch, capsy
         main([f'init_from={tmp_path / "fb.pt"}'])
     assert 'trained with model=feedback_transformer; init_from takes a checkpoint of model=transformer' in \
         capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason='needs torch.distributed')
+def test_carry_memory_two_ranks_equal_one_process(tmp_path):
+    """Under torchrun every rank reads its own streams: 2 ranks x 4 streams train as 1 process x 8 streams."""
+    from test_distributed import run_torchrun
+    args = ['model=feedback_transformer', *TINY, 'carry_memory=true', 'memory_span=20', 'train_steps=3']
+    ddp = run_torchrun(tmp_path, args, uuid='ddp')
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert run_cli(tmp_path, args, uuid='single').returncode == 0
+    a = checkpoint_of(tmp_path, 'feedback_transformer', 'ddp.0')
+    b = checkpoint_of(tmp_path, 'feedback_transformer', 'single')
+    assert [h['loss'] for h in a['history']['train']] == pytest.approx([h['loss'] for h in b['history']['train']],
+                                                                       abs=1e-5, rel=0)
+    # Each rank's carried memory is in the checkpoint: 4 streams each, the single process's 8 side by side
+    rows = [c['visible'] for c in a['carried']]
+    assert len(rows) == 2 and rows[0].shape[3] == 4
+    torch.testing.assert_close(torch.cat(rows, dim=3), b['carried'][0]['visible'], rtol=0, atol=1e-5)
