@@ -36,6 +36,10 @@ COMMON = ['d_model=128', 'heads=4', 'd_ff=256', 'n_layers=2', 'batch_size=16', '
           'optimizer.optimizer=Adam', 'optimizer.learning_rate=0.002', 'sample_tokens=0', 'num_threads=1']
 CARRY = [*COMMON, 'model=feedback_transformer_kv', 'seq_len=32', 'memory_span=32', 'train_steps=300',
          'inner_iterations=2']
+# Short segments and a longer span: without the carried memory a step sees at most 15 earlier tokens
+CARRY_SHORT = [*[a for a in COMMON if not a.startswith('batch_size=')], 'batch_size=32',
+               'model=feedback_transformer_kv', 'seq_len=16', 'memory_span=64', 'train_steps=300',
+               'inner_iterations=2']
 # 49 validations of 2 batches each, one every 20 steps
 CURRICULUM = [*COMMON, 'model=feedback_transformer_kv', 'seq_len=64', 'train_steps=300', 'inner_iterations=49',
               'valid_batches=98']
@@ -100,16 +104,24 @@ def part_span() -> Dict[str, Any]:
     return {'unlimited': generation_cost(None), 'span_64': generation_cost(64)}
 
 
-def part_carry() -> Dict[str, Any]:
-    return {mode: train([*CARRY, f'carry_memory={mode == "carry"}'], mode) for mode in ('carry', 'shuffled')}
+def side_by_side(runs: Dict[str, List[str]]) -> Dict[str, Any]:
+    """Train the runs at the same time, so that they share whatever else loads the machine alike."""
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = {tag: pool.submit(train, args, tag) for tag, args in runs.items()}
+        return {tag: future.result() for tag, future in futures.items()}
+
+
+def part_carry(args: List[str] = CARRY) -> Dict[str, Any]:
+    return side_by_side({mode: [*args, f'carry_memory={mode == "carry"}'] for mode in ('carry', 'shuffled')})
+
+
+def part_carry_short() -> Dict[str, Any]:
+    return part_carry(CARRY_SHORT)
 
 
 def part_curriculum() -> Dict[str, Any]:
-    # Both runs at the same time, so that they share whatever else loads the machine alike
-    with ThreadPoolExecutor(2) as pool:
-        curriculum = pool.submit(train, [*CURRICULUM, f'seq_len_curriculum={CURRICULUM_STAGES}'], 'curriculum')
-        constant = pool.submit(train, CURRICULUM, 'constant')
-        return {'curriculum': curriculum.result(), 'constant': constant.result()}
+    return side_by_side({'curriculum': [*CURRICULUM, f'seq_len_curriculum={CURRICULUM_STAGES}'],
+                         'constant': CURRICULUM})
 
 
 def part_init() -> Dict[str, Any]:
@@ -118,7 +130,8 @@ def part_init() -> Dict[str, Any]:
             'random': train(INIT, 'random')}
 
 
-PARTS = {'span': part_span, 'carry': part_carry, 'curriculum': part_curriculum, 'init': part_init}
+PARTS = {'span': part_span, 'carry': part_carry, 'carry_short': part_carry_short, 'curriculum': part_curriculum,
+         'init': part_init}
 
 
 def seconds_to_reach(run: Dict[str, Any], target: float) -> Optional[float]:
@@ -140,11 +153,13 @@ def table(results: Dict[str, Dict[str, Any]]) -> str:
         rows.append(f"| memory span | `memory_span=64`: generation tokens/s at token 10 / token 1,000 | unlimited "
                     f"| {s['tokens_per_second_10']:,.0f} / {s['tokens_per_second_1000']:,.0f} "
                     f"| {u['tokens_per_second_10']:,.0f} / {u['tokens_per_second_1000']:,.0f} |")
-    if 'carry' in results:
-        c, b = results['carry']['carry'], results['carry']['shuffled']
-        rows.append(f"| memory carried across batches | `carry_memory=True`: valid loss after "
-                    f"{c['progress']['step']} steps | `carry_memory=False` | {final_loss(c):.3f} "
-                    f"| {final_loss(b):.3f} |")
+    for part in ('carry', 'carry_short'):
+        if part in results:
+            c, b = results[part]['carry'], results[part]['shuffled']
+            setting = ' '.join(a for a in c['args'] if a.split('=')[0] in ('seq_len', 'memory_span', 'batch_size'))
+            rows.append(f"| memory carried across batches | `carry_memory=True` ({setting}): valid loss after "
+                        f"{c['progress']['step']} steps | `carry_memory=False` | {final_loss(c):.3f} "
+                        f"| {final_loss(b):.3f} |")
     if 'curriculum' in results:
         c, b = results['curriculum']['curriculum'], results['curriculum']['constant']
         target = results['curriculum']['target']
