@@ -4,6 +4,7 @@ contiguous streams (with resume), the sequence-length curriculum, and initializa
 """
 
 import pytest
+import test_experiment
 import torch
 import torch.nn.functional as F
 from labml import monit
@@ -281,13 +282,7 @@ BAD = [
 
 @pytest.mark.parametrize('args, message', BAD)
 def test_bad_accelerator_configs(tmp_path, monkeypatch, capsys, args, message):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv('TINY_SHAKESPEARE_PATH', str(TEXT))
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / 'logs').exists()
+    test_experiment.test_bad_config_values(tmp_path, monkeypatch, capsys, args, message)
 
 
 def test_init_from_a_feedback_checkpoint_is_refused(tmp_path, monkeypatch, capsys):

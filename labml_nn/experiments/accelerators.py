@@ -41,7 +41,7 @@ is `seq_len / s` times shorter and each of its steps is wider, which is what the
 Validation always uses the full `seq_len`. The stage is a function of the step alone, so resuming is exact.
 """
 
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from labml import tracker
@@ -49,6 +49,7 @@ from labml.logger import Text
 
 from labml_nn.experiments.distributed import gather_objects
 from labml_nn.experiments.nlp_autoregression import NLPAutoRegressionConfigs
+from labml_nn.experiments.text_data import SequenceBatches, check_batch_args
 
 
 class ContiguousStreams:
@@ -63,13 +64,7 @@ class ContiguousStreams:
     """
 
     def __init__(self, data: torch.Tensor, *, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1):
-        if data.dim() != 1:
-            raise ValueError(f"data must be a 1-D tensor of token ids, got shape {list(data.shape)}")
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        if batch_size < 1 or batch_size % world_size != 0:
-            raise ValueError(f"batch_size (global) must be a positive multiple of the world size {world_size}, "
-                             f"got {batch_size}")
+        check_batch_args(data, seq_len, batch_size, world_size)
         self.data = data
         self.seq_len = seq_len
         self.batch_size = batch_size
@@ -93,11 +88,8 @@ class ContiguousStreams:
         seqs = self.data[starts[None, :] + self._arange[:, None]]
         return seqs[:-1], seqs[1:]
 
-    def iterate(self, epoch: int, start: int, end: int) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
-        """Batches `start .. end - 1` as `(idx, data, target)`; `epoch` changes nothing (the streams are fixed)."""
-        for idx in range(start, end):
-            data, target = self.batch(epoch, idx)
-            yield idx, data, target
+    # Batches `start .. end - 1` as `(idx, data, target)`; `epoch` changes nothing (the streams are fixed)
+    iterate = SequenceBatches.iterate
 
 
 def parse_curriculum(spec: str, seq_len: int) -> List[Tuple[int, float]]:
