@@ -39,6 +39,9 @@ optimizer steps, then 32, and `seq_len` = 64 from half-way on. A stage of length
 `[s, batch_size * seq_len / s]`: the same tokens, the same steps and the same schedule, but the sequential loop
 is `seq_len / s` times shorter and each of its steps is wider, which is what the feedback model runs fast on.
 Validation always uses the full `seq_len`. The stage is a function of the step alone, so resuming is exact.
+
+`validate_at_start=True` validates on the whole validation set before the first step as well, which is how the
+README measures an initialization (`init_from`).
 """
 
 from typing import Any, Dict, List, Optional, Tuple
