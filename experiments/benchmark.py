@@ -8,10 +8,11 @@ summary: Tokens per second of a full training step and peak memory, for both Fee
 # Training benchmark
 
 For each model: random tokens, then forward, cross-entropy loss, backward, gradient-norm clipping and an Adam
-step. We time `--steps` steps after `--warmup` steps and report the median tokens per second (the models take turns step by step, so they share the machine's load alike), the slowdown
-versus the parallel transformer measured in the same run, and the peak memory of one training step (GPU: the
-allocator's peak; CPU: the growth of the process's peak resident memory, measured in a fresh subprocess per
-model so models don't see each other's peaks).
+step. We time `--steps` steps after `--warmup` steps and report the median tokens per second (the models take
+turns step by step, so they share the machine's load alike), the slowdown versus the parallel transformer
+measured in the same run, and the peak memory of one training step (GPU: the allocator's peak; CPU: the growth
+of the process's peak resident memory, measured in a fresh subprocess per model so models don't see each
+other's peaks).
 
 ```bash
 python experiments/benchmark.py                       # the CPU configuration of the speed issue

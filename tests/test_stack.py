@@ -131,3 +131,27 @@ def test_frozen_rows_get_no_gradient():
     (view * 2).sum().backward()
     assert old.grad is None
     torch.testing.assert_close(new.grad, torch.full((2,), 2.0))
+
+
+@pytest.mark.parametrize('window', [None, 3])
+def test_stacking_on_another_axis(window):
+    # Entries [2, 3] stacked on axis 1: views [2, n, 3]; values and gradients as torch.stack(..., dim=1)
+    values = [torch.randn(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(9)]
+    stack = Stack(2, window=window, dim=1)
+    total, ref = 0, 0
+    for n, v in enumerate(values):
+        view = stack.append(n, v)
+        lo = 0 if window is None else max(0, n + 1 - window)
+        want = torch.stack(values[lo:n + 1], dim=1)
+        assert torch.equal(view, want)
+        w = torch.arange(1, view.shape[1] + 1, dtype=v.dtype).view(1, -1, 1) * (n + 1)
+        total = total + (view * w).sin().sum()
+        ref = ref + (want * w).sin().sum()
+    for g, r in zip(torch.autograd.grad(total, values), torch.autograd.grad(ref, values)):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *v: _run_dim1(v, window), tuple(values[:6]))
+
+
+def _run_dim1(values, window):
+    stack = Stack(1, window=window, dim=1)
+    return sum(stack.append(n, v).sin().sum() * (n + 1) for n, v in enumerate(values))

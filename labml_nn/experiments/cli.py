@@ -37,6 +37,7 @@ from labml import experiment, lab
 from labml_nn.experiments import checkpoint as ckpt
 from labml_nn.experiments.distributed import (
     DistributedContext,
+    barrier,
     broadcast_object,
     init_distributed,
     shutdown_distributed,
@@ -180,6 +181,8 @@ def run_experiment(conf_class: Type[NLPAutoRegressionConfigs], argv: Optional[Li
                 print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         _train(conf_class, ctx, setup)
+        # Every rank finishes (rank 0 may still be writing the checkpoint) before the group is torn down
+        barrier(ctx)
     finally:
         shutdown_distributed(ctx)
 

@@ -238,8 +238,14 @@ class NLPAutoRegressionConfigs(BaseConfigs):
         if not self._dist.is_main or self.sample_tokens <= 0:
             return
         self.model.eval()
+        prompt = self._sample_prompt.to(self.device)
         with monit.section('Sample'), torch.random.fork_rng(devices=[]):
-            tokens = greedy_continuation(self.model, self._sample_prompt.to(self.device), self.sample_tokens)
+            if hasattr(self.model, 'generate'):
+                # Cached generation, greedy (temperature 0)
+                out = self.model.generate(prompt[:, None], self.sample_tokens, temperature=0.0)
+                tokens = out[len(prompt):, 0].tolist()
+            else:
+                tokens = greedy_continuation(self.model, prompt, self.sample_tokens)
         text = self.prompt_separator.join(self.text.itos[t] for t in tokens)
         logger.log([(self.prompt, Text.subtle), (self.prompt_separator + text, Text.value)])
 
@@ -335,6 +341,7 @@ def greedy_continuation(model: nn.Module, prompt: torch.Tensor, n_tokens: int) -
     """
     Continue the 1-D token tensor `prompt` greedily by `n_tokens` tokens, feeding one token at a time through the
     model's state (a key/value or memory cache), so each new token costs one step and not a re-run of the prefix.
+    For models without a `generate()` of their own.
     """
     logits, state = model(prompt[:, None], return_state=True)
     out = []

@@ -100,7 +100,24 @@ class FeedbackAttention(nn.Module):
         r"""
         Position embeddings `[n, heads, d_k]` and biases `[n, heads]` for memory slots at distances
         $n, n-1, \dots, 1$ (oldest first, like the memory), clipped to the table.
+
+        Without autograd (generation calls this once per token) they come from a cache that is rebuilt only
+        when the table changes or a longer one is needed: the terms for $n$ are the last $n$ rows of any longer
+        ones.
         """
+        if torch.is_grad_enabled() and self.key_pos_embeddings.requires_grad:
+            return self._relative_terms(n)
+        key = (self.key_pos_embeddings._version, self.key_pos_embeddings.data_ptr(), self.key_pos_bias._version,
+               self.key_pos_bias.data_ptr())
+        cache = getattr(self, '_pos_cache', None)
+        if cache is None or cache[0] != key or cache[1].shape[0] < n:
+            size = n if cache is None or cache[0] != key else max(n, 2 * cache[1].shape[0])
+            with torch.no_grad():
+                cache = (key, *self._relative_terms(size))
+            self._pos_cache = cache
+        return cache[1][-n:], cache[2][-n:]
+
+    def _relative_terms(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
         # Table row $\min(\Delta, P) - 1$ for $\Delta = n \dots 1$
         distance = torch.arange(n, 0, -1, device=self.key_pos_bias.device)
         rows = distance.clamp_(max=self.max_distance) - 1
@@ -128,14 +145,18 @@ class FeedbackAttention(nn.Module):
         batch_size = query.shape[0]
         # $q$, `[batch_size, heads, d_k]`
         q = self.query(query)
-        # $(q + u)^\top k_j$, `[batch_size, heads, n]`
-        scores = torch.einsum('bhd,jbhd->bhj', q + self.query_pos_bias, key)
-        # $+\, q^\top p_\Delta$
-        scores = scores + torch.einsum('bhd,jhd->bhj', q, pos_emb)
+        # Keys and values as `[batch_size, heads, n, d_k]` views (no copy when the cache keeps time on the
+        # second-to-last axis, as the transformers' caches do)
+        key, value = key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)
+        # $(q + u)^\top k_j$, `[batch_size, heads, 1, n]`
+        scores = torch.matmul((q + self.query_pos_bias).unsqueeze(-2), key.transpose(-1, -2))
+        # $+\, q^\top p_\Delta$: per head, `[heads, batch_size, d_k] @ [heads, d_k, n]`
+        position = torch.matmul(q.transpose(0, 1), pos_emb.permute(1, 2, 0))
+        scores = scores.squeeze(-2) + position.transpose(0, 1)
         # $+\, s_\Delta$, then $\frac{1}{\sqrt{d_k}}$ and the softmax over the memory slots $j$
         attn = torch.softmax((scores + pos_bias.t()) * self.scale, dim=-1)
         attn = self.dropout(attn)
         # $\sum_j \mathrm{softmax}_j(A_{tj}) v_j$, `[batch_size, heads, d_k]`
-        out = torch.einsum('bhj,jbhd->bhd', attn, value)
+        out = torch.matmul(attn.unsqueeze(-2), value).squeeze(-2)
         # Concatenate the heads and apply $W_o, b_o$
         return self.output(out.reshape(batch_size, self.d_model))

@@ -76,104 +76,123 @@ def _visible(cfg: LoopConfig, t: int) -> int:
 class FeedbackLoopFunction(torch.autograd.Function):
     r"""
     Inputs: `cfg`, `x_seq [T, B, D]`, `prev` (the visible cache before this call,
-    `[n_prev, groups, 2, B, heads, d_k]`, or an empty tensor), `mem_w` ($\mathrm{softmax}(w)$, `[L + 1]`),
+    `[groups, 2, B, heads, n_prev, d_k]`, possibly empty), `mem_w` ($\mathrm{softmax}(w)$, `[L + 1]`),
     `kv_w [groups * 2 * D, D]`, then `N_LAYER_TENSORS` tensors per layer.
 
-    Outputs: the last layer's outputs `[T, B, D]` (before the final norm) and the cache rows this call can see
-    and made, `[n_prev + n_new, groups, 2, B, heads, d_k]` (a view of the work buffer).
+    Outputs: the last layer's outputs `[T, B, D]` (before the final norm) and the cache this call can see and
+    made, `[groups, 2, B, heads, n_prev + n_new, d_k]` (the work buffer).
     """
 
     @staticmethod
     def forward(ctx, cfg: LoopConfig, x_seq: torch.Tensor, prev: torch.Tensor, mem_w: torch.Tensor,
                 kv_w: torch.Tensor, *layer_tensors: torch.Tensor):
         T, B, D = x_seq.shape
-        L, G, H, dk = cfg.n_layers, cfg.groups, cfg.heads, cfg.d_k
-        BH = B * H
-        layers = [layer_tensors[i * N_LAYER_TENSORS:(i + 1) * N_LAYER_TENSORS] for i in range(L)]
-        n_prev = prev.shape[0]
+        n_prev = prev.shape[4]
         n_new = T if cfg.make_last_memory else T - 1
         # Absolute index of work-buffer slot 0
         first = cfg.n_start - n_prev
         # The work buffer, `[groups, 2, B, H, time, d_k]`, starting with the cache of earlier calls
-        work = x_seq.new_empty((G, 2, B, H, n_prev + n_new, dk))
-        if n_prev:
-            work[..., :n_prev, :] = prev.permute(1, 2, 3, 4, 0, 5)
-        keys = [work[g, 0].view(BH, -1, dk) for g in range(G)]
-        values = [work[g, 1].view(BH, -1, dk) for g in range(G)]
-        masks = _Masks(cfg, x_seq, T, L, B, D, layers[0][10].shape[0])
-        # Relative position terms, arranged for batched products over heads:
-        # `pos_k [H, d_k, N]` and `pos_b [H, N]` (distance $N \dots 1$ from left to right)
-        pos_k = [lt[2].permute(1, 2, 0) for lt in layers]
-        pos_b = [lt[3].t() for lt in layers]
-        # Transposed weights (views) for `input @ W^T`
-        w_t = [[lt[k].t() for k in (0, 4, 10, 12)] for lt in layers]
-        scale = 1 / dk ** 0.5
-
-        s = _Saved(T)
-        outputs = []
-        kv_w_t = kv_w.t()
-        for i in range(T):
-            t = cfg.n_start + i
-            lo, hi = _visible(cfg, t) - first, t - first
-            n = hi - lo
-            x = x_seq[i]
-            xs, attn_saved, ffn_saved = [x], [], []
-            for l, (_, u, _, _, _, b_o, ln1_w, ln1_b, ln2_w, ln2_b, _, b_1, _, b_2) in enumerate(layers):
-                w_q_t, w_o_t, w_1_t, w_2_t = w_t[l]
-                g = l if G > 1 else 0
-                if n > 0:
-                    # $z = \mathrm{LN}(x)$ and $q = W_q z$
-                    z, mean, rstd = torch.native_layer_norm(x, (D,), ln1_w, ln1_b, cfg.eps)
-                    q = torch.mm(z, w_q_t)
-                    # $(q + u)^\top k_j$ for all $j$: `[B * H, 1, n]`
-                    qu = (q.view(B, H, dk) + u).view(BH, 1, dk)
-                    content = torch.bmm(qu, keys[g][:, lo:hi].transpose(1, 2))
-                    # $\frac{1}{\sqrt{d_k}}(q^\top p_\Delta + s_\Delta)$: `[H, B, n]`
-                    position = torch.baddbmm(pos_b[l][:, None, -n:], q.view(B, H, dk).transpose(0, 1),
-                                             pos_k[l][:, :, -n:], beta=scale, alpha=scale)
-                    # All scores, scaled, and the softmax over $j$: `[B, H, n]`
-                    scores = torch.add(position.transpose(0, 1), content.view(B, H, n), alpha=scale)
-                    p = torch.softmax(scores, dim=-1)
-                    pd = p if masks.attn is None else p * masks.attn_mask(l, i, n)
-                    # $\sum_j p_j v_j$, heads concatenated: `[B, D]`
-                    o = torch.bmm(pd.view(BH, 1, n), values[g][:, lo:hi]).view(B, D)
-                    att = torch.addmm(b_o, o, w_o_t)
-                    x1 = x + att if masks.resid is None else torch.addcmul(x, att, masks.resid[0, l, i])
-                    attn_saved.append(AttnSaved(mean, rstd, q, qu, p, o, n, lo, hi))
-                else:
-                    x1 = x
-                    attn_saved.append(None)
-                # The feed-forward block
-                z2, mean2, rstd2 = torch.native_layer_norm(x1, (D,), ln2_w, ln2_b, cfg.eps)
-                hidden = torch.relu_(torch.addmm(b_1, z2, w_1_t))
-                if masks.hidden is not None:
-                    hidden = hidden * masks.hidden[l, i]
-                ff = torch.addmm(b_2, hidden, w_2_t)
-                x = x1 + ff if masks.resid is None else torch.addcmul(x1, ff, masks.resid[1, l, i])
-                ffn_saved.append(FfnSaved(x1, mean2, rstd2, hidden))
-                xs.append(x)
-            s.xs[i], s.attn[i], s.ffn[i] = xs, attn_saved, ffn_saved
-            outputs.append(x)
-            if i < n_new:
-                # $m_t = \sum_l \mathrm{softmax}(w)_l x_t^l$ and its keys and values
-                mem = torch.mm(mem_w.view(1, L + 1), torch.stack(xs).view(L + 1, B * D)).view(B, D)
-                kv = torch.mm(mem, kv_w_t).view(B, G, 2, H, dk)
-                work[..., hi, :] = kv.permute(1, 2, 0, 3, 4)
-                s.mems[i] = mem
-
-        ctx.cfg, ctx.saved, ctx.masks, ctx.shape = cfg, s, masks, (T, B, D, n_prev, n_new, first)
+        work = x_seq.new_empty((cfg.groups, 2, B, cfg.heads, n_prev + n_new, cfg.d_k))
+        work[..., :n_prev, :] = prev
+        layers = split_layers(cfg, layer_tensors)
+        masks = _Masks(cfg, x_seq, T, cfg.n_layers, B, D, layers[0][10].shape[0])
+        saved = _Saved(T)
+        out = run_steps(cfg, x_seq, layers, mem_w, kv_w, work, first, masks, saved)
+        ctx.cfg, ctx.saved, ctx.masks, ctx.shape = cfg, saved, masks, (T, B, D, n_prev, n_new, first)
         ctx.save_for_backward(x_seq, mem_w, kv_w, work, *layer_tensors)
-        rows = work.permute(4, 0, 1, 2, 3, 5)
-        return torch.stack(outputs), rows
+        return out, work
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, d_out: torch.Tensor, d_rows: Optional[torch.Tensor]):
+    def backward(ctx, d_out: torch.Tensor, d_work: Optional[torch.Tensor]):
         x_seq, mem_w, kv_w, work, *layer_tensors = ctx.saved_tensors
-        layers = [layer_tensors[i * N_LAYER_TENSORS:(i + 1) * N_LAYER_TENSORS] for i in range(ctx.cfg.n_layers)]
-        grads = backward_loop(ctx.cfg, ctx.saved, ctx.masks, ctx.shape, d_out, d_rows, x_seq, mem_w, kv_w, work,
-                              layers, ctx.needs_input_grad)
+        grads = backward_loop(ctx.cfg, ctx.saved, ctx.masks, ctx.shape, d_out, d_work, x_seq, mem_w, kv_w, work,
+                              split_layers(ctx.cfg, layer_tensors), ctx.needs_input_grad)
         return (None, *grads)
+
+
+def split_layers(cfg: LoopConfig, layer_tensors) -> list:
+    """The flat list of layer tensors as one tuple per layer."""
+    return [tuple(layer_tensors[i * N_LAYER_TENSORS:(i + 1) * N_LAYER_TENSORS]) for i in range(cfg.n_layers)]
+
+
+def run_steps(cfg: LoopConfig, x_seq: torch.Tensor, layers: list, mem_w: torch.Tensor, kv_w: torch.Tensor,
+              work: torch.Tensor, first: int, masks: Optional["_Masks"] = None,
+              saved: Optional["_Saved"] = None) -> torch.Tensor:
+    r"""
+    The step loop, with plain tensor operations. Reads the cache from and writes new memory's keys and values
+    into `work` (`[groups, 2, B, heads, time, d_k]`, slot 0 holding absolute step `first`), keeps what the
+    backward pass needs in `saved` (if given), and returns the last layer's outputs `[T, B, D]`.
+    """
+    T, B, D = x_seq.shape
+    L, G, H, dk = cfg.n_layers, cfg.groups, cfg.heads, cfg.d_k
+    BH = B * H
+    n_new = T if cfg.make_last_memory else T - 1
+    masks = masks or _NO_MASKS
+    keys = [work[g, 0].view(BH, -1, dk) for g in range(G)]
+    values = [work[g, 1].view(BH, -1, dk) for g in range(G)]
+    # Relative position terms, arranged for batched products over heads:
+    # `pos_k [H, d_k, N]` and `pos_b [H, N]` (distance $N \dots 1$ from left to right)
+    pos_k = [lt[2].permute(1, 2, 0) for lt in layers]
+    pos_b = [lt[3].t() for lt in layers]
+    # Transposed weights (views) for `input @ W^T`
+    w_t = [[lt[k].t() for k in (0, 4, 10, 12)] for lt in layers]
+    scale = 1 / dk ** 0.5
+    s = saved
+    outputs = []
+    kv_w_t = kv_w.t()
+    for i in range(T):
+        t = cfg.n_start + i
+        lo, hi = _visible(cfg, t) - first, t - first
+        n = hi - lo
+        x = x_seq[i]
+        xs, attn_saved, ffn_saved = [x], [], []
+        for l, (_, u, _, _, _, b_o, ln1_w, ln1_b, ln2_w, ln2_b, _, b_1, _, b_2) in enumerate(layers):
+            w_q_t, w_o_t, w_1_t, w_2_t = w_t[l]
+            g = l if G > 1 else 0
+            if n > 0:
+                # $z = \mathrm{LN}(x)$ and $q = W_q z$
+                z, mean, rstd = torch.native_layer_norm(x, (D,), ln1_w, ln1_b, cfg.eps)
+                q = torch.mm(z, w_q_t)
+                # $(q + u)^\top k_j$ for all $j$: `[B * H, 1, n]`
+                qu = (q.view(B, H, dk) + u).view(BH, 1, dk)
+                content = torch.bmm(qu, keys[g][:, lo:hi].transpose(1, 2))
+                # $\frac{1}{\sqrt{d_k}}(q^\top p_\Delta + s_\Delta)$: `[H, B, n]`
+                position = torch.baddbmm(pos_b[l][:, None, -n:], q.view(B, H, dk).transpose(0, 1),
+                                         pos_k[l][:, :, -n:], beta=scale, alpha=scale)
+                # All scores, scaled, and the softmax over $j$: `[B, H, n]`
+                scores = torch.add(position.transpose(0, 1), content.view(B, H, n), alpha=scale)
+                p = torch.softmax(scores, dim=-1)
+                pd = p if masks.attn is None else p * masks.attn_mask(l, i, n)
+                # $\sum_j p_j v_j$, heads concatenated: `[B, D]`
+                o = torch.bmm(pd.view(BH, 1, n), values[g][:, lo:hi]).view(B, D)
+                att = torch.addmm(b_o, o, w_o_t)
+                x1 = x + att if masks.resid is None else torch.addcmul(x, att, masks.resid[0, l, i])
+                attn_saved.append(AttnSaved(mean, rstd, q, qu, p, o, n, lo, hi))
+            else:
+                x1 = x
+                attn_saved.append(None)
+            # The feed-forward block
+            z2, mean2, rstd2 = torch.native_layer_norm(x1, (D,), ln2_w, ln2_b, cfg.eps)
+            hidden = torch.relu_(torch.addmm(b_1, z2, w_1_t))
+            if masks.hidden is not None:
+                hidden = hidden * masks.hidden[l, i]
+            ff = torch.addmm(b_2, hidden, w_2_t)
+            x = x1 + ff if masks.resid is None else torch.addcmul(x1, ff, masks.resid[1, l, i])
+            ffn_saved.append(FfnSaved(x1, mean2, rstd2, hidden))
+            xs.append(x)
+        if s is not None:
+            s.xs[i], s.attn[i], s.ffn[i] = xs, attn_saved, ffn_saved
+        outputs.append(x)
+        if i < n_new:
+            # $m_t = \sum_l \mathrm{softmax}(w)_l x_t^l$ and its keys and values
+            mem = torch.mm(mem_w.view(1, L + 1), torch.stack(xs).view(L + 1, B * D)).view(B, D)
+            kv = torch.mm(mem, kv_w_t).view(B, G, 2, H, dk)
+            work[..., hi, :] = kv.permute(1, 2, 0, 3, 4)
+            if s is not None:
+                s.mems[i] = mem
+
+    return torch.stack(outputs)
 
 
 class AttnSaved(NamedTuple):
@@ -232,11 +251,19 @@ class _Masks:
         return self.attn[l, i, :, :, -n:]
 
 
+class _NoMasks:
+    """No dropout (inference)."""
+    resid = hidden = attn = None
+
+
+_NO_MASKS = _NoMasks()
+
+
 def run_loop(cfg: LoopConfig, x_seq: torch.Tensor, prev: Optional[torch.Tensor], mem_w: torch.Tensor,
              kv_w: torch.Tensor, layer_tensors: List[torch.Tensor]):
     """Run `FeedbackLoopFunction`; `prev` may be `None` (empty cache)."""
     if prev is None:
-        prev = x_seq.new_empty((0, cfg.groups, 2, x_seq.shape[1], cfg.heads, cfg.d_k))
+        prev = x_seq.new_empty((cfg.groups, 2, x_seq.shape[1], cfg.heads, 0, cfg.d_k))
     return FeedbackLoopFunction.apply(cfg, x_seq, prev, mem_w, kv_w, *layer_tensors)
 
 

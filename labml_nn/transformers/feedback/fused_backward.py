@@ -40,7 +40,7 @@ _relu_backward = torch.ops.aten.threshold_backward.default
 CHUNK_ROWS = 2048
 
 
-def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_rows: Optional[torch.Tensor], x_seq: torch.Tensor,
+def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_cache: Optional[torch.Tensor], x_seq: torch.Tensor,
                   mem_w: torch.Tensor, kv_w: torch.Tensor, work: torch.Tensor, layers, needs_input_grad):
     """
     Gradients of `FeedbackLoopFunction`'s inputs after `cfg`: `x_seq, prev, mem_w, kv_w`, then each layer's tensors
@@ -50,10 +50,8 @@ def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_rows: Optional[to
     L, G, H, dk = cfg.n_layers, cfg.groups, cfg.heads, cfg.d_k
     BH = B * H
     scale = 1 / dk ** 0.5
-    # Gradients of the cache, in the work buffer's layout; gradients from later calls come in `d_rows`
-    d_work = torch.zeros_like(work)
-    if d_rows is not None:
-        d_work += d_rows.permute(1, 2, 3, 4, 0, 5)
+    # Gradients of the cache; those from later calls come in `d_cache`
+    d_work = torch.zeros_like(work) if d_cache is None else d_cache.clone()
     d_keys = [d_work[g, 0].view(BH, -1, dk) for g in range(G)]
     d_values = [d_work[g, 1].view(BH, -1, dk) for g in range(G)]
     keys = [work[g, 0].view(BH, -1, dk) for g in range(G)]
@@ -119,7 +117,7 @@ def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_rows: Optional[to
             acc.add(s, pending, layers, cfg, D)
             pending = []
 
-    d_prev = d_work[..., :n_prev, :].permute(4, 0, 1, 2, 3, 5) if n_prev else None
+    d_prev = d_work[..., :n_prev, :] if n_prev else None
     d_mem_w = acc.mem_w if acc.mem_w is not None or not needs_input_grad[3] else torch.zeros_like(mem_w)
     return (d_x_seq, d_prev, d_mem_w, acc.kv_w, *[g for layer in acc.layers for g in layer])
 

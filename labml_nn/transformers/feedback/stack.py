@@ -43,6 +43,12 @@ Two extensions serve the rest of the model:
   window are dropped when the buffer is reallocated, so memory stays $O(\text{window})$ during generation.
 * `frozen`: rows below this index are constants (a state that was `detach()`ed); no gradient is
   accumulated for them.
+
+## Where time goes in the buffer
+
+Entries are stacked along axis `dim` of the buffer (0 by default). The Feedback Transformers keep entries
+`[groups, 2, batch_size, heads, d_k]` and stack them on axis 4, so that the keys of one head form one
+contiguous `[time, d_k]` matrix, the layout that batched matrix products read fastest.
 """
 
 from typing import Optional, Tuple
@@ -53,10 +59,10 @@ from torch.autograd.function import once_differentiable
 
 class StackFunction(torch.autograd.Function):
     r"""
-    Append `value` as entry `n` of `stack` and return a zero-copy view of the stack's visible entries,
-    `[n_visible, *entry_shape]` where the last row is `value`.
+    Append `value` as entry `n` of `stack` and return a zero-copy view of the stack's visible entries
+    (stacked on the stack's axis `dim`), whose last entry is `value`.
 
-    Forward: `data[n] = value`. Backward: add the view's gradient to the shared gradient buffer and return
+    Forward: write entry $n$. Backward: add the view's gradient to the shared gradient buffer and return
     the completed gradient of entry $n$.
     """
 
@@ -72,17 +78,17 @@ class StackFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_view: torch.Tensor) -> Tuple[Optional[torch.Tensor], None, None]:
         stack: Stack = ctx.stack
-        n, start = ctx.n, ctx.start
-        # The gradient buffer for this backward pass, rows indexed from `stack.frozen`
+        n, start, dim, frozen = ctx.n, ctx.start, stack.dim, stack.frozen
+        # The gradient buffer for this backward pass, entries indexed from `frozen`
         grad = stack._grad_buffer(grad_view)
-        # Rows below `frozen` are constants: no gradient goes to them
-        lo = max(start, stack.frozen)
-        # Every visible row $j \le n$ collects this view's gradient
-        grad[lo - stack.frozen:n + 1 - stack.frozen] += grad_view[lo - start:]
-        # Row $n$ is complete now: all later views have been through here already
-        grad_n = grad[n - stack.frozen].clone()
-        # The last row of a pass frees the buffer
-        if n == stack.frozen:
+        # Entries below `frozen` are constants: no gradient goes to them
+        lo = max(start, frozen)
+        # Every visible entry $j \le n$ collects this view's gradient
+        grad.narrow(dim, lo - frozen, n + 1 - lo).add_(grad_view.narrow(dim, lo - start, n + 1 - lo))
+        # Entry $n$ is complete now: all later views have been through here already
+        grad_n = grad.select(dim, n - frozen).clone()
+        # The last entry of a pass frees the buffer
+        if n == frozen:
             stack._grad = None
         return grad_n, None, None
 
@@ -94,25 +100,29 @@ class Stack:
     * `max_len` is a capacity hint: the buffer starts with room for that many entries and grows
       (doubling) when needed.
     * `window`, if given, is how many of the latest entries each view shows (the memory span).
+    * `dim`: the axis of the buffer (and of the views) along which entries are stacked.
 
     `append(n, value)` must be called with `n = 0, 1, 2, ...` in order; it returns the view of the visible
     entries and keeps it for `get()`.
     """
 
-    def __init__(self, max_len: int = 0, *, window: Optional[int] = None):
+    def __init__(self, max_len: int = 0, *, window: Optional[int] = None, dim: int = 0):
         if not isinstance(max_len, int) or max_len < 0:
             raise ValueError(f"max_len must be an int >= 0, got {max_len!r}")
         if window is not None and (not isinstance(window, int) or window < 1):
             raise ValueError(f"window must be None or an int >= 1, got {window!r}")
+        if not isinstance(dim, int) or dim < 0:
+            raise ValueError(f"dim must be an int >= 0, got {dim!r}")
         self.capacity_hint = max_len
         self.window = window
+        self.dim = dim
         # Number of entries appended so far (absolute index of the next entry)
         self.length = 0
         # Entries `< frozen` are constants for gradients (see `fork`)
         self.frozen = 0
         # Whether any appended entry carries autograd history
         self.requires_grad = False
-        # The buffer, shared with forks: a `_Buffer` holding rows `[buffer.first, buffer.end)`
+        # The buffer, shared with forks: a `_Buffer` holding entries `[buffer.first, buffer.end)`
         self._buffer: Optional[_Buffer] = None
         # The gradient buffer of the current backward pass and the id of that pass
         self._grad: Optional[torch.Tensor] = None
@@ -134,12 +144,34 @@ class Stack:
         return self._last
 
     def get(self) -> Optional[torch.Tensor]:
-        """The view returned by the last `append`, `[n_visible, *entry_shape]`, or `None` if empty."""
+        """The view returned by the last `append`, or `None` if empty."""
         return self._last
 
     def free(self) -> None:
         """Drop the buffers; the stack starts empty again (views already handed out stay valid)."""
-        self.__init__(self.capacity_hint, window=self.window)
+        self.__init__(self.capacity_hint, window=self.window, dim=self.dim)
+
+    def reserve(self, n_more: int, like: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        """
+        Make room for `n_more` entries like `like` after the current ones, in one buffer that also holds every
+        entry they will see, and that no fork writes to. Returns the buffer and the index of its first entry;
+        the caller writes entries without autograd and then calls `extended(n_more)`.
+        """
+        end = self.length + n_more
+        # The first entry the next step sees
+        first = self._visible_start(self.length - 1) if self.length > 0 else 0
+        buf = self._buffer
+        if buf is None or first < buf.first or end > buf.first + buf.data.shape[self.dim] or buf.end != self.length:
+            self._buffer = _Buffer.grow(buf, like, self.dim, first=first, end=self.length,
+                                        capacity=max(2 * (end - first), self.capacity_hint - first, 16))
+        return self._buffer.data, self._buffer.first
+
+    def extended(self, n_more: int) -> torch.Tensor:
+        """Count `n_more` entries written into the buffer from `reserve`; returns the view of the visible ones."""
+        self.length += n_more
+        self._buffer.end = self.length
+        self._last = self._alias(self._visible_start(self.length - 1), self.length)
+        return self._last
 
     def fork(self, n: Optional[int] = None, visible: Optional[torch.Tensor] = None) -> "Stack":
         r"""
@@ -153,14 +185,14 @@ class Stack:
         n = self.length if n is None else n
         if not 0 <= n <= self.length:
             raise ValueError(f"fork: n must be in [0, {self.length}], got {n}")
-        other = Stack(self.capacity_hint, window=self.window)
+        other = Stack(self.capacity_hint, window=self.window, dim=self.dim)
         other.length = other.frozen = n
         if n == 0:
             return other
         start = self._visible_start(n - 1)
         if self._buffer.first <= start:
             other._buffer = self._buffer
-        elif visible is not None and visible.shape[0] == n - start:
+        elif visible is not None and visible.shape[self.dim] == n - start:
             other._buffer = _Buffer(visible.detach(), first=start, end=n)
         else:
             raise ValueError(f"fork: the entries visible from entry {n - 1} are no longer stored; "
@@ -169,13 +201,13 @@ class Stack:
         return other
 
     @staticmethod
-    def from_rows(rows: torch.Tensor, first: int, *, window: Optional[int] = None) -> "Stack":
+    def from_rows(rows: torch.Tensor, first: int, *, window: Optional[int] = None, dim: int = 0) -> "Stack":
         r"""
-        A stack whose entries `first, first + 1, ...` are `rows` (`[n, *entry_shape]`, any strides, no copy), all
+        A stack whose entries `first, first + 1, ...` are `rows` (stacked on `dim`, any strides, no copy), all
         constants for autograd: their gradients flow through `rows` itself. The fused loop returns its cache so.
         """
-        stack = Stack(window=window)
-        end = first + rows.shape[0]
+        stack = Stack(window=window, dim=dim)
+        end = first + rows.shape[dim]
         stack.length = stack.frozen = end
         stack._buffer = _Buffer(rows.detach(), first=first, end=end)
         stack._last = stack._alias(stack._visible_start(end - 1), end)
@@ -184,7 +216,11 @@ class Stack:
     @property
     def shape(self) -> Optional[torch.Size]:
         """Shape of one entry, once known."""
-        return None if self._buffer is None else self._buffer.data.shape[1:]
+        if self._buffer is None:
+            return None
+        shape = list(self._buffer.data.shape)
+        del shape[self.dim]
+        return torch.Size(shape)
 
     def _visible_start(self, n: int) -> int:
         # First entry visible from entry `n`: all of them, or the last `window`
@@ -194,43 +230,51 @@ class Stack:
         # Called by `StackFunction.forward`: store `value` as entry `n`; returns the first visible index
         if n != self.length:
             raise ValueError(f"Stack: entries must be appended in order: expected n={self.length}, got n={n}")
+        if value.dim() < self.dim:
+            raise ValueError(f"Stack entries need at least {self.dim} dimensions (dim={self.dim}), "
+                             f"got shape {tuple(value.shape)}")
         buf = self._buffer
-        if buf is not None and (value.shape != buf.data.shape[1:] or value.dtype != buf.data.dtype
+        if buf is not None and (value.shape != self.shape or value.dtype != buf.data.dtype
                                 or value.device != buf.data.device):
             raise ValueError(f"Stack entries must all have the same shape, dtype and device: the stack holds "
-                             f"{tuple(buf.data.shape[1:])} {buf.data.dtype} on {buf.data.device}, got "
+                             f"{tuple(self.shape)} {buf.data.dtype} on {buf.data.device}, got "
                              f"{tuple(value.shape)} {value.dtype} on {value.device}")
         start = self._visible_start(n)
         # A new buffer when there is none, it is full, or a fork has written past our end (copy on write)
-        if buf is None or n >= buf.first + buf.data.shape[0] or buf.end != n:
-            self._buffer = _Buffer.grow(buf, value, first=start, end=n, hint=self.capacity_hint,
-                                        window=self.window)
+        if buf is None or n >= buf.first + buf.data.shape[self.dim] or buf.end != n:
+            capacity = max(2 * (n - start) + 1, self.capacity_hint - start, 16)
+            if self.window is not None:
+                capacity = max(min(capacity, 2 * self.window), n - start + 1)
+            self._buffer = _Buffer.grow(buf, value, self.dim, first=start, end=n, capacity=capacity)
             buf = self._buffer
-        buf.data[n - buf.first] = value
+        buf.data.select(self.dim, n - buf.first).copy_(value)
         buf.end = n + 1
         self.length = n + 1
         return start
 
     def _alias(self, start: int, stop: int) -> torch.Tensor:
-        # Rows `[start, stop)` as a separate tensor over the buffer's memory (own version counter, no copy)
+        # Entries `[start, stop)` as a separate tensor over the buffer's memory (own version counter, no copy)
         data = self._buffer.data
-        row = data.stride(0)
+        shape = list(data.shape)
+        shape[self.dim] = stop - start
         out = data.new_empty(0)
-        out.set_(data.untyped_storage(), data.storage_offset() + (start - self._buffer.first) * row,
-                 (stop - start, *data.shape[1:]), data.stride())
+        out.set_(data.untyped_storage(),
+                 data.storage_offset() + (start - self._buffer.first) * data.stride(self.dim), shape, data.stride())
         return out
 
     def _grad_buffer(self, like: torch.Tensor) -> torch.Tensor:
         # Zeros at the start of each backward pass (identified by the autograd engine's graph task id)
         task = torch._C._current_graph_task_id()
         if self._grad is None or task != self._grad_task:
-            self._grad = like.new_zeros((self.length - self.frozen, *like.shape[1:]))
+            shape = list(like.shape)
+            shape[self.dim] = self.length - self.frozen
+            self._grad = like.new_zeros(shape)
             self._grad_task = task
         return self._grad
 
 
 class _Buffer:
-    """Preallocated rows `[first, first + capacity)` of a stack; rows `< end` are written."""
+    """Preallocated entries `[first, first + capacity)` of a stack; entries `< end` are written."""
 
     def __init__(self, data: torch.Tensor, first: int, end: int):
         self.data = data
@@ -238,16 +282,15 @@ class _Buffer:
         self.end = end
 
     @staticmethod
-    def grow(old: Optional["_Buffer"], value: torch.Tensor, *, first: int, end: int, hint: int,
-             window: Optional[int]) -> "_Buffer":
-        # Rows worth keeping: `[first, end)`; room for at least as many again (amortised O(1) appends)
+    def grow(old: Optional["_Buffer"], value: torch.Tensor, dim: int, *, first: int, end: int,
+             capacity: int) -> "_Buffer":
+        # A new buffer with room for `capacity` entries, keeping entries `[first, end)` of the old one
+        shape = list(value.shape)
+        shape.insert(dim, capacity)
+        data = value.new_empty(shape)
         keep = end - first
-        capacity = max(2 * keep + 1, hint - first, 16)
-        if window is not None:
-            capacity = max(min(capacity, 2 * window), keep + 1)
-        data = value.new_empty((capacity, *value.shape))
         if keep > 0:
-            data[:keep] = old.data[first - old.first:end - old.first]
+            data.narrow(dim, 0, keep).copy_(old.data.narrow(dim, first - old.first, keep))
         return _Buffer(data, first, end)
 
 

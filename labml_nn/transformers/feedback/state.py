@@ -16,7 +16,9 @@ out2, state = transformer(x[10:], state=state, return_state=True)   # same as tr
 
 The keys and values live in a `Stack` with entries `[groups, 2, batch_size, heads, d_k]`: `groups` is the
 number of layers for `FeedbackTransformer` (each layer projects the memory itself) and 1 for
-`FeedbackTransformerKV` (one shared projection); index 0 of the second axis holds keys, 1 values.
+`FeedbackTransformerKV` (one shared projection); index 0 of the second axis holds keys, 1 values. Entries are
+stacked on axis 4, so the cache reads `[groups, 2, batch_size, heads, time, d_k]`: each head's keys are one
+contiguous matrix.
 
 `detach()` returns a state whose cached keys and values are constants for autograd: gradients of a later
 call stop there, as in truncated backpropagation through time. It shares the cached tensors, without a copy.
@@ -40,7 +42,7 @@ class FeedbackState:
     """
     * `kv`: the cached keys and values, entries `[groups, 2, batch_size, heads, d_k]`
     * `n_steps`: how many steps (tokens) the state has seen
-    * `visible`: the keys and values the next step attends to, `[n_visible, groups, 2, batch_size, heads, d_k]`
+    * `visible`: the keys and values the next step attends to, `[groups, 2, batch_size, heads, n_visible, d_k]`
       (a view into `kv`, carrying the autograd history unless detached); `None` before the first step
     """
     kv: Stack
@@ -49,7 +51,7 @@ class FeedbackState:
 
     @property
     def batch_size(self) -> int:
-        return self.visible.shape[3]
+        return self.visible.shape[2]
 
     def detach(self) -> "FeedbackState":
         """The same state with its cache cut from the autograd graph (no copy)."""

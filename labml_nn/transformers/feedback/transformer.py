@@ -140,12 +140,14 @@ class _FeedbackLoop(nn.Module):
         Returns `[seq_len, batch_size, d_model]`, and the state if asked for.
         """
         self._check_input(x_seq, state)
-        if self.fused and torch.is_grad_enabled():
-            return self._forward_fused(x_seq, state, return_state)
+        if self.fused:
+            if torch.is_grad_enabled():
+                return self._forward_fused(x_seq, state, return_state)
+            return self._forward_inference(x_seq, state, return_state)
         seq_len, batch_size, _ = x_seq.shape
         # The cache of keys and values, entries `[groups, 2, batch_size, heads, d_k]`
         if state is None:
-            n_start, stack, visible = 0, Stack(seq_len, window=self.memory_span), None
+            n_start, stack, visible = 0, Stack(seq_len, window=self.memory_span, dim=4), None
         else:
             n_start, stack, visible = state.n_steps, state.stack_for_continuation(), state.visible
             if torch.is_grad_enabled() and state.visible.requires_grad and state.kv.frozen >= n_start:
@@ -167,9 +169,9 @@ class _FeedbackLoop(nn.Module):
                 if visible is None:
                     key = value = None
                 else:
-                    # Keys and values of the visible memory, `[n, batch_size, heads, d_k]` views
+                    # Keys and values of the visible memory, as `[n, batch_size, heads, d_k]` views
                     g = l if self.groups > 1 else 0
-                    key, value = visible[:, g, 0], visible[:, g, 1]
+                    key, value = visible[g, 0].permute(2, 0, 1, 3), visible[g, 1].permute(2, 0, 1, 3)
                 x = layer(x=x, key=key, value=value, pos_emb=pos[l][0], pos_bias=pos[l][1])
                 layer_outputs.append(x)
             outputs.append(x)
@@ -193,11 +195,8 @@ class _FeedbackLoop(nn.Module):
         n_visible = n_start + seq_len - 1
         return n_visible if self.memory_span is None else min(n_visible, self.memory_span)
 
-    def _forward_fused(self, x_seq: torch.Tensor, state: Optional[FeedbackState], return_state: bool):
-        """The same computation as `forward`, as one autograd function with a hand-written backward pass."""
-        seq_len = x_seq.shape[0]
-        n_start = 0 if state is None else state.n_steps
-        n_visible = max(1, self._n_visible(n_start, seq_len))
+    def _layer_tensors(self, n_visible: int) -> List[torch.Tensor]:
+        """Each layer's tensors in the order of `fused.LAYER_TENSORS`."""
         tensors = []
         for layer in self.layers:
             attn, ff = layer.attn, layer.feed_forward
@@ -206,24 +205,58 @@ class _FeedbackLoop(nn.Module):
                         attn.output.bias, layer.norm_self_attn.weight, layer.norm_self_attn.bias,
                         layer.norm_ff.weight, layer.norm_ff.bias, ff.layer1.weight, ff.layer1.bias,
                         ff.layer2.weight, ff.layer2.bias]
+        return tensors
+
+    def _loop_config(self, n_start: int, return_state: bool, dropout: bool) -> fused_loop.LoopConfig:
         layer = self.layers[0]
         p_attn, p_resid, p_hidden = (layer.attn.dropout.p, layer.dropout.p, layer.feed_forward.dropout.p) \
-            if self.training else (0.0, 0.0, 0.0)
+            if dropout else (0.0, 0.0, 0.0)
         seed = int(torch.randint(2 ** 62, ())) if max(p_attn, p_resid, p_hidden) > 0 else 0
         cfg = fused_loop.LoopConfig(n_layers=self.n_layers, groups=self.groups, heads=self.heads, d_k=self.d_k,
                                eps=layer.norm_ff.eps, window=self.memory_span, p_attn=p_attn, p_resid=p_resid,
                                p_hidden=p_hidden, n_start=n_start, make_last_memory=return_state, seed=seed)
+        return cfg
+
+    def _forward_fused(self, x_seq: torch.Tensor, state: Optional[FeedbackState], return_state: bool):
+        """The same computation as `forward`, as one autograd function with a hand-written backward pass."""
+        seq_len = x_seq.shape[0]
+        n_start = 0 if state is None else state.n_steps
+        tensors = self._layer_tensors(max(1, self._n_visible(n_start, seq_len)))
+        cfg = self._loop_config(n_start, return_state, self.training)
         prev = None if state is None else state.visible
-        out, rows = fused_loop.run_loop(cfg, x_seq, prev, self.memory_weights(), self._kv_weight(), tensors)
+        out, cache = fused_loop.run_loop(cfg, x_seq, prev, self.memory_weights(), self._kv_weight(), tensors)
         out = self.norm(out)
         if not return_state:
             return out
-        # The state: the cache rows that the next step can see, their gradients flowing through `rows`
+        # The state: the part of the cache the next step can see, its gradients flowing through `cache`
         n_end = n_start + seq_len
-        first_row = n_start - (0 if prev is None else prev.shape[0])
+        first_row = n_start - (0 if prev is None else prev.shape[4])
         first_visible = 0 if self.memory_span is None else max(0, n_end - self.memory_span)
-        visible = rows[first_visible - first_row:]
-        return out, FeedbackState(Stack.from_rows(visible, first_visible, window=self.memory_span), n_end, visible)
+        visible = cache[..., first_visible - first_row:, :]
+        stack = Stack.from_rows(visible, first_visible, window=self.memory_span, dim=4)
+        return out, FeedbackState(stack, n_end, visible)
+
+    def _forward_inference(self, x_seq: torch.Tensor, state: Optional[FeedbackState], return_state: bool):
+        """
+        Without autograd: the fused loop's steps, writing keys and values straight into the state's cache (no copy
+        of the memory), so that generating one token costs one step.
+        """
+        seq_len, batch_size, _ = x_seq.shape
+        if state is None:
+            n_start, stack = 0, Stack(seq_len, window=self.memory_span, dim=4)
+        else:
+            n_start, stack = state.n_steps, state.stack_for_continuation()
+        n_new = seq_len if return_state else seq_len - 1
+        entry = x_seq.new_empty((self.groups, 2, batch_size, self.heads, self.d_k))
+        cache, first = stack.reserve(n_new, entry)
+        cfg = self._loop_config(n_start, return_state, False)
+        tensors = self._layer_tensors(max(1, self._n_visible(n_start, seq_len)))
+        out = fused_loop.run_steps(cfg, x_seq, fused_loop.split_layers(cfg, tensors), self.memory_weights(),
+                                   self._kv_weight(), cache, first)
+        out = self.norm(out)
+        if not return_state:
+            return out
+        return out, FeedbackState(stack, n_start + seq_len, stack.extended(n_new))
 
     def _check_input(self, x_seq: torch.Tensor, state: Optional[FeedbackState]) -> None:
         if not isinstance(x_seq, torch.Tensor):
@@ -240,8 +273,9 @@ class _FeedbackLoop(nn.Module):
             raise TypeError(f"state must be a FeedbackState returned with return_state=True, "
                             f"got {type(state).__name__}")
         expected = (self.groups, 2, x_seq.shape[1], self.heads, self.d_k)
-        if tuple(state.visible.shape[1:]) != expected:
-            raise ValueError(f"state does not fit this call: its cache entries are {list(state.visible.shape[1:])}, "
+        entry = tuple(state.visible.shape[:4] + state.visible.shape[5:])
+        if entry != expected:
+            raise ValueError(f"state does not fit this call: its cache entries are {list(entry)}, "
                              f"expected {list(expected)} [groups, 2, batch_size, heads, d_k] "
                              f"(state batch size {state.batch_size}, x_seq batch size {x_seq.shape[1]})")
         if state.visible.dtype != x_seq.dtype or state.visible.device != x_seq.device:
