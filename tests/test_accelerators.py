@@ -84,7 +84,7 @@ def _configs(**values) -> Configs:
     conf = Configs()
     conf._set_values({'d_model': 16, 'heads': 2, 'd_ff': 32, 'n_layers': 1, 'seq_len': 16, 'batch_size': 4,
                       'epochs': 1, 'sample_tokens': 0, 'text_path': str(TEXT), 'use_cuda': False,
-                      'optimizer.optimizer': 'Adam', **values})
+                      'optimizer.optimizer': 'Adam', 'optimizer.learning_rate': 1e-3, **values})
     conf.validate()
     conf.init()
     return conf
@@ -140,7 +140,7 @@ def test_carried_training_state_grows_and_resets():
     for _ in monit.loop(range(1)):
         conf.train_part(0, 3)
     state = conf._carried['train']
-    assert state.n_steps == 3 * 16 and state.visible.shape[0] == 6 and not state.visible.requires_grad
+    assert state.n_steps == 3 * 16 and state.visible.shape[state.kv.dim] == 6 and not state.visible.requires_grad
     # A new epoch starts with an empty memory
     conf._progress['batch'] = 0
     conf._progress['step'] = 0
@@ -159,7 +159,7 @@ def test_carry_memory_resume_continues_exactly(tmp_path):
     assert run_cli(tmp_path, [*args, 'train_steps=5'], uuid='straight').returncode == 0
     first = checkpoint_of(tmp_path, 'feedback_transformer_kv', 'first')
     carried = first['carried'][0]
-    assert carried['n_steps'] == 3 * 16 and carried['visible'].shape[0] == 12
+    assert carried['n_steps'] == 3 * 16 and carried['visible'].shape[carried['dim']] == 12
     a = checkpoint_of(tmp_path, 'feedback_transformer_kv', 'resumed')
     b = checkpoint_of(tmp_path, 'feedback_transformer_kv', 'straight')
     loss_a = [h['loss'] for h in a['history']['train']]
@@ -309,6 +309,8 @@ def test_carry_memory_two_ranks_equal_one_process(tmp_path):
     assert [h['loss'] for h in a['history']['train']] == pytest.approx([h['loss'] for h in b['history']['train']],
                                                                        abs=1e-5, rel=0)
     # Each rank's carried memory is in the checkpoint: 4 streams each, the single process's 8 side by side
-    rows = [c['visible'] for c in a['carried']]
-    assert len(rows) == 2 and rows[0].shape[3] == 4
-    torch.testing.assert_close(torch.cat(rows, dim=3), b['carried'][0]['visible'], rtol=0, atol=1e-5)
+    rows, full = [c['visible'] for c in a['carried']], b['carried'][0]['visible']
+    # The batch axis: the only one where a rank's cache differs from the single process's
+    (axis,) = [i for i, (n, m) in enumerate(zip(rows[0].shape, full.shape)) if n != m]
+    assert len(rows) == 2 and rows[0].shape[axis] == 4 and full.shape[axis] == 8
+    torch.testing.assert_close(torch.cat(rows, dim=axis), full, rtol=0, atol=1e-5)

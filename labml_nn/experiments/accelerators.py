@@ -246,7 +246,8 @@ def carried_to_payload(state: Optional[Any]) -> Optional[Dict[str, Any]]:
     """A carried `FeedbackState` as plain tensors for a `weights_only` checkpoint (`None` stays `None`)."""
     if state is None or state.visible is None:
         return None
-    return {'n_steps': state.n_steps, 'visible': state.visible.detach().cpu().clone()}
+    # `dim`: the time axis of the cached keys and values, as the model's `Stack` keeps them
+    return {'n_steps': state.n_steps, 'visible': state.visible.detach().cpu().clone(), 'dim': state.kv.dim}
 
 
 def carried_from_payload(payload: Dict[str, Any], device: torch.device, memory_span: Optional[int]) -> Any:
@@ -255,5 +256,6 @@ def carried_from_payload(payload: Dict[str, Any], device: torch.device, memory_s
     from labml_nn.transformers.feedback.state import FeedbackState
     visible = payload['visible'].to(device)
     n_steps = int(payload['n_steps'])
-    stack = Stack.from_rows(visible, n_steps - visible.shape[0], window=memory_span)
+    dim = int(payload['dim'])
+    stack = Stack.from_rows(visible, n_steps - visible.shape[dim], window=memory_span, dim=dim)
     return FeedbackState(stack, n_steps, stack.get())
