@@ -71,7 +71,6 @@ def train(args: List[str], tag: str) -> Dict[str, Any]:
             'progress': payload['progress'], 'history': payload['history']}
 
 
-@torch.inference_mode()
 def generation_cost(memory_span: Optional[int], n_tokens: int = 1040, window: int = 32) -> Dict[str, float]:
     """Tokens/s (CPU time of this thread) of one-token steps in windows around token 10 and token 1,000."""
     from labml_nn.transformers.feedback import (
@@ -88,15 +87,17 @@ def generation_cost(memory_span: Optional[int], n_tokens: int = 1040, window: in
     tokens = torch.randint(65, (n_tokens, 1))
     seconds = []
     state = None
-    for t in range(n_tokens):
-        start = time.thread_time()
-        _, state = model(tokens[t:t + 1], state=state, return_state=True)
-        seconds.append(time.thread_time() - start)
+    # The model is built outside inference mode (its parameters stay ordinary tensors), and run inside it
+    with torch.inference_mode():
+        for t in range(n_tokens):
+            start = time.thread_time()
+            _, state = model(tokens[t:t + 1], state=state, return_state=True)
+            seconds.append(time.thread_time() - start)
     # Steps `centre - window / 2 .. centre + window / 2 - 1`, around token 10 the first `window` steps
     early = seconds[1:1 + window]
     late = seconds[1000 - window // 2:1000 + window // 2]
     return {'tokens_per_second_10': len(early) / sum(early), 'tokens_per_second_1000': len(late) / sum(late),
-            'cached_steps': state.visible.shape[0]}
+            'cached_steps': state.visible.shape[state.kv.dim]}
 
 
 def part_span() -> Dict[str, Any]:
