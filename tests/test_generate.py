@@ -275,3 +275,14 @@ def test_parallel_baseline_with_key_value_cache():
     assert torch.equal(model.generate(prompt, 20, temperature=0), greedy_by_recomputation(model, prompt, 20))
     a = model.generate(prompt, 20, top_k=3, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, model.generate(prompt, 20, top_k=3, generator=torch.Generator().manual_seed(2)))
+
+
+def test_model_built_under_inference_mode_generates():
+    # Parameters created under inference mode have no version counters; the inference caches must cope
+    from conftest import make_transformer
+
+    from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel
+    with torch.inference_mode():
+        model = AutoregressiveModel(5, 8, make_transformer('kv', dtype=torch.float32))
+        out = model.generate(torch.zeros(2, 1, dtype=torch.long), 4, temperature=0)
+    assert out.shape == (6, 1)

@@ -64,10 +64,10 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
     return payload
 
 
-def find_checkpoint(resume: str, experiments_path: Optional[Path]) -> Path:
+def find_checkpoint(resume: str, experiments_path: Optional[Path], key: str = 'resume') -> Path:
     """
-    The checkpoint that `resume=` names: a checkpoint file, a run folder, or a run UUID looked up among
-    labml's experiments (`<experiments>/<name>/<uuid>/checkpoints/checkpoint.pt`).
+    The checkpoint that `resume=` (or config `key`) names: a checkpoint file, a run folder, or a run UUID looked
+    up among labml's experiments (`<experiments>/<name>/<uuid>/checkpoints/checkpoint.pt`).
     """
     path = Path(resume).expanduser()
     if path.is_file():
@@ -76,14 +76,14 @@ def find_checkpoint(resume: str, experiments_path: Optional[Path]) -> Path:
         for candidate in (path / 'checkpoints' / CHECKPOINT_NAME, path / CHECKPOINT_NAME):
             if candidate.is_file():
                 return candidate
-        raise FileNotFoundError(f"resume={resume}: no {CHECKPOINT_NAME} in that folder or its checkpoints/")
+        raise FileNotFoundError(f"{key}={resume}: no {CHECKPOINT_NAME} in that folder or its checkpoints/")
     if experiments_path is not None and experiments_path.is_dir() and '/' not in resume:
         # A distributed run's rank-0 folder is `<uuid>.0`
         for run in sorted(experiments_path.glob(f'*/{resume}')) + sorted(experiments_path.glob(f'*/{resume}.0')):
             candidate = run / 'checkpoints' / CHECKPOINT_NAME
             if candidate.is_file():
                 return candidate
-    raise FileNotFoundError(f"resume={resume}: not a checkpoint file, a run folder, or the UUID of a run with a "
+    raise FileNotFoundError(f"{key}={resume}: not a checkpoint file, a run folder, or the UUID of a run with a "
                             f"checkpoint under {experiments_path}")
 
 

@@ -143,10 +143,14 @@ class NLPAutoRegressionConfigs(BaseConfigs):
 
     def forward_loss(self, data: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy loss (mean over tokens) and the number of correct argmax predictions."""
-        output = self._ddp_model(data)
+        output = self.model_output(data)
         loss = self.loss_func(output.view(-1, output.shape[-1]), target.view(-1))
         correct = (output.detach().argmax(dim=-1) == target).sum()
         return loss, correct
+
+    def model_output(self, data: torch.Tensor) -> torch.Tensor:
+        """Logits `[seq_len, batch_size, n_tokens]` of a batch (a variant may pass a state along)."""
+        return self._ddp_model(data)
 
     def train_step(self, data: torch.Tensor, target: torch.Tensor) -> float:
         """Forward, backward (gradients all-reduced by DDP), clip, optimizer step; returns the global mean loss."""
@@ -208,7 +212,8 @@ class NLPAutoRegressionConfigs(BaseConfigs):
         with monit.section('Valid', is_partial=True):
             loss, accuracy = self.evaluate(start, end)
         tracker.add({'loss.valid': loss, 'accuracy.valid': accuracy})
-        self._history['valid'].append({'step': self._progress['step'], 'loss': loss, 'accuracy': accuracy})
+        self._history['valid'].append({'step': self._progress['step'], 'loss': loss, 'accuracy': accuracy,
+                                       'train_seconds': self._progress['train_seconds']})
 
     def full_validation(self) -> None:
         """Validate on the whole validation set (up to `valid_batches`): at the end of an epoch and of a run."""
@@ -220,6 +225,10 @@ class NLPAutoRegressionConfigs(BaseConfigs):
                                              'valid_accuracy': accuracy})
         self.log([(f"Step {p['step']:,}: ", Text.key), ('valid loss ', Text.subtle), (f'{loss:.4f}', Text.value),
                   (', accuracy ', Text.subtle), (f'{accuracy:.4f}', Text.value)])
+
+    def make_loader(self, text: str, is_train: bool) -> SequenceBatches:
+        """The batches of the training (`is_train`) or validation text; a variant may read it differently."""
+        return shuffled_batches(self, text, is_train)
 
     def n_valid_batches(self) -> int:
         n = len(self.valid_loader)
@@ -385,7 +394,8 @@ def _optimizer(c: NLPAutoRegressionConfigs) -> OptimizerConfigs:
     return conf
 
 
-def _loader(c: NLPAutoRegressionConfigs, text: str, is_train: bool) -> SequenceBatches:
+def shuffled_batches(c: NLPAutoRegressionConfigs, text: str, is_train: bool) -> SequenceBatches:
+    """Shuffled sequences of `text` (with random offsets for training), this rank's rows of every batch."""
     return SequenceBatches(c.text.text_to_i(text), seq_len=c.seq_len, batch_size=c.batch_size, shuffle=True,
                            random_offset=is_train, seed=c.seed if is_train else c.seed + 1,
                            rank=c._dist.rank, world_size=c._dist.world_size)
@@ -393,9 +403,9 @@ def _loader(c: NLPAutoRegressionConfigs, text: str, is_train: bool) -> SequenceB
 
 @option(NLPAutoRegressionConfigs.train_loader)
 def _train_loader(c: NLPAutoRegressionConfigs) -> SequenceBatches:
-    return _loader(c, c.text.train, True)
+    return c.make_loader(c.text.train, True)
 
 
 @option(NLPAutoRegressionConfigs.valid_loader)
 def _valid_loader(c: NLPAutoRegressionConfigs) -> SequenceBatches:
-    return _loader(c, c.text.valid, False)
+    return c.make_loader(c.text.valid, False)

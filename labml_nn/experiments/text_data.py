@@ -93,6 +93,17 @@ def resolve_text_path(text_path: str, data_folder: Optional[Path], url: str = TI
     return _check_text_file(path, 'labml data folder')
 
 
+def check_batch_args(data: torch.Tensor, seq_len: int, batch_size: int, world_size: int) -> None:
+    """A `ValueError` naming the argument unless `data` is 1-D and the sizes fit `world_size` ranks."""
+    if data.dim() != 1:
+        raise ValueError(f"data must be a 1-D tensor of token ids, got shape {list(data.shape)}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if batch_size < 1 or batch_size % world_size != 0:
+        raise ValueError(f"batch_size (global) must be a positive multiple of the world size {world_size}, "
+                         f"got {batch_size}")
+
+
 class SequenceBatches:
     """
     Shuffled batches of sequences from one long token tensor.
@@ -109,13 +120,7 @@ class SequenceBatches:
 
     def __init__(self, data: torch.Tensor, *, seq_len: int, batch_size: int, shuffle: bool = True,
                  random_offset: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
-        if data.dim() != 1:
-            raise ValueError(f"data must be a 1-D tensor of token ids, got shape {list(data.shape)}")
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
-        if batch_size < 1 or batch_size % world_size != 0:
-            raise ValueError(f"batch_size (global) must be a positive multiple of the world size {world_size}, "
-                             f"got {batch_size}")
+        check_batch_args(data, seq_len, batch_size, world_size)
         self.data = data
         self.seq_len = seq_len
         self.batch_size = batch_size

@@ -105,7 +105,9 @@ class FeedbackAttention(nn.Module):
         when the table changes or a longer one is needed: the terms for $n$ are the last $n$ rows of any longer
         ones.
         """
-        if torch.is_grad_enabled() and self.key_pos_embeddings.requires_grad:
+        table = self.key_pos_embeddings
+        if (torch.is_grad_enabled() and table.requires_grad) or table.is_inference():
+            # With autograd, or for a model built under `torch.inference_mode()` (no version counters): no cache
             return self._relative_terms(n)
         key = (self.key_pos_embeddings._version, self.key_pos_embeddings.data_ptr(), self.key_pos_bias._version,
                self.key_pos_bias.data_ptr())

@@ -24,10 +24,14 @@ the Noam schedule ($\\eta = 1$, 2,000 warm-up steps).
 
 from typing import List, Optional
 
+from labml import lab
 from labml.configs import option
+from labml.logger import Text
 
+from labml_nn.experiments import checkpoint as ckpt
+from labml_nn.experiments.accelerators import AcceleratedConfigs
 from labml_nn.experiments.cli import run_experiment
-from labml_nn.experiments.nlp_autoregression import NLPAutoRegressionConfigs, check_int
+from labml_nn.experiments.nlp_autoregression import check_int
 from labml_nn.transformers.causal import CausalAttention, CausalTransformer, CausalTransformerLayer
 from labml_nn.transformers.feedback import (
     FeedbackAttention,
@@ -37,13 +41,16 @@ from labml_nn.transformers.feedback import (
     FeedForward,
 )
 from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel
+from labml_nn.transformers.feedback.init_from import check_source_checkpoint, copy_from_transformer
 
 __all__ = ['AutoregressiveModel', 'Configs', 'main']
 
 
-class Configs(NLPAutoRegressionConfigs):
+class Configs(AcceleratedConfigs):
     """
-    The model's size on top of the training configs; `model` picks one of the three models.
+    The model's size on top of the training configs; `model` picks one of the three models. The paper's
+    accelerators: `memory_span`, `carry_memory` and `seq_len_curriculum` (`experiments/accelerators.py`) and
+    `init_from` (`init_from.py`).
     """
     model: AutoregressiveModel
     d_model: int = 512
@@ -51,6 +58,10 @@ class Configs(NLPAutoRegressionConfigs):
     d_ff: int = 2048
     n_layers: int = 6
     dropout: float = 0.0
+    # Feedback models attend to at most this many latest memory vectors (0: all of them)
+    memory_span: int = 0
+    # A `model=transformer` run (UUID, run folder or checkpoint) whose weights start a feedback model
+    init_from: str = ''
 
     seq_len: int = 128
     batch_size: int = 64
@@ -69,9 +80,52 @@ class Configs(NLPAutoRegressionConfigs):
             raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        model = self.model_name()
+        if not isinstance(self.memory_span, int) or isinstance(self.memory_span, bool) or self.memory_span < 0:
+            raise ValueError(f"memory_span must be an int >= 1 (the latest memory vectors each step attends to), "
+                             f"or 0 for no limit, got {self.memory_span!r}")
+        if model == 'transformer':
+            for key in ('memory_span', 'carry_memory', 'init_from'):
+                if getattr(self, key):
+                    raise ValueError(f"{key} is an option of the feedback models, not of model=transformer")
+        if self.carry_memory and self.memory_span == 0:
+            raise ValueError("carry_memory=True needs a memory_span >= 1: the carried memory would otherwise grow "
+                             "with every batch of the epoch")
+        if self.init_from and not self.resume:
+            # The source run must exist and be a parallel transformer; shapes are checked when copying
+            check_source_checkpoint(self.source_checkpoint(), self.init_from)
+
+    def model_name(self) -> str:
+        return self._overrides.get('model') or self._to_json()['model']['options'][0]
+
+    def source_checkpoint(self) -> dict:
+        """The checkpoint `init_from` names."""
+        return ckpt.load_checkpoint(ckpt.find_checkpoint(self.init_from, lab.get_experiments_path(), 'init_from'))
+
+    def init(self) -> None:
+        resuming = self._resume_payload is not None
+        # The model is built (from the seed) here
+        super().init()
+        # A resumed run has its weights already; `init_from` only starts a new one
+        if self.init_from and not resuming:
+            self.copy_init_from()
+
+    def copy_init_from(self) -> None:
+        """Copy the pretrained transformer's weights into the model and say what was and was not copied."""
+        source = check_source_checkpoint(self.source_checkpoint(), self.init_from)
+        copied, left, unused = copy_from_transformer(source, self.model)
+        self.log([('init_from: ', Text.key), (f'copied {len(copied)} parameters', Text.value),
+                  (f' from {self.init_from}', Text.subtle)])
+        for name, origin in copied:
+            self.log([('  copied ', Text.subtle), (name, Text.value)] +
+                     ([(f' <- {origin}', Text.subtle)] if origin != name else []))
+        for name in left:
+            self.log([('  left at initialization ', Text.warning), (name, Text.value)])
+        for name in unused:
+            self.log([('  not used from the checkpoint ', Text.subtle), (name, Text.value)])
 
     def experiment_name(self) -> str:
-        return self._overrides.get('model') or self._to_json()['model']['options'][0]
+        return self.model_name()
 
 
 def _feedback_layer(c: Configs, is_kv: bool) -> FeedbackTransformerLayer:
@@ -84,14 +138,15 @@ def _feedback_layer(c: Configs, is_kv: bool) -> FeedbackTransformerLayer:
 @option(Configs.model, 'feedback_transformer')
 def _feedback_transformer(c: Configs) -> AutoregressiveModel:
     """The Feedback Transformer: per-layer key/value projections of the weighted-sum memory."""
-    transformer = FeedbackTransformer(_feedback_layer(c, False), c.n_layers)
+    transformer = FeedbackTransformer(_feedback_layer(c, False), c.n_layers, memory_span=c.memory_span or None)
     return AutoregressiveModel(c.n_tokens, c.d_model, transformer).to(c.device)
 
 
 @option(Configs.model, 'feedback_transformer_kv')
 def _feedback_transformer_kv(c: Configs) -> AutoregressiveModel:
     """The key/value variant: one key/value projection shared by the layers, cached once per step."""
-    transformer = FeedbackTransformerKV(_feedback_layer(c, True), c.n_layers, c.d_model, c.heads)
+    transformer = FeedbackTransformerKV(_feedback_layer(c, True), c.n_layers, c.d_model, c.heads,
+                                        memory_span=c.memory_span or None)
     return AutoregressiveModel(c.n_tokens, c.d_model, transformer).to(c.device)
 
 

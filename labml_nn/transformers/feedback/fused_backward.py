@@ -52,8 +52,9 @@ def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_cache: Optional[t
     scale = 1 / dk ** 0.5
     # Gradients of the cache; those from later calls come in `d_cache`
     d_work = torch.zeros_like(work) if d_cache is None else d_cache.clone()
-    d_keys = [d_work[g, 0].view(BH, -1, dk) for g in range(G)]
-    d_values = [d_work[g, 1].view(BH, -1, dk) for g in range(G)]
+    # The cache's gradient as `[groups * 2 * B * H, time, d_k]`: one product per step updates every layer's keys
+    # and values
+    d_work_rows = d_work.view(G * 2 * BH, -1, dk)
     keys = [work[g, 0].view(BH, -1, dk) for g in range(G)]
     values = [work[g, 1].view(BH, -1, dk) for g in range(G)]
     pos_k = [lt[2].permute(1, 0, 2) for lt in layers]                     # [H, N, d_k]
@@ -64,53 +65,61 @@ def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_cache: Optional[t
     # Stands for `input` in `baddbmm(input, ..., beta=0)`
     no_input = x_seq.new_zeros(())
 
+    # Loop invariants as locals: the weights each layer's backward needs, $\mathrm{softmax}(w)$ as floats, masks
+    weights = [(lt[0], lt[4], lt[6], lt[8], lt[10], lt[12]) for lt in layers]
+    mem_ws = mem_w.tolist()
+    resid, hidden_mask, attn_mask = masks.resid, masks.hidden, masks.attn
+
     for i in reversed(range(T)):
         sg = _StepGrads(i, L)
+        ffn_i, attn_i, xs_i = s.ffn[i], s.attn[i], s.xs[i]
         d_mem = None
+        # Per layer (top first): $\delta A_t$, $\tilde P_t$, $q_t + u$ and $\delta o_t$, for the cache's gradient
+        outer = []
         if i < n_new:
             # $\delta (k_t, v_t)$ is complete: all later steps are done
             slot = cfg.n_start + i - first
             sg.d_kv = d_work[..., slot, :].permute(2, 0, 1, 3, 4).reshape(B, G * 2 * D)
             d_mem = sg.d_mem = torch.mm(sg.d_kv, kv_w)
-        dx = d_out[i] if d_mem is None else d_out[i] + mem_w[L] * d_mem
+        dx = d_out[i] if d_mem is None else torch.add(d_out[i], d_mem, alpha=mem_ws[L])
         for l in reversed(range(L)):
-            (w_q, u, _, _, w_o, _, ln1_w, _, ln2_w, _, w_1, _, w_2, _) = layers[l]
+            w_q, w_o, ln1_w, ln2_w, w_1, w_2 = weights[l]
             g = l if G > 1 else 0
-            fs = s.ffn[i][l]
+            x1, mean2, rstd2, hidden = ffn_i[l]
             # The feed-forward block
-            d_ff = dx if masks.resid is None else dx * masks.resid[1, l, i]
+            d_ff = dx if resid is None else dx * resid[1, l, i]
             d_hidden = torch.mm(d_ff, w_2)
-            d_a1 = _relu_backward(d_hidden, fs.hidden, 0)
-            if masks.hidden is not None:
-                d_a1 = d_a1 * masks.hidden[l, i]
+            d_a1 = _relu_backward(d_hidden, hidden, 0)
+            if hidden_mask is not None:
+                d_a1 = d_a1 * hidden_mask[l, i]
             d_z2 = torch.mm(d_a1, w_1)
-            dx = dx + _layer_norm_backward(d_z2, fs.x1, (D,), fs.mean2, fs.rstd2, ln2_w, None, (True, False, False))[0]
+            dx = dx + _layer_norm_backward(d_z2, x1, (D,), mean2, rstd2, ln2_w, None, (True, False, False))[0]
             sg.ffn[l] = (d_ff, d_a1, d_z2)
             # The attention block
-            a = s.attn[i][l]
+            a = attn_i[l]
             if a is not None:
-                n, lo, hi = a.n, a.lo, a.hi
-                d_att = dx if masks.resid is None else dx * masks.resid[0, l, i]
+                mean, rstd, _, qu, p, _, n, lo, hi = a
+                d_att = dx if resid is None else dx * resid[0, l, i]
                 d_o = torch.mm(d_att, w_o).view(BH, 1, dk)
-                pd = a.p if masks.attn is None else a.p * masks.attn_mask(l, i, n)
+                pd = p if attn_mask is None else p * masks.attn_mask(l, i, n)
                 # $\frac{1}{\sqrt{d_k}} \delta \tilde P$ (the softmax's backward is linear: the scale goes first)
                 d_pd = torch.baddbmm(no_input, d_o, values[g][:, lo:hi].transpose(1, 2), beta=0, alpha=scale)
                 d_pd = d_pd.view(B, H, n)
-                d_values[g][:, lo:hi].baddbmm_(pd.view(BH, n, 1), d_o)
-                if masks.attn is not None:
+                if attn_mask is not None:
                     d_pd = d_pd * masks.attn_mask(l, i, n)
-                d_scores = torch._softmax_backward_data(d_pd, a.p, -1, a.p.dtype)
+                d_scores = torch._softmax_backward_data(d_pd, p, -1, p.dtype)
                 d_qu = torch.bmm(d_scores.view(BH, 1, n), keys[g][:, lo:hi])
-                d_keys[g][:, lo:hi].baddbmm_(d_scores.view(BH, n, 1), a.qu)
+                outer.append((d_scores, pd, qu, d_o))
                 # $\delta q = \delta (q + u) + \sum_j \delta A_{tj}\, p_{t-j}$
                 d_q = d_qu.view(B, H, dk) + torch.bmm(d_scores.transpose(0, 1), pos_k[l][:, -n:]).transpose(0, 1)
                 d_q = d_q.reshape(B, D)
                 d_z = torch.mm(d_q, w_q)
-                dx = dx + _layer_norm_backward(d_z, s.xs[i][l], (D,), a.mean, a.rstd, ln1_w, None,
-                                               (True, False, False))[0]
+                dx = dx + _layer_norm_backward(d_z, xs_i[l], (D,), mean, rstd, ln1_w, None, (True, False, False))[0]
                 sg.attn[l] = (d_att, d_q, d_qu.view(B, H, dk), d_z, d_scores)
             if d_mem is not None:
-                dx = dx + mem_w[l] * d_mem
+                dx = torch.add(dx, d_mem, alpha=mem_ws[l])
+        if outer:
+            _add_cache_gradient(d_work_rows, outer, lo, hi, G, BH, dk)
         d_x_seq[i] = dx
         pending.append(sg)
         if len(pending) == chunk or i == 0:
@@ -120,6 +129,30 @@ def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_cache: Optional[t
     d_prev = d_work[..., :n_prev, :] if n_prev else None
     d_mem_w = acc.mem_w if acc.mem_w is not None or not needs_input_grad[3] else torch.zeros_like(mem_w)
     return (d_x_seq, d_prev, d_mem_w, acc.kv_w, *[g for layer in acc.layers for g in layer])
+
+
+def _add_cache_gradient(d_work_rows: torch.Tensor, outer: list, lo: int, hi: int, G: int, BH: int, dk: int) -> None:
+    r"""
+    $\delta k_j \mathrel{+}= \sum_l \delta A^l_{tj} (q^l_t + u^l)$ and
+    $\delta v_j \mathrel{+}= \sum_l \tilde P^l_{tj}\, \delta o^l_t$ for the slots $j$ step $t$ saw, all layers in
+    one batched product: with shared keys and values the sum over layers is the product's inner dimension, with
+    per-layer ones each layer is a batch of its own.
+    """
+    n = hi - lo
+    L = len(outer)
+    # Bottom layer first, as the groups are stored
+    outer = outer[::-1]
+    if G == 1:
+        # `[2 * BH, n, L] @ [2 * BH, L, d_k]`
+        a = torch.stack([o[0] for o in outer] + [o[1] for o in outer]).view(2, L, BH, n)
+        a = a.permute(0, 2, 3, 1).reshape(2 * BH, n, L)
+        b = torch.stack([o[2] for o in outer] + [o[3] for o in outer]).view(2, L, BH, dk)
+        b = b.permute(0, 2, 1, 3).reshape(2 * BH, L, dk)
+    else:
+        # `[L * 2 * BH, n, 1] @ [L * 2 * BH, 1, d_k]`, layer $l$'s keys and values at rows of group $l$
+        a = torch.stack([x for o in outer for x in (o[0], o[1])]).view(L * 2 * BH, n, 1)
+        b = torch.stack([x for o in outer for x in (o[2], o[3])]).view(L * 2 * BH, 1, dk)
+    d_work_rows[:, lo:hi] += torch.bmm(a, b)
 
 
 class _StepGrads:

@@ -213,9 +213,10 @@ class _FeedbackLoop(nn.Module):
         Generation makes one call per token, so what depends only on the parameters is kept until they change.
         """
         params = self.__dict__.get('_params_list') or self.__dict__.setdefault('_params_list', list(self.parameters()))
-        key = tuple((p._version, p.data_ptr()) for p in params)
+        # Parameters made under `torch.inference_mode()` have no version counter: recompute every call then
+        key = None if params[0].is_inference() else tuple((p._version, p.data_ptr()) for p in params)
         cached = self.__dict__.get('_inference_cache')
-        if cached is None or cached[0] != key:
+        if cached is None or key is None or cached[0] != key:
             layers = [list(t) for t in fused_loop.split_layers(self._loop_config(0, False, False),
                                                                self._layer_tensors(1))]
             cached = (key, layers, self.memory_weights(), self._kv_weight())
