@@ -185,6 +185,12 @@ def run_experiment(conf_class: Type[NLPAutoRegressionConfigs], argv: Optional[Li
         barrier(ctx)
     finally:
         shutdown_distributed(ctx)
+    if ctx.is_distributed and not ctx.is_main:
+        # A helper rank has nothing left to save; leave without the interpreter's teardown, where gloo's threads
+        # can abort the process ("terminate called without an active exception") after a successful run
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _train(conf_class: Type[NLPAutoRegressionConfigs], ctx: DistributedContext, setup: Dict[str, Any]) -> None:
