@@ -29,7 +29,8 @@ setuptools.setup(
     ],
     extras_require={
         # tests/test_docs.py builds docs, so the tests need the docs generator's libraries too.
-        "test": ["pytest>=7", "ruff==0.17.6", "matplotlib", "nbclient", "nbformat", "ipykernel", "jupytext"] + docs_requires,
+        "test": ["pytest>=7", "ruff==0.17.6", "matplotlib", "nbclient", "nbformat", "ipykernel",
+                 "jupytext"] + docs_requires,
         "docs": docs_requires,
     },
     license="MIT",
