@@ -2,8 +2,8 @@ r"""
 ---
 title: The fused training loop, with a hand-written backward pass
 summary: The whole step-by-step loop of a Feedback Transformer as one autograd function. The forward runs
-  without autograd bookkeeping; the backward walks the steps in reverse by hand and computes every weight
-  gradient with one large matrix product at the end.
+  without autograd bookkeeping; the backward walks the steps in reverse by hand and computes weight gradients
+  with large batched matrix products.
 ---
 
 # Fused training loop
@@ -24,7 +24,10 @@ This module computes exactly the same function as `transformer.py`, but as **one
   Attention at step $t$ adds gradients to the keys and values of earlier steps, in one buffer.
 * **Weight gradients are batched:** a weight gradient is a sum over steps, e.g.
   $\frac{\partial \mathcal{L}}{\partial W_q} = \sum_t \delta q_t^\top z_t$. Inside the loop we only store
-  $\delta q_t$; after it, one matrix product over all $T \times$ batch rows gives the sum.
+  $\delta q_t$; every few steps one matrix product over all their rows (steps $\times$ batch) adds them up.
+
+Without autograd (evaluation, generation) `run_steps` alone runs: the same steps, keeping nothing, writing keys and
+values straight into the state's cache.
 
 The cache lives in a work buffer `[groups, 2, batch_size, heads, time, d_k]`: time on the second-to-last axis
 makes each head's keys one contiguous matrix, the layout batched matrix products like best.
