@@ -12,6 +12,9 @@ from labml_nn.transformers.feedback.build import ModelConfig, build_transformer 
 # Keep the suite predictable on 2 cores
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Devices for the tests that run on any device: the CPU, and CUDA when there is a GPU
+DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+
 
 def make_transformer(kind: str, *, d_model=8, heads=2, d_ff=16, n_layers=2, dropout=0.0, dtype=torch.float64,
                      max_distance=128, memory_span=None, seed=0, randomize=True, fused=True, memory_norm=False):

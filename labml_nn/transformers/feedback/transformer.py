@@ -187,6 +187,9 @@ class _FeedbackLoop(FastPaths, nn.Module):
         Returns `[seq_len, batch_size, d_model]`, and the state if asked for.
         """
         self._check_input(x_seq, state)
+        if x_seq.dtype != self.weights.dtype:
+            # Under autocast (checked above): the residual stream keeps the parameters' precision
+            x_seq = x_seq.to(self.weights.dtype)
         if self.fused:
             # The same function, fast ([fast_paths.py](fast_paths.html))
             if torch.is_grad_enabled():
@@ -230,8 +233,9 @@ class _FeedbackLoop(FastPaths, nn.Module):
             # The memory of the last step is only needed by a later call
             if i == seq_len - 1 and not return_state:
                 break
-            # $m_t = \sum_l \mathrm{softmax}(w)_l x_t^l$, `[batch_size, d_model]`
-            mem = torch.einsum('l,lbd->bd', mem_w, torch.stack(layer_outputs))
+            # $m_t = \sum_l \mathrm{softmax}(w)_l x_t^l$, `[batch_size, d_model]` (element-wise, so that autocast
+            # keeps it in the residual stream's precision)
+            mem = (mem_w[:, None, None] * torch.stack(layer_outputs)).sum(0)
             if self.memory_norm:
                 # $\hat m_t$; the groups' gains and biases are folded into `kv_w`, `kv_b`
                 mem = F.layer_norm(mem, (self.d_model,), eps=self.memory_eps())
@@ -283,6 +287,10 @@ class _FeedbackLoop(FastPaths, nn.Module):
                              f"(state batch size {state.batch_size}, x_seq batch size {x_seq.shape[1]})")
         if state.visible.device != x_seq.device:
             raise TypeError(f"state is on {state.visible.device} but x_seq is on {x_seq.device}")
+        if state.visible.dtype != self.cache_dtype(x_seq):
+            raise TypeError(f"state holds {state.visible.dtype} keys and values but this call makes "
+                            f"{self.cache_dtype(x_seq)} ones: continue a state in the precision it was made in "
+                            f"(the same model dtype, under the same torch.autocast)")
         if state.memory_span != self.memory_span:
             raise ValueError(f"state was made with memory_span={state.memory_span}, this model has "
                              f"memory_span={self.memory_span}")
