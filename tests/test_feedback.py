@@ -11,14 +11,14 @@ from labml_nn.transformers.feedback import FeedbackState
 
 def _loss(out):
     # A loss that weights every output element differently
-    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
     return (out * w).sum() + out.pow(2).sum()
 
 
 @pytest.mark.parametrize('max_distance, memory_norm', [(128, False), (3, False), (128, True)])
-def test_outputs_and_gradients_equal_reference(kind, fused, max_distance, memory_norm):
-    model = make_transformer(kind, max_distance=max_distance, fused=fused, memory_norm=memory_norm)
-    x = torch.randn(9, 3, 8, dtype=torch.float64, requires_grad=True)
+def test_outputs_and_gradients_equal_reference(kind, fused, max_distance, memory_norm, device):
+    model = make_transformer(kind, max_distance=max_distance, fused=fused, memory_norm=memory_norm, device=device)
+    x = torch.randn(9, 3, 8, dtype=torch.float64, device=device, requires_grad=True)
     out = model(x)
     grads = torch.autograd.grad(_loss(out), [x, *model.parameters()])
     ref, _ = reference_forward(model, x)
@@ -64,9 +64,9 @@ def test_causality(kind, fused):
 
 
 @pytest.mark.parametrize('chunks', [[1] * 8, [3, 1, 4], [2, 6], [7, 1]])
-def test_state_continuation_equals_full_forward(kind, fused, chunks):
-    model = make_transformer(kind, fused=fused)
-    x = torch.randn(8, 3, 8, dtype=torch.float64, requires_grad=True)
+def test_state_continuation_equals_full_forward(kind, fused, chunks, device):
+    model = make_transformer(kind, fused=fused, device=device)
+    x = torch.randn(8, 3, 8, dtype=torch.float64, device=device, requires_grad=True)
     full = model(x)
     full_grads = torch.autograd.grad(_loss(full), [x, *model.parameters()])
     state, outs, i = None, [], 0
@@ -162,10 +162,10 @@ def test_memory_weights(kind):
     assert model.weights.grad is not None and model.weights.grad.abs().max() > 0
 
 
-def test_memory_span_limits_attention(kind, fused):
+def test_memory_span_limits_attention(kind, fused, device):
     span = 3
-    model = make_transformer(kind, memory_span=span, fused=fused)
-    x = torch.randn(10, 2, 8, dtype=torch.float64, requires_grad=True)
+    model = make_transformer(kind, memory_span=span, fused=fused, device=device)
+    x = torch.randn(10, 2, 8, dtype=torch.float64, device=device, requires_grad=True)
     out = model(x)
     ref, _ = reference_forward(model, x, span=span)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-9)
