@@ -124,9 +124,11 @@ class FeedbackAttention(nn.Module):
         if key.dim() == 3:
             # Raw memory: project it (the transformers pass cached projections instead)
             key, value = self.project_memory(key)[0], self.project_memory(value)[1]
+        # The number of visible memory slots
         n = key.shape[0]
         if pos_emb is None or pos_bias is None:
             pos_emb, pos_bias = self.relative_terms(n)
+        # The last `n` rows: distances $n \dots 1$, oldest slot first, as the memory is ordered
         pos_emb, pos_bias = pos_emb[-n:], pos_bias[-n:]
         batch_size = query.shape[0]
         # $q$, `[batch_size, heads, d_k]`

@@ -203,11 +203,13 @@ class DropoutMasks:
               dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
         if p == 0:
             return None
+        # Keep with probability $1 - p$, scaled so that the expectation is unchanged (as `nn.Dropout`)
         keep = torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p, generator=gen)
         return keep.div_(1 - p).to(dtype or like.dtype)
 
     def attn_probs(self, l: int, i: int, n: int) -> torch.Tensor:
         """The mask of layer `l`'s attention probabilities at step `i`, which sees `n` slots: `[B, H, n]`."""
+        # Right-aligned, like the position terms: the newest slot is always the last column
         return self.attn[l, i, :, :, -n:]
 
 
@@ -252,6 +254,7 @@ class FeedbackLoopFunction(torch.autograd.Function):
                 kv_w: torch.Tensor, kv_b: Optional[torch.Tensor], *flat_layers: torch.Tensor):
         T, B, D = x_seq.shape
         n_prev = prev.shape[4]
+        # The last step's memory is only made when a later call will attend to it
         shape = LoopShape(T, B, D, n_prev, T if cfg.make_last_memory else T - 1, cfg.n_start - n_prev)
         # The products' dtype (autocast's, or the inputs' own), and the weights cast to it once
         low = cfg.dtype or x_seq.dtype
@@ -260,6 +263,7 @@ class FeedbackLoopFunction(torch.autograd.Function):
         # The work buffer, `[groups, 2, B, H, time, d_k]` in the products' dtype, starting with earlier calls' cache
         work = x_seq.new_empty((cfg.groups, 2, B, cfg.heads, n_prev + shape.n_new, cfg.d_k), dtype=low)
         work[..., :n_prev, :] = prev
+        # All dropout masks of the call at once (from `cfg.seed`), and a record per step for the backward pass
         masks = DropoutMasks(cfg, x_seq, T, B, D, layers[0].w_1.shape[0])
         records: List[Optional[StepRecord]] = [None] * T
         out = run_steps(cfg, x_seq, layers, mem_w, kv_w_low, kv_b_low, work, shape.first, masks, records)
@@ -273,11 +277,14 @@ class FeedbackLoopFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out: torch.Tensor, d_work: Optional[torch.Tensor]):
+        # `d_out` `[T, B, D]`: the gradient of the outputs; `d_work`: of the returned cache, when a later call (or
+        # the state) used it, else `None`
         # Imported here: the backward pass's module reads this one's structures
         from labml_nn.transformers.feedback.fused_backward import backward_loop
         x_seq, mem_w, kv_w, work, *flat_layers = ctx.saved_tensors
         grads = backward_loop(ctx, x_seq, mem_w, kv_w, work, split_layers(ctx.cfg.n_layers, flat_layers), d_out,
                               d_work)
+        # One gradient per input of `forward`, in order: none for `cfg`
         return (None, grads.x_seq, grads.prev, grads.mem_w, grads.kv_w, grads.kv_b if ctx.has_kv_b else None,
                 *flatten_layers(grads.layers))
 
