@@ -17,17 +17,21 @@ last to first. We write $\delta a$ for $\partial \mathcal{L} / \partial a$ and u
 $k_t, v_t$ (in the work buffer's gradient, where gradients from later calls also arrive). So the gradient of
 the step's keys and values, $\delta \kappa_t$ (all groups, `[B, groups * 2 * D]`), is complete, and
 
-$$\delta \hat m_t = \delta \kappa_t\, W_{kv}, \qquad
-  \delta x_t^l \mathrel{+}= \mathrm{softmax}(w)_l\, \delta m_t \quad (l = 0 \dots L),$$
+$$\begin{aligned}
+\delta \hat m_t &= \delta \kappa_t\, W_{kv}, \\
+\delta x_t^l &\mathrel{+}= \mathrm{softmax}(w)_l\, \delta m_t \quad (l = 0 \dots L),
+\end{aligned}$$
 
 where $\hat m_t = m_t$ without `memory_norm`, and with it $\delta m_t$ is the layer-norm backward below (without
 gain and bias: those are folded into $W_{kv}$).
 
 **2. Layer norm.** For $y = \gamma \odot \hat x + \beta$ with $\hat x = (x - \mu)/\sigma$ over the $D$ features,
 
-$$\delta x = \frac{1}{\sigma}\Big(g - \overline{g} - \hat x\, \overline{g \odot \hat x}\Big), \quad
-  g = \gamma \odot \delta y, \qquad
-  \delta \gamma = \textstyle\sum \delta y \odot \hat x, \quad \delta \beta = \textstyle\sum \delta y,$$
+$$\begin{aligned}
+\delta x &= \frac{1}{\sigma}\Big(g - \overline{g} - \hat x\, \overline{g \odot \hat x}\Big),
+  \quad g = \gamma \odot \delta y, \\
+\delta \gamma &= \textstyle\sum \delta y \odot \hat x, \qquad \delta \beta = \textstyle\sum \delta y,
+\end{aligned}$$
 
 where $\overline{\,\cdot\,}$ is the mean over features. ATen's `native_layer_norm_backward` computes $\delta x$ from
 the saved $\mu, 1/\sigma$; the sums over rows wait for the batched weight gradients (4).
@@ -36,31 +40,37 @@ the saved $\mu, 1/\sigma$; the sums over rows wait for the batched weight gradie
 $x \leftarrow x_1 + M_2 \odot f$ with $f = W_2 h + b_2$, $h = M_h \odot \mathrm{ReLU}(a)$,
 $a = W_1 z_2 + b_1$, $z_2 = \mathrm{LN}_2(x_1)$, where the $M$ are the scaled dropout masks:
 
-$$\delta f = M_2 \odot \delta x, \quad \delta h = \delta f\, W_2, \quad
-  \delta a = M_h \odot [a > 0] \odot \delta h, \quad \delta z_2 = \delta a\, W_1,$$
-
-$$\delta x_1 = \delta x + \mathrm{LN}_2\text{-backward}(\delta z_2).$$
+$$\begin{aligned}
+\delta f &= M_2 \odot \delta x, & \delta h &= \delta f\, W_2, \\
+\delta a &= M_h \odot [a > 0] \odot \delta h, & \delta z_2 &= \delta a\, W_1, \\
+\delta x_1 &= \delta x + \mathrm{LN}_2\text{-backward}(\delta z_2). &&
+\end{aligned}$$
 
 The attention block computed $x_1 = x + M_1 \odot (W_o o + b_o)$ with, per head,
 $o = \sum_j \tilde P_j v_j$, $\tilde P = M_P \odot P$, $P = \mathrm{softmax}(S / \sqrt{d_k})$ and the score of
 slot $j$ at distance $\Delta_j = t - j$
 
-$$S_j = (q + u)^\top k_j + q^\top p_{\Delta_j} + s_{\Delta_j}, \qquad q = W_q z, \quad z = \mathrm{LN}_1(x).$$
+$$\begin{aligned}
+S_j &= (q + u)^\top k_j + q^\top p_{\Delta_j} + s_{\Delta_j}, \\
+q &= W_q z, \qquad z = \mathrm{LN}_1(x).
+\end{aligned}$$
 
 Dropout enters $\delta P$ through its mask, and the softmax backward is linear in $\delta P$, so the scale
 $1/\sqrt{d_k}$ can go first:
 
-$$\delta o = (M_1 \odot \delta x_1)\, W_o, \quad \delta \tilde P_j = \delta o^\top v_j, \quad
-  \delta v_j \mathrel{+}= \tilde P_j\, \delta o, \quad \delta P = M_P \odot \delta \tilde P,$$
-
-$$\delta S = \frac{1}{\sqrt{d_k}}\, P \odot \Big(\delta P - \textstyle\sum_i P_i\, \delta P_i\Big).$$
+$$\begin{aligned}
+\delta o &= (M_1 \odot \delta x_1)\, W_o, & \delta \tilde P_j &= \delta o^\top v_j, \\
+\delta v_j &\mathrel{+}= \tilde P_j\, \delta o, & \delta P &= M_P \odot \delta \tilde P, \\
+\delta S &= \tfrac{1}{\sqrt{d_k}}\, P \odot \big(\delta P - \textstyle\sum_i P_i\, \delta P_i\big). &&
+\end{aligned}$$
 
 Then the score's three terms give
 
-$$\delta (q + u) = \textstyle\sum_j \delta S_j\, k_j, \quad \delta k_j \mathrel{+}= \delta S_j\, (q + u),
-  \quad \delta q = \delta (q + u) + \textstyle\sum_j \delta S_j\, p_{\Delta_j},$$
-
-$$\delta z = \delta q\, W_q, \qquad \delta x \mathrel{+}= \mathrm{LN}_1\text{-backward}(\delta z).$$
+$$\begin{aligned}
+\delta (q + u) &= \textstyle\sum_j \delta S_j\, k_j, \qquad \delta k_j \mathrel{+}= \delta S_j\, (q + u), \\
+\delta q &= \delta (q + u) + \textstyle\sum_j \delta S_j\, p_{\Delta_j}, \\
+\delta z &= \delta q\, W_q, \qquad \delta x \mathrel{+}= \mathrm{LN}_1\text{-backward}(\delta z).
+\end{aligned}$$
 
 The $\delta k_j, \delta v_j$ of all layers of the step go into the cache's gradient in one batched product
 (`add_cache_gradient`).
@@ -76,8 +86,10 @@ $\delta W_2 = \sum_t \delta f_t^\top h_t$, so a step only keeps its $\delta$'s (
 product per weight. The position tables need care: step $t$ saw $n_t$ slots whose distances are the **last** $n_t$
 rows of the call's table ($N \dots 1$), so its $\delta S$ is right-aligned into a `[steps, B, H, N]` buffer, and
 
-$$\delta p_\Delta = \textstyle\sum_{t, b} \delta S_{t, t - \Delta}\, q_t, \qquad
-  \delta s_\Delta = \textstyle\sum_{t, b} \delta S_{t, t - \Delta}.$$
+$$\begin{aligned}
+\delta p_\Delta &= \textstyle\sum_{t, b} \delta S_{t, t - \Delta}\, q_t, \\
+\delta s_\Delta &= \textstyle\sum_{t, b} \delta S_{t, t - \Delta}.
+\end{aligned}$$
 """
 
 from typing import Callable, Dict, List, NamedTuple, Optional
