@@ -142,7 +142,8 @@ class FastPaths:
         cfg = self._loop_config(n_start, return_state, self.training, self.products_dtype(x_seq))
         # The cache the first step attends to (it carries the earlier calls' autograd history, unless detached)
         prev = None if state is None else state.visible
-        out, cache = fused_loop.run_loop(cfg, x_seq, prev, self.memory_weights(), *self.kv_projection(), layers)
+        kv_w, kv_b = self.kv_projection()
+        out, cache = fused_loop.run_loop(cfg, x_seq, prev, self.memory_weights(), kv_w, kv_b, layers)
         out = self.norm(out)
         if not return_state:
             return out
@@ -168,7 +169,8 @@ class FastPaths:
         # The last step's memory is only made when a later call will need it
         n_new = seq_len if return_state else seq_len - 1
         dtype = self.products_dtype(x_seq)
-        entry = x_seq.new_empty((self.groups, 2, batch_size, self.heads, self.d_k), dtype=self.cache_dtype(x_seq))
+        entry = x_seq.new_empty((self.groups, 2, batch_size, self.heads, self.d_k),
+                                dtype=self.cache_dtype(x_seq))
         # Room for the new entries in one buffer that also holds every entry they attend to; slot 0 of `cache` is
         # absolute step `first`, as the fused loop's work buffer
         cache, first = stack.reserve(n_new, entry)
@@ -198,8 +200,9 @@ class FastPaths:
             # $T$ tokens rebuilds $O(\log T)$ times
             size = n if key is None or c is None or c.key != key else max(n, 2 * c.size)
             kv_w, kv_b = self.kv_projection()
-            c = _Cached(key, size, [for_products(lw, dtype) for lw in self._loop_weights(size)], self.memory_weights(),
-                        kv_w.to(dtype), None if kv_b is None else kv_b.to(dtype))
+            layers = [for_products(lw, dtype) for lw in self._loop_weights(size)]
+            c = _Cached(key, size, layers, self.memory_weights(), kv_w.to(dtype),
+                        None if kv_b is None else kv_b.to(dtype))
             cache.value = None if key is None else c
         # Distances $n \dots 1$ are the last `n` rows of the kept $N \dots 1$
         layers = [lw._replace(pos_emb=lw.pos_emb[-n:], pos_bias=lw.pos_bias[-n:]) for lw in c.layers]

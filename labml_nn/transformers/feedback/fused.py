@@ -282,8 +282,8 @@ class FeedbackLoopFunction(torch.autograd.Function):
         # Imported here: the backward pass's module reads this one's structures
         from labml_nn.transformers.feedback.fused_backward import backward_loop
         x_seq, mem_w, kv_w, work, *flat_layers = ctx.saved_tensors
-        grads = backward_loop(ctx, x_seq, mem_w, kv_w, work, split_layers(ctx.cfg.n_layers, flat_layers), d_out,
-                              d_work)
+        layers = split_layers(ctx.cfg.n_layers, flat_layers)
+        grads = backward_loop(ctx, x_seq, mem_w, kv_w, work, layers, d_out, d_work)
         # One gradient per input of `forward`, in order: none for `cfg`
         return (None, grads.x_seq, grads.prev, grads.mem_w, grads.kv_w, grads.kv_b if ctx.has_kv_b else None,
                 *flatten_layers(grads.layers))
@@ -410,7 +410,8 @@ def run_loop(cfg: LoopConfig, x_seq: torch.Tensor, prev: Optional[torch.Tensor],
              kv_w: torch.Tensor, kv_b: Optional[torch.Tensor], layers: List[LayerWeights]):
     """Run `FeedbackLoopFunction`; `prev` may be `None` (empty cache), `kv_b` is `None` without `memory_norm`."""
     if prev is None:
-        prev = x_seq.new_empty((cfg.groups, 2, x_seq.shape[1], cfg.heads, 0, cfg.d_k), dtype=cfg.dtype or x_seq.dtype)
+        prev = x_seq.new_empty((cfg.groups, 2, x_seq.shape[1], cfg.heads, 0, cfg.d_k),
+                               dtype=cfg.dtype or x_seq.dtype)
     return FeedbackLoopFunction.apply(cfg, x_seq, prev, mem_w, kv_w, kv_b, *flatten_layers(layers))
 
 

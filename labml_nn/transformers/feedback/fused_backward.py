@@ -146,7 +146,8 @@ class LoopGrads(NamedTuple):
 
 
 def backward_loop(ctx, x_seq: torch.Tensor, mem_w: torch.Tensor, kv_w: torch.Tensor, work: torch.Tensor,
-                  layers: List[LayerWeights], d_out: torch.Tensor, d_cache: Optional[torch.Tensor]) -> LoopGrads:
+                  layers: List[LayerWeights], d_out: torch.Tensor,
+                  d_cache: Optional[torch.Tensor]) -> LoopGrads:
     """
     The gradients of `FeedbackLoopFunction`'s inputs, from `d_out` `[T, B, D]` and `d_cache` (the gradient of
     the returned work buffer, from later calls, or `None`). `ctx` holds the forward pass's `cfg`, `shape`,
@@ -156,8 +157,9 @@ def backward_loop(ctx, x_seq: torch.Tensor, mem_w: torch.Tensor, kv_w: torch.Ten
         return _backward_steps(ctx, x_seq, mem_w, work, layers, d_out, d_cache)
 
 
-def _backward_steps(ctx, x_seq: torch.Tensor, mem_w: torch.Tensor, work: torch.Tensor, layers: List[LayerWeights],
-                    d_out: torch.Tensor, d_cache: Optional[torch.Tensor]) -> LoopGrads:
+def _backward_steps(ctx, x_seq: torch.Tensor, mem_w: torch.Tensor, work: torch.Tensor,
+                    layers: List[LayerWeights], d_out: torch.Tensor,
+                    d_cache: Optional[torch.Tensor]) -> LoopGrads:
     cfg, shape, masks, records = ctx.cfg, ctx.shape, ctx.masks, ctx.records
     # The weights as the forward pass multiplied by them (the products' dtype)
     low_layers, kv_w = ctx.low_weights
@@ -198,7 +200,8 @@ def _backward_steps(ctx, x_seq: torch.Tensor, mem_w: torch.Tensor, work: torch.T
             if cfg.memory_norm:
                 # Through $\hat m_t = (m_t - \mu)/\sigma$ (2., without gain and bias)
                 mean, rstd = rec.mem_stats
-                d_mem = _layer_norm_backward(d_mem, rec.mem, (D,), mean, rstd, None, None, (True, False, False))[0]
+                d_mem = _layer_norm_backward(d_mem, rec.mem, (D,), mean, rstd, None, None,
+                                             (True, False, False))[0]
             sg.d_mem = d_mem
         # $\delta x_t^L = \delta y_t + \mathrm{softmax}(w)_L\, \delta m_t$
         dx = d_out[i] if d_mem is None else torch.add(d_out[i], d_mem, alpha=mem_ws[L])
@@ -235,8 +238,8 @@ def _backward_steps(ctx, x_seq: torch.Tensor, mem_w: torch.Tensor, work: torch.T
                 d_qu = torch.bmm(d_scores.view(BH, 1, n), keys[g][:, lo:hi])
                 outer.append((d_scores, to_low(pd), a.qu, d_o))
                 # $\delta q = \delta (q + u) + \sum_j \delta S_j\, p_{\Delta_j}$ (the last `n` distances)
-                d_q = d_qu.view(B, H, dk) + torch.bmm(d_scores.transpose(0, 1), pos_k[l][:, -n:]).transpose(0, 1)
-                d_q = d_q.reshape(B, D)
+                d_pos = torch.bmm(d_scores.transpose(0, 1), pos_k[l][:, -n:]).transpose(0, 1)
+                d_q = (d_qu.view(B, H, dk) + d_pos).reshape(B, D)
                 # $\delta z = \delta q W_q$ and $\delta x$ through $\mathrm{LN}_1$
                 d_z = to_high(torch.mm(d_q, lw_low.w_q))
                 dx = dx + _layer_norm_backward(d_z, rec.xs[l], (D,), a.mean, a.rstd, lw.ln1_w, None,
@@ -258,7 +261,8 @@ def _backward_steps(ctx, x_seq: torch.Tensor, mem_w: torch.Tensor, work: torch.T
     return LoopGrads(d_x_seq, d_prev, d_mem_w, acc.kv_w, acc.kv_b, acc.layer_grads())
 
 
-def add_cache_gradient(d_work_rows: torch.Tensor, outer: list, lo: int, hi: int, G: int, BH: int, dk: int) -> None:
+def add_cache_gradient(d_work_rows: torch.Tensor, outer: list, lo: int, hi: int, G: int, BH: int,
+                       dk: int) -> None:
     r"""
     $\delta k_j \mathrel{+}= \sum_l \delta S^l_{j} (q^l + u^l)$ and
     $\delta v_j \mathrel{+}= \sum_l \tilde P^l_{j}\, \delta o^l$ for the slots $j$ = `lo .. hi - 1` that the step
@@ -291,8 +295,8 @@ class WeightGrads:
         self.to_low = to_low
         self.high = layers[0].w_q.dtype
         # Per layer, one running sum per `LayerWeights` field
-        self.layers: List[Dict[str, torch.Tensor]] = [{k: torch.zeros_like(t) for k, t in lw._asdict().items()}
-                                                      for lw in layers]
+        self.layers: List[Dict[str, torch.Tensor]] = [
+            {k: torch.zeros_like(t) for k, t in lw._asdict().items()} for lw in layers]
         self.mem_w: Optional[torch.Tensor] = None
         self.kv_w: Optional[torch.Tensor] = None
         self.kv_b: Optional[torch.Tensor] = None

@@ -184,7 +184,8 @@ class Stack:
         buf = self._buffer
         # A new buffer unless the current one holds entry `first` already, has room up to `end`, and no fork has
         # written past our last entry (then its rows after `length` are someone else's)
-        if buf is None or first < buf.first or end > buf.first + buf.data.shape[self.dim] or buf.end != self.length:
+        capacity = 0 if buf is None else buf.data.shape[self.dim]
+        if buf is None or first < buf.first or end > buf.first + capacity or buf.end != self.length:
             self._buffer = _Buffer.grow(buf, like, self.dim, first=first, end=self.length,
                                         capacity=max(2 * (end - first), self.capacity_hint - first, 16))
         return self._buffer.data, self._buffer.first
@@ -228,7 +229,8 @@ class Stack:
         return other
 
     @staticmethod
-    def from_rows(rows: torch.Tensor, first: int, *, memory_span: Optional[int] = None, dim: int = 0) -> "Stack":
+    def from_rows(rows: torch.Tensor, first: int, *, memory_span: Optional[int] = None,
+                  dim: int = 0) -> "Stack":
         r"""
         A stack whose entries `first, first + 1, ...` are `rows` (stacked on `dim`, any strides, no copy), all
         constants for autograd: their gradients flow through `rows` itself. The fused loop returns its cache so.
@@ -292,8 +294,8 @@ class Stack:
         # `narrow`, later writes to other rows of the buffer do not bump this tensor's version, so autograd keeps
         # accepting it in the backward pass
         out = data.new_empty(0)
-        out.set_(data.untyped_storage(),
-                 data.storage_offset() + (start - self._buffer.first) * data.stride(self.dim), shape, data.stride())
+        offset = data.storage_offset() + (start - self._buffer.first) * data.stride(self.dim)
+        out.set_(data.untyped_storage(), offset, shape, data.stride())
         return out
 
     def _grad_buffer(self, like: torch.Tensor) -> torch.Tensor:
