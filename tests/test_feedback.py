@@ -358,3 +358,16 @@ def test_inference_cache_follows_parameter_changes(kind):
         torch.testing.assert_close(model(x), other(x), rtol=0, atol=1e-12)
     # And the fused training loop agrees with the inference path after all that
     torch.testing.assert_close(model(x).detach(), other(x).detach(), rtol=0, atol=1e-12)
+
+
+def test_recency_init():
+    from labml_nn.transformers.feedback import FeedbackAttention
+    plain, recent = FeedbackAttention(4, 16, max_distance=10), FeedbackAttention(4, 16, max_distance=10,
+                                                                               recency_init=True)
+    assert plain.key_pos_bias.abs().max() == 0
+    s = recent.key_pos_bias.detach()
+    # Distance 1 is not penalized; every head prefers nearer slots; the first head most steeply (ALiBi's slopes)
+    assert torch.all(s[0] == 0) and torch.all(s[1:] < s[:-1])
+    d_k = 16 // 4
+    slopes = -(s[1] - s[0]) / d_k ** 0.5
+    torch.testing.assert_close(slopes, torch.tensor([2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8]))
