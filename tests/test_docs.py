@@ -189,6 +189,22 @@ def test_built_site_passes_the_link_and_asset_checks(site: Path):
     assert check_site(site) == []
 
 
+@needs_katex
+def test_contents_follow_the_reading_order_and_code_free_pages_are_prose(site: Path):
+    # `sub/__init__.py` lists readme.md before model.py (alphabetically model.py comes first)
+    index = (site / "sub" / "index.html").read_text(encoding="utf-8")
+    assert index.index('href="readme.html"') < index.index('href="model.html"')
+    # A package page with no code is one readable column, like a markdown page
+    assert 'class="prose"' in (site / "index.html").read_text(encoding="utf-8")
+    assert 'class="annotated"' in (site / "sub" / "model.html").read_text(encoding="utf-8")
+
+
+def test_empty_meta_description_fails_the_check(tmp_path: Path):
+    page = tmp_path / "page.html"
+    page.write_text('<html><head><meta name="description" content=""></head><body></body></html>', encoding="utf-8")
+    assert any("empty meta description" in problem for problem in check_site(tmp_path))
+
+
 # Check mode.
 
 @needs_katex

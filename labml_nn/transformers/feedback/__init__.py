@@ -3,6 +3,8 @@ r"""
 title: Feedback Transformer
 summary: An annotated, fast PyTorch implementation of the Feedback Transformer (Fan et al., 2020), with cached
   keys and values, a state API for continuing sequences, and a shared key/value variant.
+contents: [readme.md, transformer.py, attention.py, stack.py, state.py, fast_paths.py, fused.py, fused_backward.py,
+  autoregressive.py, build.py, generate.py, experiment.py, init_from.py]
 ---
 
 # Feedback Transformer
