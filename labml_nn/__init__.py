@@ -31,8 +31,9 @@ one after the other, in training too. The library makes that affordable and chec
    [the attention](transformers/feedback/attention.html) over the memory with relative positions.
 3. [The cache](transformers/feedback/stack.html) and [the state](transformers/feedback/state.html): how each
    memory vector is projected once and a sequence continues across calls.
-4. [The fused loop](transformers/feedback/fused.html) and [its backward pass](transformers/feedback/fused_backward.html):
-   backpropagation through time by hand, every gradient beside its formula.
+4. [The fused loop](transformers/feedback/fused.html) and
+   [its backward pass](transformers/feedback/fused_backward.html): backpropagation through time by hand, every
+   gradient beside its formula.
 5. [The experiment](transformers/feedback/experiment.html): training on Tiny Shakespeare, and
    [the training loop](experiments/nlp_autoregression.html) under it.
 
