@@ -89,6 +89,13 @@ def test_comment_block_above_a_definition_joins_its_docstring():
     assert section.code == ["@staticmethod", "def f():", "    return 1"]
 
 
+def test_an_example_marked_beside_goes_to_the_code_column():
+    doc = parse_python('"""\n# Title\n\nIntro.\n\n## Using it\n\nHow.\n\n```python beside\nx = f(1)\ny = g(x)\n```\n\n'
+                       'After.\n"""\nimport os\n')
+    assert [(s.note, s.code) for s in doc.sections] == [
+        ("# Title\n\nIntro.", ["import os"]), ("## Using it\n\nHow.", ["x = f(1)", "y = g(x)"]), ("After.", [])]
+
+
 def test_repository_url_comes_from_the_config_or_setup_py(tmp_path: Path):
     project = copy_fixture(tmp_path)
     config = load_config(project / "config.yaml")

@@ -49,10 +49,15 @@ other, in training too. This implementation keeps that loop as small as it can:
   function, fast: the training loop as one autograd function with a hand-written backward pass.
 * [autoregressive.py](autoregressive.html): `AutoregressiveModel`, the language model around a transformer.
 * [build.py](build.html): `ModelConfig` and `build_model`, the one recipe that assembles any of the models.
+* [generate.py](generate.html): sampling text from a trained checkpoint.
+* [experiment.py](experiment.html): training on Tiny Shakespeare, with the paper's accelerators
+  ([init_from.py](init_from.html): starting from a trained parallel transformer).
 
 ## Using it
 
-```python
+A small model, a sequence through it in one call and in two, the second continuing the first from its state.
+
+```python beside
 import torch
 from labml_nn.transformers.feedback import (FeedbackAttention, FeedbackTransformer, FeedbackTransformerLayer,
                                             FeedForward)
