@@ -196,7 +196,7 @@ class AcceleratedConfigs(NLPAutoRegressionConfigs):
         self._carried[key] = state.detach()
         return output
 
-    def train_part(self, epoch: int, end: int) -> bool:
+    def train_part(self, epoch: int, end: int) -> Optional[str]:
         if self.validate_at_start and self._progress['step'] == 0 and not self._history['evaluations']:
             self.full_validation()
         if self._progress['batch'] == 0:
@@ -221,10 +221,10 @@ class AcceleratedConfigs(NLPAutoRegressionConfigs):
 
     # ## Checkpoints: the carried memory of every rank
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> bool:
         state = self._carried['train'] if self.carry_memory else None
         self._carried_on_ranks = gather_objects(self._dist, carried_to_payload(state))
-        super().save_checkpoint()
+        return super().save_checkpoint()
 
     def state(self, rng_states: List[Dict[str, Any]]) -> Dict[str, Any]:
         return {**super().state(rng_states), 'carried': self._carried_on_ranks}

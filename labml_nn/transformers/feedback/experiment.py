@@ -31,7 +31,8 @@ from labml.logger import Text
 from labml_nn.experiments import checkpoint as ckpt
 from labml_nn.experiments.accelerators import AcceleratedConfigs
 from labml_nn.experiments.cli import run_experiment
-from labml_nn.experiments.nlp_autoregression import check_int
+from labml_nn.experiments.labml_adapter import public_options
+from labml_nn.experiments.run_control import check_int
 from labml_nn.transformers.causal import CausalAttention, CausalTransformer, CausalTransformerLayer
 from labml_nn.transformers.feedback import (
     FeedbackAttention,
@@ -96,7 +97,7 @@ class Configs(AcceleratedConfigs):
             check_source_checkpoint(self.source_checkpoint(), self.init_from)
 
     def model_name(self) -> str:
-        return self._overrides.get('model') or self._to_json()['model']['options'][0]
+        return self._overrides.get('model') or public_options(self, 'model')[0]
 
     def source_checkpoint(self) -> dict:
         """The checkpoint `init_from` names."""
