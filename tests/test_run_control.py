@@ -205,10 +205,7 @@ def test_a_signal_stops_at_a_step_with_a_checkpoint_and_resume_is_exact(tmp_path
 
 # ## Data-parallel ranks decide together
 
-def _agreement_worker(rank: int, port: int, out_path: str):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+def _agreement_worker(rank: int):
     real = NLPAutoRegressionConfigs.forward_loss
 
     def forward_loss(self, data, target):
@@ -227,23 +224,16 @@ def _agreement_worker(rank: int, port: int, out_path: str):
     _train(conf, 2)
     after_skip = _params(conf)
     reason = _train(conf, 100)
-    result = {'reason': reason, 'step': conf._progress['step'], 'skipped': conf._progress['skipped_steps'],
-              'moved_at_step_0': not all(torch.equal(a, b) for a, b in zip(before, after_skip)),
-              'params': _params(conf)}
-    gathered = [None, None]
-    dist.all_gather_object(gathered, result)
-    if rank == 0:
-        torch.save(gathered, out_path)
-    dist.destroy_process_group()
+    return {'reason': reason, 'step': conf._progress['step'], 'skipped': conf._progress['skipped_steps'],
+            'moved_at_step_0': not all(torch.equal(a, b) for a, b in zip(before, after_skip)),
+            'params': _params(conf)}
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason='needs torch.distributed')
 def test_ranks_skip_and_stop_together(tmp_path):
-    from test_distributed import _free_port
-    out_path = str(tmp_path / 'result.pt')
-    torch.multiprocessing.spawn(_agreement_worker, args=(_free_port(), out_path), nprocs=2)
-    rank0, rank1 = torch.load(out_path, weights_only=True)
+    from test_distributed import run_on_two_ranks
+    rank0, rank1 = run_on_two_ranks(tmp_path, _agreement_worker)
     for r in (rank0, rank1):
         # Step 1 skipped by both (rank 1's NaN), both stop after step 4 (rank 1's signal)
         assert r['reason'] == 'signal' and r['step'] == 4 and r['skipped'] == 1 and r['moved_at_step_0']

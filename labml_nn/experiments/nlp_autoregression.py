@@ -66,21 +66,21 @@ class NLPAutoRegressionConfigs(RunControlConfigs):
     tokenizer: Callable = 'character'
     text: TextDataset
     n_tokens: int
-    # Sequence length and the *global* batch size (split over data-parallel ranks)
+    # Sequence length and the *global* batch size (split over data-parallel ranks) of the batches
     seq_len: int = 512
     batch_size: int = 16
+    train_loader: SequenceBatches
+    valid_loader: SequenceBatches
     epochs: int = 10
     # Times per epoch to sample, train on a share of the batches, and validate on a share
     inner_iterations: int = 1
     # Stop after this many steps (0: run all epochs); validation batches per epoch (0: all)
     train_steps: int = 0
     valid_batches: int = 0
-    # Clip the gradient norm to this (0: no clipping)
-    grad_norm_clip: float = 1.0
     optimizer: ScheduledOptimizer
     loss_func: nn.Module
-    train_loader: SequenceBatches
-    valid_loader: SequenceBatches
+    # Clip the gradient norm to this (0: no clipping)
+    grad_norm_clip: float = 1.0
     # Sampling: `prompt`, greedy continuation of `sample_tokens` tokens joined by `prompt_separator`
     prompt: str = 'It is'
     prompt_separator: str = ''
