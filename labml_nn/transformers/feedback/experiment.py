@@ -33,15 +33,8 @@ from labml_nn.experiments.accelerators import AcceleratedConfigs
 from labml_nn.experiments.cli import run_experiment
 from labml_nn.experiments.labml_adapter import public_options
 from labml_nn.experiments.run_control import check_int
-from labml_nn.transformers.causal import CausalAttention, CausalTransformer, CausalTransformerLayer
-from labml_nn.transformers.feedback import (
-    FeedbackAttention,
-    FeedbackTransformer,
-    FeedbackTransformerKV,
-    FeedbackTransformerLayer,
-    FeedForward,
-)
 from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel
+from labml_nn.transformers.feedback.build import ModelConfig, build_model
 from labml_nn.transformers.feedback.init_from import check_source_checkpoint, copy_from_transformer
 
 __all__ = ['AutoregressiveModel', 'Configs', 'main']
@@ -61,6 +54,8 @@ class Configs(AcceleratedConfigs):
     dropout: float = 0.0
     # Feedback models attend to at most this many latest memory vectors (0: all of them)
     memory_span: int = 0
+    # Feedback models normalize each memory vector before projecting it to keys and values (the authors' pre-norm)
+    memory_norm: bool = False
     # A `model=transformer` run (UUID, run folder or checkpoint) whose weights start a feedback model
     init_from: str = ''
 
@@ -86,7 +81,7 @@ class Configs(AcceleratedConfigs):
             raise ValueError(f"memory_span must be an int >= 1 (the latest memory vectors each step attends to), "
                              f"or 0 for no limit, got {self.memory_span!r}")
         if model == 'transformer':
-            for key in ('memory_span', 'carry_memory', 'init_from'):
+            for key in ('memory_span', 'memory_norm', 'carry_memory', 'init_from'):
                 if getattr(self, key):
                     raise ValueError(f"{key} is an option of the feedback models, not of model=transformer")
         if self.carry_memory and self.memory_span == 0:
@@ -128,37 +123,33 @@ class Configs(AcceleratedConfigs):
     def experiment_name(self) -> str:
         return self.model_name()
 
+    def model_config(self, name: str) -> ModelConfig:
+        """The model `name` with this run's sizes ([build.py](build.html))."""
+        return ModelConfig(name, n_vocab=self.n_tokens, d_model=self.d_model, heads=self.heads, d_ff=self.d_ff,
+                           n_layers=self.n_layers, dropout=self.dropout, memory_span=self.memory_span or None,
+                           memory_norm=self.memory_norm)
 
-def _feedback_layer(c: Configs, is_kv: bool) -> FeedbackTransformerLayer:
-    return FeedbackTransformerLayer(d_model=c.d_model,
-                                    attn=FeedbackAttention(c.heads, c.d_model, c.dropout, is_kv_precomputed=is_kv),
-                                    feed_forward=FeedForward(c.d_model, c.d_ff, c.dropout),
-                                    dropout_prob=c.dropout)
+
+def _build(c: Configs, name: str) -> AutoregressiveModel:
+    return build_model(c.model_config(name), c.device)
 
 
 @option(Configs.model, 'feedback_transformer')
 def _feedback_transformer(c: Configs) -> AutoregressiveModel:
     """The Feedback Transformer: per-layer key/value projections of the weighted-sum memory."""
-    transformer = FeedbackTransformer(_feedback_layer(c, False), c.n_layers, memory_span=c.memory_span or None)
-    return AutoregressiveModel(c.n_tokens, c.d_model, transformer).to(c.device)
+    return _build(c, 'feedback_transformer')
 
 
 @option(Configs.model, 'feedback_transformer_kv')
 def _feedback_transformer_kv(c: Configs) -> AutoregressiveModel:
     """The key/value variant: one key/value projection shared by the layers, cached once per step."""
-    transformer = FeedbackTransformerKV(_feedback_layer(c, True), c.n_layers, c.d_model, c.heads,
-                                        memory_span=c.memory_span or None)
-    return AutoregressiveModel(c.n_tokens, c.d_model, transformer).to(c.device)
+    return _build(c, 'feedback_transformer_kv')
 
 
 @option(Configs.model, 'transformer')
 def _causal_transformer(c: Configs) -> AutoregressiveModel:
     """An ordinary causal transformer of the same size, all positions at once."""
-    layer = CausalTransformerLayer(d_model=c.d_model,
-                                   attn=CausalAttention(c.heads, c.d_model, c.dropout),
-                                   feed_forward=FeedForward(c.d_model, c.d_ff, c.dropout),
-                                   dropout_prob=c.dropout)
-    return AutoregressiveModel(c.n_tokens, c.d_model, CausalTransformer(layer, c.n_layers)).to(c.device)
+    return _build(c, 'transformer')
 
 
 def main(argv: Optional[List[str]] = None) -> None:
