@@ -170,15 +170,8 @@ def _stop_after_first_checkpoint(cwd, args, uuid, signum):
     return process.returncode, ANSI.sub('', out), err
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize('signum, status, extra', [
-    (signal.SIGTERM, 143, ['dropout=0.1']),
-    (signal.SIGINT, 130, ['carry_memory=true', 'memory_span=12']),
-])
-def test_a_signal_stops_at_a_step_with_a_checkpoint_and_resume_is_exact(tmp_path, signum, status, extra):
-    """Stop mid-epoch by a signal, resume in a new process: the next steps equal an uninterrupted run's."""
-    args = ['model=feedback_transformer', *TINY, *extra, 'checkpoint_every=2']
-    code, out, err = _stop_after_first_checkpoint(tmp_path, [*args, 'train_steps=400'], 'stopped', signum)
+def _check_stopped(tmp_path, code, out, err, signum, status) -> int:
+    """The stopped run's exit status, message and checkpoint; returns the step it stopped at."""
     assert code == status, err[-3000:]
     assert 'Traceback' not in err
     stopped = checkpoint_of(tmp_path, 'feedback_transformer', 'stopped')
@@ -188,6 +181,15 @@ def test_a_signal_stops_at_a_step_with_a_checkpoint_and_resume_is_exact(tmp_path
     assert 'Resume with: python -m labml_nn.transformers.feedback.experiment resume=stopped' in out
     run_log = (tmp_path / 'logs' / 'feedback_transformer' / 'stopped' / 'run_log.jsonl').read_text()
     assert '"status": "interrupted"' in run_log
+    return step
+
+
+@pytest.mark.slow
+def test_sigterm_stops_at_a_step_with_a_checkpoint_and_resume_is_exact(tmp_path):
+    """Stop mid-epoch by SIGTERM, resume in a new process: the next steps equal an uninterrupted run's."""
+    args = ['model=feedback_transformer', *TINY, 'dropout=0.1', 'checkpoint_every=2']
+    code, out, err = _stop_after_first_checkpoint(tmp_path, [*args, 'train_steps=400'], 'stopped', signal.SIGTERM)
+    step = _check_stopped(tmp_path, code, out, err, signal.SIGTERM, 143)
 
     resumed = run_cli(tmp_path, ['resume=stopped', f'train_steps={step + 2}'], uuid='resumed')
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -201,6 +203,20 @@ def test_a_signal_stops_at_a_step_with_a_checkpoint_and_resume_is_exact(tmp_path
     assert loss_a[step:] == pytest.approx(loss_b[step:], abs=1e-6, rel=0)
     for key, value in b['model'].items():
         torch.testing.assert_close(a['model'][key], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sigint_stops_a_carried_memory_run_with_its_memory_in_the_checkpoint(tmp_path):
+    """
+    Ctrl-C: status 130, and the checkpoint holds the carried memory of that step (resuming from a mid-epoch
+    checkpoint with carried memory is exact: `test_accelerators.py::test_carry_memory_resume_continues_exactly`).
+    """
+    args = ['model=feedback_transformer', *TINY, 'carry_memory=true', 'memory_span=12', 'checkpoint_every=2',
+            'train_steps=400']
+    code, out, err = _stop_after_first_checkpoint(tmp_path, args, 'stopped', signal.SIGINT)
+    step = _check_stopped(tmp_path, code, out, err, signal.SIGINT, 130)
+    carried = checkpoint_of(tmp_path, 'feedback_transformer', 'stopped')['carried'][0]
+    assert carried['n_steps'] == step * 16
 
 
 # ## Data-parallel ranks decide together
