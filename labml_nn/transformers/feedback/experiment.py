@@ -47,11 +47,12 @@ class Configs(AcceleratedConfigs):
     `init_from` (`init_from.py`).
     """
     model: AutoregressiveModel
-    d_model: int = 512
-    heads: int = 8
-    d_ff: int = 2048
-    n_layers: int = 6
-    dropout: float = 0.0
+    # The model's sizes, with `ModelConfig`'s defaults (`build.py`)
+    d_model: int = ModelConfig.d_model
+    heads: int = ModelConfig.heads
+    d_ff: int = ModelConfig.d_ff
+    n_layers: int = ModelConfig.n_layers
+    dropout: float = ModelConfig.dropout
     # Feedback models attend to at most this many latest memory vectors (0: all of them)
     memory_span: int = 0
     # Feedback models normalize each memory vector before projecting it to keys and values (the authors' pre-norm)
