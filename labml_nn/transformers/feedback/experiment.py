@@ -47,7 +47,6 @@ class Configs(AcceleratedConfigs):
     `init_from` (`init_from.py`).
     """
     model: AutoregressiveModel
-    # The model's sizes, with `ModelConfig`'s defaults (`build.py`)
     d_model: int = ModelConfig.d_model
     heads: int = ModelConfig.heads
     d_ff: int = ModelConfig.d_ff
