@@ -105,7 +105,24 @@ def test_repository_url_comes_from_the_config_or_setup_py(tmp_path: Path):
 def test_one_line_definitions_keep_their_code():
     doc = parse_python('def f(): "Doc on the header line."\n\n\nclass A: pass\n')
     assert [line for section in doc.sections for line in section.code] == \
-        ['def f(): "Doc on the header line."', "", "", "class A: pass"]
+        ['def f(): "Doc on the header line."', "class A: pass"]
+    assert [section.names for section in doc.sections] == [["f"], ["A"]]
+
+
+def test_undocumented_definitions_get_their_own_section_and_key():
+    # `g` has neither docstring nor comment: it still starts a section, so its anchor is its own code, and the
+    # keys of the sections after it do not change when code is added above it
+    source = '"""Module."""\nx = 1\n\n\n# Note of f\ndef f():\n    return 1\n\n\ndef g():\n    return 2\n\n\n' \
+             '# After g\ny = g()\n'
+    doc = parse_python(source)
+    g = next(section for section in doc.sections if "g" in section.names)
+    assert g.names == ["g"] and g.code[0] == "def g():" and g.note == ""
+    f = next(section for section in doc.sections if "f" in section.names)
+    assert f.note == "Note of f" and f.code == ["def f():", "    return 1"]
+    keys = section_keys(doc.sections)
+    assert keys == ["module+0", "f", "g", "g+1"]
+    more = parse_python(source.replace("x = 1\n", "x = 1\nz = 2\n\n\ndef h():\n    return 3\n"))
+    assert section_keys(more.sections)[-3:] == ["f", "g", "g+1"]
 
 
 # Generated pages.

@@ -8,6 +8,7 @@ Rules for Python files, all read from the source text (nothing is imported):
 * A block of whole-line `#` comments is the note for the code below it. Inside a block, a bare `#` line is a
   paragraph break; a bare `#` line on its own starts a new section with no note.
 * Trailing comments stay in the code.
+* Every class or function starts a section (with or without a note), so its name anchor points at its own code.
 
 A markdown file (such as `readme.md`) is one note with no code.
 """
@@ -205,6 +206,12 @@ def parse_python(text: str) -> Document:
                 sections.append(Section())
         else:
             if number in definitions:
+                # A definition without a docstring starts a section of its own (unless it starts the current one,
+                # below its comment block), so that its anchor is exactly its code and its translation key does
+                # not depend on what comes before it
+                section = sections[-1]
+                if section.has_code() or any(section is s for s in module_note):
+                    sections.append(Section())
                 sections[-1].names.append(definitions[number])
             sections[-1].code.append(lines[number - 1])
             number += 1

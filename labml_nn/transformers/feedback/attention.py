@@ -59,8 +59,8 @@ class FeedbackAttention(nn.Module):
     * `max_distance`: size $P$ of the relative position table; longer distances are clipped to $P$.
     """
 
-    def __init__(self, heads: int, d_model: int, dropout_prob: float = 0.1, *, is_kv_precomputed: bool = False,
-                 max_distance: int = 128):
+    def __init__(self, heads: int, d_model: int, dropout_prob: float = 0.1, *,
+                 is_kv_precomputed: bool = False, max_distance: int = 128):
         super().__init__()
         if not isinstance(heads, int) or heads < 1 or not isinstance(d_model, int) or d_model % heads != 0:
             raise ValueError(f"d_model ({d_model!r}) must be a positive multiple of heads ({heads!r})")
@@ -95,8 +95,8 @@ class FeedbackAttention(nn.Module):
     def project_memory(self, memory: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Keys and values `[..., heads, d_k]` of memory vectors `[..., d_model]`."""
         if self.is_kv_precomputed:
-            raise RuntimeError("this FeedbackAttention was built with is_kv_precomputed=True: it has no key/value "
-                               "projections; the transformer projects the memory")
+            raise RuntimeError("this FeedbackAttention was built with is_kv_precomputed=True: it has no "
+                               "key/value projections; the transformer projects the memory")
         return self.key(memory), self.value(memory)
 
     def relative_terms(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +110,8 @@ class FeedbackAttention(nn.Module):
         return self.key_pos_embeddings[rows], self.key_pos_bias[rows]
 
     def forward(self, *, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                pos_emb: Optional[torch.Tensor] = None, pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                pos_emb: Optional[torch.Tensor] = None,
+                pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         r"""
         * `query`: the normalised input of this step, `[batch_size, d_model]`.
         * `key`, `value`: the visible memory, oldest first, either projected, `[n, batch_size, heads, d_k]`,
@@ -124,9 +125,11 @@ class FeedbackAttention(nn.Module):
         if key.dim() == 3:
             # Raw memory: project it (the transformers pass cached projections instead)
             key, value = self.project_memory(key)[0], self.project_memory(value)[1]
+        # The number of visible memory slots
         n = key.shape[0]
         if pos_emb is None or pos_bias is None:
             pos_emb, pos_bias = self.relative_terms(n)
+        # The last `n` rows: distances $n \dots 1$, oldest slot first, as the memory is ordered
         pos_emb, pos_bias = pos_emb[-n:], pos_bias[-n:]
         batch_size = query.shape[0]
         # $q$, `[batch_size, heads, d_k]`

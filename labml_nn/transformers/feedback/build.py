@@ -110,8 +110,10 @@ def build_transformer(config: ModelConfig) -> nn.Module:
         return CausalTransformer(layer, c.n_layers)
     # The shared-KV variant's attention receives keys and values projected by the transformer
     is_kv = c.model == 'feedback_transformer_kv'
-    attn = FeedbackAttention(c.heads, c.d_model, c.dropout, is_kv_precomputed=is_kv, max_distance=c.max_distance)
-    layer = FeedbackTransformerLayer(d_model=c.d_model, attn=attn, feed_forward=feed_forward, dropout_prob=c.dropout)
+    attn = FeedbackAttention(c.heads, c.d_model, c.dropout, is_kv_precomputed=is_kv,
+                             max_distance=c.max_distance)
+    layer = FeedbackTransformerLayer(d_model=c.d_model, attn=attn, feed_forward=feed_forward,
+                                     dropout_prob=c.dropout)
     options = dict(memory_span=c.memory_span, fused=c.fused, memory_norm=c.memory_norm)
     if is_kv:
         return FeedbackTransformerKV(layer, c.n_layers, c.d_model, c.heads, **options)
