@@ -12,6 +12,7 @@ from test_experiment import TEXT, TINY, checkpoint_of, run_cli
 
 from labml_nn.experiments import checkpoint as ckpt
 from labml_nn.experiments.accelerators import ContiguousStreams, fold_sequences, parse_curriculum
+from labml_nn.experiments.labml_adapter import set_values
 from labml_nn.transformers.causal import CausalAttention, CausalTransformer, CausalTransformerLayer
 from labml_nn.transformers.feedback import (
     FeedbackAttention,
@@ -82,7 +83,7 @@ def test_curriculum_errors(spec, message):
 
 def _configs(**values) -> Configs:
     conf = Configs()
-    conf._set_values({'d_model': 16, 'heads': 2, 'd_ff': 32, 'n_layers': 1, 'seq_len': 16, 'batch_size': 4,
+    set_values(conf, {'d_model': 16, 'heads': 2, 'd_ff': 32, 'n_layers': 1, 'seq_len': 16, 'batch_size': 4,
                       'epochs': 1, 'sample_tokens': 0, 'text_path': str(TEXT), 'use_cuda': False,
                       'optimizer.optimizer': 'Adam', 'optimizer.learning_rate': 1e-3, **values})
     conf.validate()
@@ -249,7 +250,7 @@ def test_init_from_in_the_experiment(tmp_path, monkeypatch, capsys):
     ckpt.save_atomic(payload, path)
     # The test source has an 11-token vocabulary, the text 65: a clear shape error
     conf = Configs()
-    conf._set_values({'model': 'feedback_transformer_kv', 'd_model': 16, 'heads': 2, 'd_ff': 32, 'n_layers': 1,
+    set_values(conf, {'model': 'feedback_transformer_kv', 'd_model': 16, 'heads': 2, 'd_ff': 32, 'n_layers': 1,
                       'text_path': str(TEXT), 'use_cuda': False, 'init_from': str(path), 'sample_tokens': 0})
     conf.validate()
     with pytest.raises(ValueError, match=r'src_embed.weight: the feedback model has \[65, 16\]'):
@@ -258,7 +259,7 @@ def test_init_from_in_the_experiment(tmp_path, monkeypatch, capsys):
                                                                                'generator.bias')}
     ckpt.save_atomic(payload, path)
     conf = Configs()
-    conf._set_values({'model': 'feedback_transformer_kv', 'd_model': 16, 'heads': 2, 'd_ff': 32, 'n_layers': 1,
+    set_values(conf, {'model': 'feedback_transformer_kv', 'd_model': 16, 'heads': 2, 'd_ff': 32, 'n_layers': 1,
                       'text_path': str(TEXT), 'use_cuda': False, 'init_from': str(path), 'sample_tokens': 0})
     conf.init()
     torch.testing.assert_close(conf.model.transformer.layers[0].feed_forward.layer1.weight,

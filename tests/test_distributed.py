@@ -79,6 +79,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _two_ranks_worker(rank: int, port: int, out_path: str, worker, args):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+    gathered = [None, None]
+    dist.all_gather_object(gathered, worker(rank, *args))
+    if rank == 0:
+        torch.save(gathered, out_path)
+    dist.destroy_process_group()
+
+
+def run_on_two_ranks(tmp_path, worker, *args) -> list:
+    """`worker(rank, *args)` in two processes of a gloo process group; both ranks' results, in rank order."""
+    out_path = str(tmp_path / 'two_ranks.pt')
+    torch.multiprocessing.spawn(_two_ranks_worker, args=(_free_port(), out_path, worker, args), nprocs=2)
+    return torch.load(out_path, weights_only=True)
+
+
 def _state_model(kind: str):
     torch.manual_seed(0)
     return AutoregressiveModel(10, 8, make_transformer(kind, dtype=torch.float32, randomize=False))
@@ -104,19 +122,11 @@ def _train_with_state(model, forward, steps: int, rows: slice):
     return model
 
 
-def _ddp_state_worker(rank: int, port: int, kind: str, out_path: str):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+def _ddp_state_worker(rank: int, kind: str):
     model = _state_model(kind)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     _train_with_state(model, ddp, 3, slice(2 * rank, 2 * rank + 2))
-    params = [p.detach() for p in model.parameters()]
-    gathered = [None, None]
-    dist.all_gather_object(gathered, params)
-    if rank == 0:
-        torch.save(gathered, out_path)
-    dist.destroy_process_group()
+    return [p.detach() for p in model.parameters()]
 
 
 @pytest.mark.slow
@@ -126,9 +136,7 @@ def test_state_api_and_stack_under_ddp(tmp_path, kind):
     DDP over the state API with memory carried across batches (the key/value `Stack` included): both ranks end
     with the same parameters, equal to one process training on both ranks' rows.
     """
-    out_path = str(tmp_path / 'params.pt')
-    torch.multiprocessing.spawn(_ddp_state_worker, args=(_free_port(), kind, out_path), nprocs=2)
-    rank0, rank1 = torch.load(out_path, weights_only=True)
+    rank0, rank1 = run_on_two_ranks(tmp_path, _ddp_state_worker, kind)
     model = _state_model(kind)
     _train_with_state(model, model, 3, slice(0, 4))
     for a, b, c in zip(rank0, rank1, model.parameters()):

@@ -97,6 +97,21 @@ BAD_CONFIGS = [
     (['dropout=1.5'], 'dropout must be in [0, 1), got 1.5'),
     (['optimizer.optimizer=SGD'], "optimizer.optimizer='SGD' is not an option; choose one of Adam, Noam"),
     (['resume=0123456789abcdef'], 'resume=0123456789abcdef: not a checkpoint file, a run folder, or the UUID'),
+    # Found before the run starts (they used to crash it after the start)
+    (['optimizer.learning_rate=-1'], 'optimizer.learning_rate must be a finite number > 0, got -1.0'),
+    (['optimizer.learning_rate=inf'], 'optimizer.learning_rate must be a finite number > 0, got inf'),
+    (['optimizer.eps=-1'], 'optimizer.eps must be a finite number >= 0, got -1.0'),
+    (['optimizer.warmup=0'], 'optimizer.warmup must be an int >= 1 (steps of the Noam warm-up), got 0'),
+    (['grad_norm_clip=nan'], 'grad_norm_clip must be a finite number >= 0 (0 turns clipping off), got nan'),
+    (['text_path=/bin/ls'], 'text_path=/bin/ls is not UTF-8 text (byte 0x'),
+    ([f'seed={2 ** 70}'], f'seed must be an int in [0, 4294967295], got {2 ** 70}'),
+    (['seq_len=16', 'batch_size=8', 'inner_iterations=100000'], 'inner_iterations=100000 is more than the 7842 '
+                                                                'training batches of an epoch'),
+    (['text=tiny_shakespear'], "text='tiny_shakespear' is not an option; choose one of tiny_shakespeare"),
+    (['train_loader=sequential'], "train_loader='sequential' is not an option; choose one of shuffled_train_loader"),
+    (['checkpoint_every=-1'], 'checkpoint_every must be an int >= 0, got -1'),
+    (['max_nonfinite_steps=0'], 'max_nonfinite_steps must be an int >= 1, got 0'),
+    (['checkpoint_minutes=nan'], 'checkpoint_minutes must be a finite number >= 0 (0: off), got nan'),
 ]
 
 
@@ -127,6 +142,17 @@ def test_missing_or_empty_data(tmp_path):
     (tmp_path / 'empty.txt').write_text('')
     empty = run_cli(tmp_path, [f'text_path={tmp_path / "empty.txt"}'])
     assert empty.returncode == 2 and 'is empty' in empty.stderr
+
+
+@pytest.mark.parametrize('text, part, tokens', [('To be, or not to be', 'training text (its first 90%)', 17),
+                                                ('x' * 300, 'validation text (its last 10%)', 30)])
+def test_a_text_too_short_for_a_batch(tmp_path, monkeypatch, capsys, text, part, tokens):
+    """Too short for one batch of training or of validation data: an error that names the file and the sizes."""
+    path = tmp_path / 'short.txt'
+    path.write_text(text)
+    message = (f'text_path={path}: the {part} is too short: The text ({tokens} tokens) is too short for one batch '
+               f'of batch_size=8 sequences of seq_len=16')
+    test_bad_config_values(tmp_path, monkeypatch, capsys, [f'text_path={path}', 'seq_len=16', 'batch_size=8'], message)
 
 
 def test_failed_download_says_how_to_provide_the_file(tmp_path, monkeypatch):
@@ -219,3 +245,73 @@ def test_parse_overrides_types():
         parse_overrides(Configs, ['seq_len'])
     with pytest.raises(ValueError, match='use_cuda must be true or false'):
         parse_overrides(Configs, ['use_cuda=maybe'])
+
+
+# ## Resuming: checked before the run starts
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    """A folder with a one-step `feedback_transformer_kv` run `kv` and a one-step `model=transformer` run `tr`."""
+    if not TEXT.is_file():
+        pytest.skip(f'Tiny Shakespeare not found at {TEXT}; set TINY_SHAKESPEARE_PATH')
+    folder = tmp_path_factory.mktemp('runs')
+    for uuid, model in (('kv', 'feedback_transformer_kv'), ('tr', 'transformer')):
+        result = run_cli(folder, [f'model={model}', *TINY, 'train_steps=1'], uuid=uuid)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return folder
+
+
+def _other_text(folder: Path, same_characters: bool) -> Path:
+    """Another text: a piece of Tiny Shakespeare (its characters), or one with characters it does not have."""
+    path = folder / f'other_{same_characters}.txt'
+    text = TEXT.read_text()[:200_000]
+    path.write_text(text[::-1] if same_characters else text + '{}~#')
+    return path
+
+
+@pytest.mark.parametrize('args, message', [
+    (['resume=kv', 'd_model=64'], 'resume=kv: the checkpoint does not fit this configuration: src_embed.weight is '
+                                  '[65, 16] in the checkpoint and [65, 64] in this configuration (and '),
+    (['resume=tr', 'model=feedback_transformer'], 'resume=tr: the checkpoint was trained as transformer; it cannot '
+                                                  'continue as feedback_transformer'),
+    (['resume=kv', 'optimizer.optimizer=Noam'], "resume=kv: the checkpoint does not fit this configuration: The "
+                                                "checkpoint's optimizer schedule does not match optimizer.optimizer"),
+    (['resume=kv', 'text_path={other_True}'], 'resume=kv: the checkpoint was trained on {text} (sha256 '),
+    (['resume=kv', 'text_path={other_False}', 'allow_text_change=true'],
+     "text_path={other_False} has 4 characters that are not in the checkpoint's vocabulary of 65: '#{{}}~'"),
+])
+def test_resume_errors_stop_before_the_run(runs, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(runs)
+    monkeypatch.setenv('TINY_SHAKESPEARE_PATH', str(TEXT))
+    names = {f'other_{same}': _other_text(runs, same) for same in (True, False)}
+    args = [a.format(**names) for a in args]
+    before = sorted(p.name for p in (runs / 'logs').glob('*/*'))
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith('error: ') and message.format(text=TEXT, **names) in err[-1], err[-1]
+    assert sorted(p.name for p in (runs / 'logs').glob('*/*')) == before, 'no run was started'
+
+
+@pytest.mark.slow
+def test_resume_on_another_text_when_asked(runs):
+    """`allow_text_change=true` continues on the new text with the checkpoint's vocabulary, and records the text."""
+    other = _other_text(runs, True)
+    result = run_cli(runs, ['resume=kv', f'text_path={other}', 'allow_text_change=true', 'train_steps=2'],
+                     uuid='kv_other')
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (checkpoint_of(runs, 'feedback_transformer_kv', u) for u in ('kv', 'kv_other'))
+    assert second['data']['itos'] == first['data']['itos'] and second['data']['path'] == str(other)
+    assert second['data']['sha256'] != first['data']['sha256'] and second['progress']['step'] == 2
+    # The key is not inherited: resuming the new run on yet another text is refused again
+    assert 'allow_text_change' not in second['config']
+
+
+def test_checkpoint_records_its_data(runs):
+    import hashlib
+    payload = checkpoint_of(runs, 'feedback_transformer_kv', 'kv')
+    text = TEXT.read_text()
+    assert payload['data'] == {'path': str(TEXT.absolute()), 'sha256': hashlib.sha256(TEXT.read_bytes()).hexdigest(),
+                               'itos': sorted(set(text))}
+    assert payload['experiment'] == 'feedback_transformer_kv'

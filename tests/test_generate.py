@@ -130,6 +130,20 @@ def test_tiny_temperature_is_greedy_without_overflow():
     assert tokens.tolist() == [0, 1]
 
 
+def test_temperature_below_float32s_range_is_the_greedy_limit():
+    """1e-46 becomes 0 in float32: the limit of tau -> 0 (the maximum; a fair draw among tied maxima)."""
+    logits = torch.tensor([[1.0, 3.0, 3.0, -2.0], [0.0, 0.5, 0.4, 0.1]])
+    tokens = sample_token(logits.repeat(500, 1), 1e-46, None, torch.Generator().manual_seed(0)).view(500, 2)
+    assert set(tokens[:, 0].tolist()) == {1, 2} and set(tokens[:, 1].tolist()) == {1}
+    assert sample_token(logits, 1e-46, 2, torch.Generator().manual_seed(0))[1].item() == 1
+    # Half precision: 1e-8 is below its range too
+    assert sample_token(logits[1:].half(), 1e-8, None).tolist() == [1]
+    # A model in float32 generates the greedy text
+    model = make_model("kv").float()
+    prompt = torch.randint(N_VOCAB, (3, 2))
+    assert torch.equal(model.generate(prompt, 8, temperature=1e-46), model.generate(prompt, 8, temperature=0))
+
+
 def test_generate_does_not_train_or_leak():
     model = make_model("kv")
     model.train()
@@ -238,6 +252,41 @@ def test_command_sampling_is_reproducible(checkpoint, capsys):
     samples = re.split(r"--- sample \d ---\n", first)
     assert samples[0] == "" and len(samples) == 4
     assert all(s.startswith("ROMEO:") and len(s) == 47 and s.endswith("\n") for s in samples[1:])
+
+
+def test_command_with_a_tiny_temperature(checkpoint, capsys):
+    path = checkpoint[0]
+    assert cli.main([f"checkpoint={path}", "tokens=20", "temperature=0"]) == 0
+    greedy = capsys.readouterr().out
+    assert cli.main([f"checkpoint={path}", "tokens=20", "temperature=1e-46"]) == 0
+    assert capsys.readouterr().out == greedy
+
+
+@pytest.fixture
+def checkpoint_with_vocabulary(checkpoint):
+    """The same checkpoint as a current training run writes it: with its vocabulary and data."""
+    path, model, text = checkpoint
+    payload = torch.load(path, weights_only=True)
+    payload["data"] = {"path": str(TEXT), "sha256": "", "itos": list(text.itos)}
+    torch.save(payload, path)
+    return path, model, text
+
+
+def test_command_needs_no_text_when_the_checkpoint_has_its_vocabulary(checkpoint_with_vocabulary, capsys, monkeypatch,
+                                                                      tmp_path):
+    path, model, text = checkpoint_with_vocabulary
+    # No text anywhere: not in the environment, not in labml's data folder
+    monkeypatch.setenv("TINY_SHAKESPEARE_PATH", str(tmp_path / "missing.txt"))
+    assert cli.main([f"checkpoint={path}", "prompt=It is", "tokens=25", "temperature=0"]) == 0
+    expected = greedy_by_recomputation(model, torch.tensor([text.stoi[c] for c in "It is"])[:, None], 25)
+    assert capsys.readouterr().out == "".join(text.itos[i] for i in expected[:, 0].tolist()) + "\n"
+    # Another text with as many characters would decode to other characters; the stored vocabulary wins
+    other = tmp_path / "other.txt"
+    other.write_text("".join(chr(0x3b1 + i) for i in range(len(text.itos))))
+    assert cli.main([f"checkpoint={path}", "prompt=It is", "tokens=25", "temperature=0", f"text_path={other}"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "".join(text.itos[i] for i in expected[:, 0].tolist()) + "\n"
+    assert "is not used: the checkpoint stores its vocabulary" in captured.err
 
 
 @pytest.mark.parametrize("args,message", [

@@ -22,3 +22,14 @@ def test_ci_runs_the_readme_test_command():
     test = _readme_commands()[1]
     ci = [line.strip() for line in (ROOT / '.ci' / 'run').read_text().splitlines()]
     assert test in ci
+
+
+def test_ci_installs_into_a_fresh_virtual_environment():
+    """CI sees dependency drift as a new user does: a new venv, without the system's site-packages."""
+    ci = (ROOT / '.ci' / 'run').read_text()
+    lines = [line.strip() for line in ci.splitlines() if not line.strip().startswith('#')]
+    venv = [i for i, line in enumerate(lines) if line.startswith('python3 -m venv')]
+    activate = [i for i, line in enumerate(lines) if line.startswith('. ') and 'bin/activate' in line]
+    install = [i for i, line in enumerate(lines) if 'pip install' in line]
+    assert venv and activate and install and venv[0] < activate[0] < install[0], lines
+    assert 'system-site-packages' not in ci

@@ -49,7 +49,7 @@ Validation always uses the full `seq_len`. The stage is a function of the step a
 README measures an initialization (`init_from`).
 """
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from labml import tracker
@@ -201,7 +201,7 @@ class AcceleratedConfigs(NLPAutoRegressionConfigs):
         self._carried[key] = state.detach()
         return output
 
-    def train_part(self, epoch: int, end: int) -> bool:
+    def train_part(self, epoch: int, end: int) -> Optional[str]:
         if self.validate_at_start and self._progress['step'] == 0 and not self._history['evaluations']:
             self.full_validation()
         if self._progress['batch'] == 0:
@@ -226,10 +226,10 @@ class AcceleratedConfigs(NLPAutoRegressionConfigs):
 
     # ## Checkpoints: the carried memory of every rank
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self) -> bool:
         state = self._carried['train'] if self.carry_memory else None
         self._carried_on_ranks = gather_objects(self._dist, None if state is None else state.to_payload())
-        super().save_checkpoint()
+        return super().save_checkpoint()
 
     def state(self, rng_states: List[Dict[str, Any]]) -> Dict[str, Any]:
         return {**super().state(rng_states), 'carried': self._carried_on_ranks}

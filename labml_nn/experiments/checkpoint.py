@@ -12,7 +12,8 @@ the random number generator states, the configuration and the loss history.
 
 A checkpoint is written to a temporary file in the same folder, flushed to disk, and then renamed over the old
 one. A rename within a folder is atomic, so a process killed mid-save leaves either the old checkpoint or the new
-one, never a torn file.
+one, never a torn file; the temporary file such a kill leaves behind is removed by the next save. Only one process
+writes a run's checkpoint (the main rank), so any temporary file of it found then is such a leftover.
 
 Checkpoints hold only tensors and plain Python values, so they load with `torch.load(..., weights_only=True)`:
 opening one never runs code from the file.
@@ -29,8 +30,14 @@ CHECKPOINT_NAME = 'checkpoint.pt'
 
 
 def save_atomic(payload: Dict[str, Any], path: Path) -> None:
-    """`torch.save(payload)` to `path` through a temporary file and a rename."""
+    """
+    `torch.save(payload)` to `path` through a temporary file and a rename. Temporary files of `path` that a
+    process killed mid-save left behind (`checkpoint.pt.<pid>.tmp`) are removed first.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f'{path.name}.*.tmp'):
+        if stale.name[len(path.name) + 1:-len('.tmp')].isdigit():
+            stale.unlink(missing_ok=True)
     tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')
     try:
         with open(tmp, 'wb') as f:

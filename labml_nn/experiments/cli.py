@@ -24,7 +24,16 @@ used), else the working directory itself. Nothing is sent anywhere unless `app_u
 ## Resuming
 
 `resume=<run uuid | run folder | checkpoint file>` loads the checkpoint, takes the configuration it was
-trained with, applies the command line's `key=value` on top, and continues in a new run.
+trained with, applies the command line's `key=value` on top, and continues in a new run. Before the run starts,
+a probe of the configuration (on the CPU, on the main rank) builds the text, its batches and, when resuming, the
+model and the optimizer, and loads the checkpoint into them: a checkpoint of another model, of another size or
+on another text stops here.
+
+## Exit status
+
+0 when training ends; 2 with one line `error: ...` for a bad configuration (or any `ValueError` that a check
+missed); 3 when training diverged (`max_nonfinite_steps`); 130 / 143 when SIGINT / SIGTERM stopped it after
+writing a checkpoint.
 """
 
 import os
@@ -32,7 +41,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Type
 
-from labml import experiment, lab
+from labml import experiment, lab, monit
 
 from labml_nn.experiments import checkpoint as ckpt
 from labml_nn.experiments.distributed import (
@@ -42,8 +51,17 @@ from labml_nn.experiments.distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from labml_nn.experiments.labml_adapter import (
+    app_configured,
+    check_option,
+    config_default,
+    config_options,
+    public_options,
+    set_values,
+    yaml_load,
+)
 from labml_nn.experiments.nlp_autoregression import NLPAutoRegressionConfigs
-from labml_nn.experiments.text_data import resolve_text_path
+from labml_nn.experiments.run_control import DIVERGED_EXIT_CODE, TrainingDiverged, exit_status
 
 _TRUE = {'true', '1', 'yes', 'on'}
 _FALSE = {'false', '0', 'no', 'off'}
@@ -60,8 +78,7 @@ def _annotations(cls: type) -> Dict[str, Any]:
 def _convert(key: str, raw: str, kind: Any, options: List[str]) -> Any:
     """Convert the command-line string `raw` for config `key` of type `kind`, or raise a `ValueError`."""
     if options:
-        if raw not in options:
-            raise ValueError(f"{key}={raw!r} is not an option; choose one of {', '.join(options)}")
+        check_option(key, raw, options)
         return raw
     if kind is bool:
         if raw.lower() in _TRUE | _FALSE:
@@ -79,10 +96,9 @@ def _convert(key: str, raw: str, kind: Any, options: List[str]) -> Any:
 
 def parse_overrides(conf_class: Type[NLPAutoRegressionConfigs], argv: List[str]) -> Dict[str, Any]:
     """`key=value` arguments to a dictionary of typed config values."""
-    from labml_nn.experiments.optimizer import OptimizerConfigs
-    sub_configs = {'optimizer': OptimizerConfigs}
+    sub_configs = conf_class._sub_configs
     known = _annotations(conf_class)
-    top_options = {k: v['options'] for k, v in conf_class()._to_json().items()}
+    top_options = config_options(conf_class())
     overrides: Dict[str, Any] = {}
     for arg in argv:
         key, sep, raw = arg.partition('=')
@@ -94,8 +110,7 @@ def parse_overrides(conf_class: Type[NLPAutoRegressionConfigs], argv: List[str])
             sub_known = _annotations(sub_class)
             if sub_key not in sub_known:
                 raise ValueError(f"Unknown config key {key!r}; {prefix}.* keys are {', '.join(sorted(sub_known))}")
-            sub_options = sub_class()._to_json()[sub_key]['options']
-            overrides[key] = _convert(key, raw, sub_known[sub_key], sub_options)
+            overrides[key] = _convert(key, raw, sub_known[sub_key], config_options(sub_class())[sub_key])
         elif key in known:
             overrides[key] = _convert(key, raw, known[key], top_options.get(key, []))
         else:
@@ -105,16 +120,13 @@ def parse_overrides(conf_class: Type[NLPAutoRegressionConfigs], argv: List[str])
 
 def usage(conf_class: Type[NLPAutoRegressionConfigs]) -> str:
     """The `--help` text: every settable key with its type, default or options."""
-    from labml_nn.experiments.optimizer import OptimizerConfigs
     lines = ["Usage: python -m labml_nn.transformers.feedback.experiment [key=value ...]", "", "Config keys:"]
-    for prefix, cls in (('', conf_class), ('optimizer.', OptimizerConfigs)):
-        info = cls()._to_json()
-        experiment_defaults = conf_class._optimizer_defaults if prefix else {}
+    for prefix, cls in (('', conf_class), *((f'{k}.', c) for k, c in conf_class._sub_configs.items())):
+        conf = cls()
+        experiment_defaults = conf_class._optimizer_defaults if prefix == 'optimizer.' else {}
         for key, kind in sorted(_annotations(cls).items()):
-            # Options named `_...` are computed values, not choices
-            options = [o for o in info.get(key, {}).get('options', []) if not o.startswith('_')]
-            default = getattr(cls, key).value if getattr(cls, key).has_value else None
-            default = experiment_defaults.get(key, default)
+            options = public_options(conf, key)
+            default = experiment_defaults.get(key, config_default(cls, key))
             if options:
                 lines.append(f"  {prefix}{key}: one of {', '.join(options)} (default {default or options[0]})")
             elif kind in (int, float, str, bool):
@@ -124,12 +136,11 @@ def usage(conf_class: Type[NLPAutoRegressionConfigs]) -> str:
 
 def configure_lab() -> None:
     """Use the nearest `.labml.yaml` from the working directory up, else the working directory, as the project."""
-    from labml.internal import util
     cwd = Path.cwd().resolve()
     for folder in [cwd, *cwd.parents]:
         config_file = folder / '.labml.yaml'
         if config_file.is_file():
-            settings = util.yaml_load(config_file.read_text()) or {}
+            settings = yaml_load(config_file.read_text()) or {}
             settings.setdefault('path', str(folder))
             settings['config_file_path'] = folder
             lab.configure(settings)
@@ -139,68 +150,91 @@ def configure_lab() -> None:
 
 def _prepare(conf_class: Type[NLPAutoRegressionConfigs], overrides: Dict[str, Any],
              ctx: DistributedContext) -> Dict[str, Any]:
-    """On the main rank: merge a resumed run's configuration, check the values and find the data."""
+    """
+    On the main rank, before a run exists: merge a resumed run's configuration, check the values, the data and the
+    checkpoint with a probe of the configs on the CPU.
+    """
     payload = None
     if overrides.get('resume'):
         path = ckpt.find_checkpoint(overrides['resume'], lab.get_experiments_path())
         payload = ckpt.load_checkpoint(path)
         overrides = {**payload['config'], **overrides}
     probe = conf_class()
-    probe._overrides = overrides
     probe._dist = ctx
-    probe._set_values(overrides)
+    probe._resume_payload = payload
+    set_values(probe, {**overrides, 'use_cuda': False})
     probe.validate()
-    resolve_text_path(probe.text_path, lab.get_data_path())
+    # The data (and, when resuming, a model and an optimizer to load the checkpoint into), built quietly
+    with monit.section('Check', is_silent=True, is_children_silent=True):
+        probe.check_data()
+        if payload is not None:
+            probe.check_resume(payload)
     uuid = os.environ.get('RUN_UUID') or experiment.generate_uuid()
-    return {'overrides': overrides, 'payload': payload, 'uuid': uuid,
-            'name': probe.experiment_name()}
+    return {'overrides': overrides, 'payload': payload, 'uuid': uuid, 'name': probe.experiment_name()}
+
+
+def _setup(conf_class: Type[NLPAutoRegressionConfigs], argv: List[str], ctx: DistributedContext) -> Dict[str, Any]:
+    """Parse and check on the main rank, and hand every rank the result (or the error)."""
+    overrides = parse_overrides(conf_class, argv)
+    configure_lab()
+    setup: Dict[str, Any] = {}
+    if ctx.is_main:
+        try:
+            setup = _prepare(conf_class, overrides, ctx)
+        except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+            setup = {'error': str(e)}
+    setup = broadcast_object(ctx, setup)
+    if 'error' in setup:
+        raise ValueError(setup['error'])
+    return setup
 
 
 def run_experiment(conf_class: Type[NLPAutoRegressionConfigs], argv: Optional[List[str]] = None) -> None:
-    """Parse `argv`, start a labml experiment (one per rank under torchrun) and train."""
+    """Parse `argv`, start a labml experiment (one per rank under torchrun) and train; exits non-zero on failure."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ('-h', '--help') for a in argv):
         print(usage(conf_class))
         return
     ctx = init_distributed()
+    status = 0
     try:
-        try:
-            overrides = parse_overrides(conf_class, argv)
-            configure_lab()
-            setup: Dict[str, Any] = {}
-            if ctx.is_main:
-                try:
-                    setup = _prepare(conf_class, overrides, ctx)
-                except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-                    setup = {'error': str(e)}
-            setup = broadcast_object(ctx, setup)
-            if 'error' in setup:
-                raise ValueError(setup['error'])
-        except (ValueError, TypeError, FileNotFoundError) as e:
-            if ctx.is_main:
-                print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
-        _train(conf_class, ctx, setup)
+        _train(conf_class, ctx, _setup(conf_class, argv, ctx))
         # Every rank finishes (rank 0 may still be writing the checkpoint) before the group is torn down
         barrier(ctx)
+    except KeyboardInterrupt as e:
+        # `stop_for_signal` names the signal after every rank stopped at the same step with a checkpoint
+        status = exit_status(e.args[0] if e.args else 2)
+        if e.args:
+            barrier(ctx)
+    except TrainingDiverged as e:
+        status = _error(ctx, e, DIVERGED_EXIT_CODE)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        status = _error(ctx, e, 2)
     finally:
         shutdown_distributed(ctx)
+    sys.stdout.flush()
+    sys.stderr.flush()
     if ctx.is_distributed and not ctx.is_main:
         # A helper rank has nothing left to save; leave without the interpreter's teardown, where gloo's threads
         # can abort the process ("terminate called without an active exception") after a successful run
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        os._exit(status)
+    if status:
+        sys.exit(status)
+
+
+def _error(ctx: DistributedContext, error: Exception, status: int) -> int:
+    """Print `error: ...` (main rank) and return the exit status."""
+    if ctx.is_main:
+        print(f"error: {error}", file=sys.stderr)
+    return status
 
 
 def _train(conf_class: Type[NLPAutoRegressionConfigs], ctx: DistributedContext, setup: Dict[str, Any]) -> None:
-    from labml.internal.lab import lab_singleton
     conf = conf_class()
     conf._dist = ctx
-    conf._overrides = setup['overrides']
     conf._resume_payload = setup['payload']
     writers = {'screen', 'file'} if ctx.is_main else set()
-    if ctx.is_main and lab_singleton().app_configs is not None:
+    if ctx.is_main and app_configured():
         writers.add('app')
     experiment.create(uuid=setup['uuid'], name=setup['name'], writers=writers,
                       distributed_rank=ctx.rank, distributed_world_size=ctx.world_size if ctx.is_distributed else 0,

@@ -58,6 +58,14 @@ def init_distributed() -> DistributedContext:
     return DistributedContext(rank, world_size, local_rank)
 
 
+def wrap_ddp(ctx: DistributedContext, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """`model` in `DistributedDataParallel` under `torchrun`, else `model` itself."""
+    if not ctx.is_distributed:
+        return model
+    device_ids = [device.index] if device.type == 'cuda' else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
 def shutdown_distributed(ctx: DistributedContext) -> None:
     if ctx.is_distributed and dist.is_initialized():
         dist.destroy_process_group()
@@ -65,10 +73,15 @@ def shutdown_distributed(ctx: DistributedContext) -> None:
 
 def all_reduce_sum(ctx: DistributedContext, tensor: torch.Tensor) -> torch.Tensor:
     """The element-wise sum of `tensor` over all ranks (the tensor itself when not distributed)."""
-    if ctx.is_distributed:
-        tensor = tensor.clone()
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+    if not ctx.is_distributed:
+        return tensor
+    # nccl reduces only CUDA tensors: a CPU tensor (a validation total, a flag) goes through the GPU and back
+    device = tensor.device
+    if dist.get_backend() == 'nccl' and device.type != 'cuda':
+        tensor = tensor.to(torch.device('cuda', torch.cuda.current_device()))
+    tensor = tensor.clone()
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.to(device)
 
 
 def broadcast_object(ctx: DistributedContext, obj: Any) -> Any:

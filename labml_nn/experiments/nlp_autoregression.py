@@ -20,9 +20,13 @@ gradient clipping, how often to validate and sample, and checkpoints. An experim
 Each epoch is split into `inner_iterations` parts. Every part prints a sample (a continuation of `prompt`),
 trains on its share of the training batches, and validates on its share of the validation batches for the
 progress line. At the end of every epoch, and when training stops, the model is validated on the whole
-validation set (the figure to compare runs by) and a checkpoint is written (see `checkpoint.py`).
-`train_steps` stops training after that many optimizer steps, `valid_batches` caps the validation batches:
-both are for quick runs.
+validation set (the figure to compare runs by) and a checkpoint is written (see `checkpoint.py`; periodic
+checkpoints, stop signals and non-finite steps are `run_control.py`'s). `train_steps` stops training after that
+many steps, `valid_batches` caps the validation batches: both are for quick runs.
+
+What can be checked before a run starts is: `validate()` checks the plain values (the optimizer's too),
+`check_data()` builds the text and its batches and checks what depends on them. The command line runs both (and
+the resume checks) before it creates a run; `init()` runs them again for runs started from Python.
 
 `train_step` and `forward_loss` are small methods on purpose: variants (memory carried across batches,
 curricula, initialization from another run) override them.
@@ -33,27 +37,25 @@ Under `torchrun` `batch_size` is the **global** batch: each of $N$ ranks trains 
 every batch, and the loss, its gradients and the hyper-parameters mean the same as on one process.
 """
 
+import math
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from labml import logger, monit, tracker
-from labml.configs import BaseConfigs, option
-from labml.internal.experiment import experiment_singleton
+from labml.configs import option
 from labml.logger import Text
-from labml_helpers.datasets.text import TextDataset, TextFileDataset
+from labml_helpers.datasets.text import TextDataset
 from torch import nn
 
-from labml_nn.experiments import checkpoint as ckpt
-from labml_nn.experiments.distributed import DistributedContext, all_reduce_sum, gather_objects, max_replica_difference
-from labml_nn.experiments.optimizer import OptimizerConfigs, ScheduledOptimizer
-from labml_nn.experiments.text_data import SequenceBatches, character_tokenizer, resolve_text_path
+from labml_nn.experiments.distributed import DistributedContext, all_reduce_sum, wrap_ddp
+from labml_nn.experiments.optimizer import OptimizerConfigs, ScheduledOptimizer, check_optimizer_values
+from labml_nn.experiments.run_control import RunControlConfigs, StopSignals, check_int
+from labml_nn.experiments.text_data import SequenceBatches, character_tokenizer, load_text, read_utf8, resolve_text_path
 
 
-class NLPAutoRegressionConfigs(BaseConfigs):
-    """
-    Configurations of character-level autoregressive training. `model` is left to the experiment.
-    """
+class NLPAutoRegressionConfigs(RunControlConfigs):
+    """Configurations of character-level autoregressive training. `model` is left to the experiment."""
     # The model, `[seq_len, batch_size]` token ids to `[seq_len, batch_size, n_tokens]` logits
     model: nn.Module
     # Train on CUDA when available
@@ -64,21 +66,21 @@ class NLPAutoRegressionConfigs(BaseConfigs):
     tokenizer: Callable = 'character'
     text: TextDataset
     n_tokens: int
-    # Sequence length and the *global* batch size (split over data-parallel ranks)
+    # Sequence length and the *global* batch size (split over data-parallel ranks) of the batches
     seq_len: int = 512
     batch_size: int = 16
+    train_loader: SequenceBatches
+    valid_loader: SequenceBatches
     epochs: int = 10
     # Times per epoch to sample, train on a share of the batches, and validate on a share
     inner_iterations: int = 1
-    # Stop after this many optimizer steps (0: run all epochs); validation batches per epoch (0: all)
+    # Stop after this many steps (0: run all epochs); validation batches per epoch (0: all)
     train_steps: int = 0
     valid_batches: int = 0
-    # Clip the gradient norm to this (0: no clipping)
-    grad_norm_clip: float = 1.0
     optimizer: ScheduledOptimizer
     loss_func: nn.Module
-    train_loader: SequenceBatches
-    valid_loader: SequenceBatches
+    # Clip the gradient norm to this (0: no clipping)
+    grad_norm_clip: float = 1.0
     # Sampling: `prompt`, greedy continuation of `sample_tokens` tokens joined by `prompt_separator`
     prompt: str = 'It is'
     prompt_separator: str = ''
@@ -87,57 +89,70 @@ class NLPAutoRegressionConfigs(BaseConfigs):
     # CPU threads for PyTorch (0: PyTorch's default). The feedback models run many small operations one step at
     # a time; on a busy or small machine one thread is often faster than several.
     num_threads: int = 0
-    # A run UUID, run folder or checkpoint file to continue from
-    resume: str = ''
     # Defaults of the `optimizer.*` configs for this experiment (the command line overrides them)
     _optimizer_defaults = {'optimizer': 'Adam', 'learning_rate': 1e-3}
+    # The configs class of each dotted key prefix
+    _sub_configs = {'optimizer': OptimizerConfigs}
 
     def __init__(self):
         super().__init__()
         # Set by the launcher before training starts
         self._dist = DistributedContext()
-        self._overrides: Dict[str, Any] = {}
         self._resume_payload: Optional[Dict[str, Any]] = None
 
     def validate(self) -> None:
         """Check the plain values (no data or model is built); a `ValueError` names the first bad one."""
+        super().validate()
         for key in ('seq_len', 'batch_size', 'epochs', 'inner_iterations'):
             check_int(key, getattr(self, key), 1)
         for key in ('train_steps', 'valid_batches', 'sample_tokens', 'num_threads'):
             check_int(key, getattr(self, key), 0)
-        if self.grad_norm_clip < 0:
-            raise ValueError(f"grad_norm_clip must be >= 0 (0 turns clipping off), got {self.grad_norm_clip}")
+        # Seeds feed `torch.manual_seed` and the batch plans' generators, which take 64-bit integers
+        check_int('seed', self.seed, 0, 2 ** 32 - 1)
+        if not math.isfinite(self.grad_norm_clip) or self.grad_norm_clip < 0:
+            raise ValueError(f"grad_norm_clip must be a finite number >= 0 (0 turns clipping off), "
+                             f"got {self.grad_norm_clip}")
         if self.batch_size % self._dist.world_size != 0:
             raise ValueError(f"batch_size={self.batch_size} is the global batch and must be divisible by the "
                              f"number of processes ({self._dist.world_size})")
+        # The optimizer's values, as `_optimizer` will set them, without building the model
+        check_optimizer_values(self._optimizer_defaults, self._overrides)
 
-    def experiment_name(self) -> str:
-        """The labml experiment (folder) name for these configs."""
-        return 'nlp_autoregression'
+    def check_data(self) -> None:
+        """Build the text and its batches (not the model) and check what depends on them."""
+        for name, part in (('train_loader', 'training text (its first 90%)'),
+                           ('valid_loader', 'validation text (its last 10%)')):
+            try:
+                getattr(self, name)
+            except ValueError as e:
+                raise ValueError(f"text_path={self.text.path}: the {part} is too short: {e}") from None
+        n_train = len(self.train_loader)
+        if self.inner_iterations > n_train:
+            raise ValueError(f"inner_iterations={self.inner_iterations} is more than the {n_train} training "
+                             f"batches of an epoch")
+        if self.sample_tokens > 0 and len(self.text.text_to_i(self.prompt)) == 0:
+            raise ValueError(f"prompt={self.prompt!r} has no characters of the text's vocabulary to start a sample")
 
     def init(self) -> None:
         """Build everything, wrap the model for data-parallel training, and restore a checkpoint if resuming."""
+        self.validate()
         if self.num_threads > 0:
             torch.set_num_threads(self.num_threads)
         # The same initial weights on every rank; dropout draws differ per rank
         torch.manual_seed(self.seed)
-        model = self.model
-        self._ddp_model = model
-        if self._dist.is_distributed:
-            device_ids = [self.device.index] if self.device.type == 'cuda' else None
-            self._ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        self._ddp_model = wrap_ddp(self._dist, self.model, self.device)
         torch.manual_seed(self.seed + 7919 * self._dist.rank)
-        self._progress = {'epoch': 0, 'batch': 0, 'step': 0, 'tokens': 0, 'train_seconds': 0.0}
+        self._progress = {'epoch': 0, 'batch': 0, 'step': 0, 'tokens': 0, 'train_seconds': 0.0, 'skipped_steps': 0}
         self._history: Dict[str, List[Dict[str, float]]] = {'train': [], 'valid': [], 'evaluations': []}
-        _ = self.optimizer, self.train_loader, self.valid_loader
+        _ = self.optimizer
+        self.check_data()
         self._sample_prompt = self.text.text_to_i(self.prompt)
-        if self.sample_tokens > 0 and len(self._sample_prompt) == 0:
-            raise ValueError(f"prompt={self.prompt!r} has no characters of the text's vocabulary to start a sample")
         if self._resume_payload is not None:
             self.load_state(self._resume_payload)
             self._resume_payload = None
         # A new run counts steps from its own start (labml's step counter outlives runs in one process)
         tracker.set_global_step(self._progress['step'])
+        self.start_control()
 
     # ## One step
 
@@ -153,30 +168,43 @@ class NLPAutoRegressionConfigs(BaseConfigs):
         return self._ddp_model(data)
 
     def train_step(self, data: torch.Tensor, target: torch.Tensor) -> float:
-        """Forward, backward (gradients all-reduced by DDP), clip, optimizer step; returns the global mean loss."""
+        """
+        Forward, backward (gradients all-reduced by DDP), clip, and the optimizer step unless the loss or gradient
+        norm is not finite on a rank; returns the global mean loss and leaves the agreed flags in `_step_flags`.
+        """
         data, target = data.to(self.device), target.to(self.device)
         self.optimizer.zero_grad()
         loss, correct = self.forward_loss(data, target)
         loss.backward()
-        if self.grad_norm_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=self.grad_norm_clip)
-        self.optimizer.step()
-        # Mean over ranks (every rank has the same number of tokens)
-        stats = all_reduce_sum(self._dist, torch.stack([loss.detach(), correct.to(loss.dtype)]))
-        loss_value = stats[0].item() / self._dist.world_size
-        accuracy = stats[1].item() / (target.numel() * self._dist.world_size)
+        # The gradient norm, clipped to `grad_norm_clip` when that is on
+        max_norm = self.grad_norm_clip if self.grad_norm_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=max_norm)
+        # One all-reduce: the sums of the loss and the correct predictions over ranks, and the flags
+        local = torch.cat([torch.stack([loss.detach(), correct.to(loss.dtype)]), self.local_flags(loss, grad_norm)])
+        loss_sum, correct_sum, *self._step_flags = all_reduce_sum(self._dist, local).tolist()
+        if self._step_flags[0] == 0:
+            self.optimizer.step()
+        # Every rank has the same number of tokens
+        loss_value = loss_sum / self._dist.world_size
+        accuracy = correct_sum / (target.numel() * self._dist.world_size)
         tracker.add({'loss.train': loss_value, 'accuracy.train': accuracy})
         return loss_value
 
     # ## Parts of an epoch
 
-    def train_part(self, epoch: int, end: int) -> bool:
-        """Train on batches `progress['batch'] .. end - 1` of `epoch`; `True` if `train_steps` was reached."""
+    def train_part(self, epoch: int, end: int) -> Optional[str]:
+        """
+        Train on batches `progress['batch'] .. end - 1` of `epoch`. Returns why it stopped early: `'train_steps'`
+        (reached), `'signal'` (every rank agreed to stop), or `None` (the part is done).
+        """
         self._ddp_model.train()
         n_batches = len(self.train_loader)
         tokens_per_step = self.seq_len * self.batch_size
         with monit.section('Train', is_partial=True):
             for idx, data, target in self.train_loader.iterate(epoch, self._progress['batch'], end):
+                if 0 < self.train_steps <= self._progress['step']:
+                    # A resumed run that had reached `train_steps` already
+                    return 'train_steps'
                 start = time.perf_counter()
                 loss = self.train_step(data, target)
                 self._progress['train_seconds'] += time.perf_counter() - start
@@ -185,11 +213,14 @@ class NLPAutoRegressionConfigs(BaseConfigs):
                 self._progress['tokens'] += tokens_per_step
                 self._history['train'].append({'step': self._progress['step'], 'loss': loss})
                 tracker.set_global_step(self._progress['step'])
+                stop = self.after_step(self._step_flags)
                 tracker.save()
                 monit.progress((idx + 1) / n_batches)
+                if stop:
+                    return 'signal'
                 if 0 < self.train_steps <= self._progress['step']:
-                    return True
-        return False
+                    return 'train_steps'
+        return None
 
     @torch.no_grad()
     def evaluate(self, start: int, end: int) -> Tuple[float, float]:
@@ -254,88 +285,37 @@ class NLPAutoRegressionConfigs(BaseConfigs):
     # ## The training loop
 
     def run(self) -> None:
-        with monit.section('Initialize'):
-            self.init()
-        n_train = len(self.train_loader)
-        if self.inner_iterations > n_train:
-            raise ValueError(f"inner_iterations={self.inner_iterations} is more than the {n_train} training "
-                             f"batches of an epoch")
-        n_valid = self.n_valid_batches()
-        k = self.inner_iterations
-        for epoch in monit.loop(range(self._progress['epoch'], self.epochs)):
-            for i in range(k):
-                end = (i + 1) * n_train // k
-                if self._progress['batch'] >= end:
-                    # Done before this run resumed
-                    continue
-                self.sample()
-                stopped = self.train_part(epoch, end)
-                self.valid_part(i * n_valid // k, (i + 1) * n_valid // k)
-                tracker.save()
-                tracker.new_line()
-                if stopped:
-                    self.full_validation()
-                    self.save_checkpoint()
-                    self.log_summary()
-                    return
-            self.full_validation()
-            self._progress.update(epoch=epoch + 1, batch=0)
-            self.save_checkpoint()
-        self.log_summary()
+        """Train for `epochs` (or `train_steps`); SIGINT / SIGTERM stop it at a step with a checkpoint."""
+        with StopSignals() as self._signals:
+            with monit.section('Initialize'):
+                self.init()
+            n_train = len(self.train_loader)
+            n_valid = self.n_valid_batches()
+            k = self.inner_iterations
+            for epoch in monit.loop(range(self._progress['epoch'], self.epochs)):
+                for i in range(k):
+                    end = (i + 1) * n_train // k
+                    if self._progress['batch'] >= end:
+                        # Done before this run resumed
+                        continue
+                    self.sample()
+                    stopped = self.train_part(epoch, end)
+                    if stopped == 'signal':
+                        tracker.new_line()
+                        self.stop_for_signal()
+                    self.valid_part(i * n_valid // k, (i + 1) * n_valid // k)
+                    tracker.save()
+                    tracker.new_line()
+                    if stopped:
+                        self.full_validation()
+                        self.save_checkpoint()
+                        self.log_summary()
+                        return
+                self.full_validation()
+                self._progress.update(epoch=epoch + 1, batch=0)
+                self.save_checkpoint()
+            self.log_summary()
 
-    def log(self, message: Any, *args: Any) -> None:
-        """`labml.logger.log`, on the main rank only."""
-        if self._dist.is_main:
-            logger.log(message, *args)
-
-    def log_summary(self) -> None:
-        p = self._progress
-        tokens_per_second = p['tokens'] / max(p['train_seconds'], 1e-9)
-        self.log([('Trained ', Text.subtle), (f"{p['step']:,}", Text.value), (' steps, ', Text.subtle),
-                    (f"{p['tokens']:,}", Text.value), (' tokens in ', Text.subtle),
-                    (f"{p['train_seconds']:.1f}s", Text.value), (' (', Text.subtle),
-                    (f'{tokens_per_second:,.0f}', Text.value), (' tokens/s)', Text.subtle)])
-
-    # ## Checkpoints
-
-    def state(self, rng_states: List[Dict[str, Any]]) -> Dict[str, Any]:
-        """Everything needed to continue training exactly."""
-        return {'version': 1, 'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-                'progress': dict(self._progress), 'rng': rng_states, 'config': dict(self._overrides),
-                'history': self._history}
-
-    def load_state(self, payload: Dict[str, Any]) -> None:
-        try:
-            self.model.load_state_dict(payload['model'])
-        except RuntimeError as e:
-            raise ValueError(f"The checkpoint's model does not match this configuration: {e}") from e
-        self.optimizer.load_state_dict(payload['optimizer'])
-        self._progress.update(payload['progress'])
-        self._history = payload['history']
-        rng = payload['rng']
-        if len(rng) == self._dist.world_size:
-            ckpt.set_rng_state(rng[self._dist.rank])
-        else:
-            self.log(f'The checkpoint was written by {len(rng)} processes, this run has '
-                       f'{self._dist.world_size}: random states are not restored', Text.warning)
-        tracker.set_global_step(self._progress['step'])
-
-    def save_checkpoint(self) -> None:
-        """Write the checkpoint atomically into the run's folder (main rank; every rank sends its RNG state)."""
-        rng_states = gather_objects(self._dist, ckpt.get_rng_state())
-        self._progress['replica_difference'] = max_replica_difference(self._dist, self.model.parameters())
-        if not self._dist.is_main:
-            return
-        path = experiment_singleton().run.checkpoint_path / ckpt.CHECKPOINT_NAME
-        with monit.section('Save checkpoint'):
-            ckpt.save_atomic(self.state(rng_states), path)
-        logger.log([('Checkpoint: ', Text.subtle), (str(path), Text.meta)])
-
-
-def check_int(key: str, value: Any, minimum: int) -> None:
-    """A `ValueError` naming config `key` unless `value` is an int `>= minimum`."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{key} must be an int >= {minimum}, got {value!r}")
 
 
 @torch.no_grad()
@@ -367,11 +347,18 @@ def _character_tokenizer(c: NLPAutoRegressionConfigs) -> Callable:
     return character_tokenizer
 
 
-@option(NLPAutoRegressionConfigs.text)
-def _tiny_shakespeare(c: NLPAutoRegressionConfigs) -> TextDataset:
+# Option names as labml_nn's, so its configuration dictionaries run unchanged
+
+@option(NLPAutoRegressionConfigs.text, 'tiny_shakespeare')
+def _text(c: NLPAutoRegressionConfigs) -> TextDataset:
+    """The text file (Tiny Shakespeare unless `text_path` says otherwise), with a resumed checkpoint's vocabulary."""
     from labml import lab
     path = resolve_text_path(c.text_path, lab.get_data_path())
-    return TextFileDataset(path, c.tokenizer)
+    text, sha256 = read_utf8(path)
+    # Resuming: the same text as the checkpoint's (unless `allow_text_change`), read with its vocabulary
+    data = (c._resume_payload or {}).get('data') or {}
+    c.check_same_text(data, path, sha256)
+    return load_text(path, c.tokenizer, itos=data.get('itos'), read=(text, sha256))
 
 
 @option(NLPAutoRegressionConfigs.n_tokens)
@@ -401,11 +388,11 @@ def shuffled_batches(c: NLPAutoRegressionConfigs, text: str, is_train: bool) -> 
                            rank=c._dist.rank, world_size=c._dist.world_size)
 
 
-@option(NLPAutoRegressionConfigs.train_loader)
+@option(NLPAutoRegressionConfigs.train_loader, 'shuffled_train_loader')
 def _train_loader(c: NLPAutoRegressionConfigs) -> SequenceBatches:
     return c.make_loader(c.text.train, True)
 
 
-@option(NLPAutoRegressionConfigs.valid_loader)
+@option(NLPAutoRegressionConfigs.valid_loader, 'shuffled_valid_loader')
 def _valid_loader(c: NLPAutoRegressionConfigs) -> SequenceBatches:
     return c.make_loader(c.text.valid, False)

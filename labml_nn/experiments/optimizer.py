@@ -20,11 +20,14 @@ With `learning_rate` $\eta = 1$, $d_{model} = 128$ and 2,000 warm-up steps the r
 It is PyTorch's own `LambdaLR` over Adam, so its step count is saved and restored with `state_dict()`.
 """
 
+import math
 from typing import Any, Dict, Optional
 
 import torch
-from labml.configs import BaseConfigs, meta_config, option
+from labml.configs import meta_config, option
 from torch.optim.lr_scheduler import LambdaLR
+
+from labml_nn.experiments.labml_adapter import CheckedConfigs, set_values
 
 
 class NoamFactor:
@@ -73,7 +76,7 @@ class ScheduledOptimizer:
             self.scheduler.load_state_dict(state['scheduler'])
 
 
-class OptimizerConfigs(BaseConfigs):
+class OptimizerConfigs(CheckedConfigs):
     """
     * `optimizer`: `Adam` (constant `learning_rate`) or `Noam` (Adam with the Noam schedule)
     * `learning_rate`: the constant rate, or $\\eta$ of the Noam schedule
@@ -91,13 +94,33 @@ class OptimizerConfigs(BaseConfigs):
     def __init__(self):
         super().__init__(_primary='optimizer')
 
+    def validate(self) -> None:
+        """A `ValueError` naming the first value Adam or the schedule cannot work with."""
+        for key, low in (('learning_rate', 'finite number > 0'), ('eps', 'finite number >= 0'),
+                         ('weight_decay', 'finite number >= 0')):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (
+                    key == 'learning_rate' and value == 0):
+                raise ValueError(f"optimizer.{key} must be a {low}, got {value!r}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 1:
+            raise ValueError(f"optimizer.warmup must be an int >= 1 (steps of the Noam warm-up), got {self.warmup!r}")
+
 
 meta_config(OptimizerConfigs.parameters)
 
 
+def check_optimizer_values(defaults: Dict[str, Any], values: Dict[str, Any]) -> None:
+    """Check the `optimizer.*` entries of `values` over `defaults`, before the model (its parameters) exists."""
+    conf = OptimizerConfigs()
+    prefix = 'optimizer.'
+    set_values(conf, {**defaults, **{k[len(prefix):]: v for k, v in values.items() if k.startswith(prefix)}})
+    conf.validate()
+
+
 def _adam(c: OptimizerConfigs, lr: float) -> torch.optim.Adam:
-    if c.learning_rate <= 0:
-        raise ValueError(f"optimizer.learning_rate must be > 0, got {c.learning_rate}")
+    c.validate()
     return torch.optim.Adam(c.parameters, lr=lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
 
 
@@ -108,7 +131,5 @@ def _adam_optimizer(c: OptimizerConfigs) -> ScheduledOptimizer:
 
 @option(OptimizerConfigs.optimizer, 'Noam')
 def _noam_optimizer(c: OptimizerConfigs) -> ScheduledOptimizer:
-    if c.warmup < 1:
-        raise ValueError(f"optimizer.warmup must be >= 1, got {c.warmup}")
     optimizer = _adam(c, c.learning_rate)
     return ScheduledOptimizer(optimizer, LambdaLR(optimizer, NoamFactor(c.d_model, c.warmup)))

@@ -7,8 +7,17 @@ summary: Finding (or downloading) Tiny Shakespeare, and cutting it into shuffled
 # Character-level text data
 
 The experiments train on [Tiny Shakespeare](https://github.com/karpathy/char-rnn), about a million characters
-of plays. Every character is a token. The first 90% of the text is for training, the last 10% for validation
-(labml-helpers' `TextFileDataset` makes that split and the vocabulary).
+of plays. Every character is a token. The first 90% of the text is for training, the last 10% for validation.
+The file must be UTF-8 text: anything else (`text_path=/bin/ls`) stops with a message naming the file and the
+first byte that is not.
+
+## The vocabulary belongs to the model
+
+The vocabulary is the sorted set of the text's characters, and a token id means "the $i$-th character of *that*
+set". A model trained on one text reads garbage from another text with as many distinct characters, so a checkpoint
+stores its vocabulary (`itos`), the absolute path of the text and its SHA-256. `load_text(..., itos=...)` reads a
+text with a given vocabulary instead of its own (resuming, or fine-tuning on a new text): a character outside it
+is an error.
 
 ## Where the file comes from
 
@@ -28,12 +37,14 @@ same batch, and every data-parallel rank can compute the same plan and take its 
 talking to the others.
 """
 
+import hashlib
 import os
 import urllib.request
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+from labml_helpers.datasets.text import TextDataset
 
 TINY_SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 TINY_SHAKESPEARE_ENV = 'TINY_SHAKESPEARE_PATH'
@@ -54,6 +65,51 @@ def _check_text_file(path: Path, origin: str) -> Path:
     if path.stat().st_size == 0:
         raise ValueError(f"Tiny Shakespeare file {path} (from {origin}) is empty. {_HOW_TO_PROVIDE}")
     return path
+
+
+class Vocabulary(NamedTuple):
+    """Token `i` is the string `itos[i]`; `stoi` maps back."""
+    itos: List[str]
+    stoi: Dict[str, int]
+
+    @staticmethod
+    def of(itos: Sequence[str]) -> 'Vocabulary':
+        return Vocabulary(list(itos), {s: i for i, s in enumerate(itos)})
+
+
+def read_utf8(path: Path, key: str = 'text_path') -> Tuple[str, str]:
+    """The text of `path` and the SHA-256 of its bytes; a `ValueError` naming the file unless it is UTF-8."""
+    data = path.read_bytes()
+    try:
+        text = data.decode('utf-8')
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{key}={path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start:,} is not "
+                         f"valid UTF-8); train on a UTF-8 text file") from None
+    return text, hashlib.sha256(data).hexdigest()
+
+
+def load_text(path: Path, tokenizer: Callable, itos: Optional[Sequence[str]] = None,
+              read: Optional[Tuple[str, str]] = None) -> TextDataset:
+    """
+    The dataset of a UTF-8 text file: the first 90% of the characters train, the last 10% validate. Its vocabulary
+    is the text's own, or `itos` when given (every token of the text must be in it). The dataset also carries
+    `path` (absolute) and `sha256`, which checkpoints record. `read` is what `read_utf8(path)` returned, if known.
+    """
+    path = Path(path).absolute()
+    text, sha256 = read or read_utf8(path)
+    split = int(len(text) * 0.9)
+    if itos is None:
+        dataset = TextDataset(path, tokenizer, text[:split], text[split:], '')
+    else:
+        unknown = sorted(set(tokenizer(text)) - set(itos))
+        if unknown:
+            raise ValueError(f"text_path={path} has {len(unknown)} characters that are not in the checkpoint's "
+                             f"vocabulary of {len(itos)}: {''.join(unknown[:20])!r}")
+        vocabulary = Vocabulary.of(itos)
+        dataset = TextDataset(path, tokenizer, text[:split], text[split:], '', n_tokens=len(itos),
+                              stoi=vocabulary.stoi, itos=vocabulary.itos)
+    dataset.sha256 = sha256
+    return dataset
 
 
 def download_text(url: str, path: Path) -> None:

@@ -150,6 +150,11 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: Optional[int],
     Pick one token per row of `logits` `[batch_size, n_vocab]`: the most likely when `temperature` is 0,
     otherwise a draw from $\mathrm{softmax}(z / \tau)$ over the `top_k` largest logits (all when `None`).
     Returns `LongTensor [batch_size]`.
+
+    Any $\tau > 0$ works, however small. A Python float such as $10^{-46}$ is below the smallest positive float32
+    and would become 0 in a float32 division ($0 / 0$ at the maximum); below the logits' smallest normal number
+    the division runs in float64, which holds every positive Python float, and the maximum itself is set to 0
+    rather than divided, so a $\tau$ that still rounds to 0 gives the limit: a uniform draw among the tied maxima.
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -157,8 +162,12 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: Optional[int],
     if top_k is not None and top_k < logits.shape[-1]:
         # The `top_k` largest logits, in decreasing order, and their token ids, `[batch_size, top_k]`
         logits, ids = torch.topk(logits, top_k, dim=-1)
-    # $(z_i - \max_j z_j) / \tau \le 0$: no overflow however small $\tau$ is
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    if logits.dtype != torch.float64 and temperature < torch.finfo(logits.dtype).tiny:
+        logits = logits.double()
+    # $z_i - \max_j z_j \le 0$
+    shifted = logits - logits.max(dim=-1, keepdim=True).values
+    # Divided by $\tau$: no overflow however small $\tau$ is ($-\infty$ at worst), and exactly 0 at the maximum
+    logits = torch.where(shifted == 0, torch.zeros_like(shifted), shifted / temperature)
     # One draw per row from $p \propto \exp(\cdot)$, `[batch_size, 1]`
     choice = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
     if ids is not None:

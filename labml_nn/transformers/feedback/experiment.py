@@ -31,7 +31,8 @@ from labml.logger import Text
 from labml_nn.experiments import checkpoint as ckpt
 from labml_nn.experiments.accelerators import AcceleratedConfigs
 from labml_nn.experiments.cli import run_experiment
-from labml_nn.experiments.nlp_autoregression import check_int
+from labml_nn.experiments.labml_adapter import public_options
+from labml_nn.experiments.run_control import check_int
 from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel
 from labml_nn.transformers.feedback.build import ModelConfig, build_model
 from labml_nn.transformers.feedback.init_from import check_source_checkpoint, copy_from_transformer
@@ -46,11 +47,11 @@ class Configs(AcceleratedConfigs):
     `init_from` (`init_from.py`).
     """
     model: AutoregressiveModel
-    d_model: int = 512
-    heads: int = 8
-    d_ff: int = 2048
-    n_layers: int = 6
-    dropout: float = 0.0
+    d_model: int = ModelConfig.d_model
+    heads: int = ModelConfig.heads
+    d_ff: int = ModelConfig.d_ff
+    n_layers: int = ModelConfig.n_layers
+    dropout: float = ModelConfig.dropout
     # Feedback models attend to at most this many latest memory vectors (0: all of them)
     memory_span: int = 0
     # Feedback models normalize each memory vector before projecting it to keys and values (the authors' pre-norm)
@@ -93,7 +94,7 @@ class Configs(AcceleratedConfigs):
             check_source_checkpoint(self.source_checkpoint(), self.init_from)
 
     def model_name(self) -> str:
-        return self._overrides.get('model') or self._to_json()['model']['options'][0]
+        return self._overrides.get('model') or public_options(self, 'model')[0]
 
     def source_checkpoint(self) -> dict:
         """The checkpoint `init_from` names."""

@@ -22,12 +22,15 @@ Arguments are `key=value`, like the experiment's:
 * `top_k`: sample among the `top_k` most likely characters only (default: all);
 * `seed`: seed of the sampler's `torch.Generator` (default 0), so a command prints the same text every time;
 * `samples`: how many independent continuations, sampled side by side as one batch (default 1);
-* `text_path`: the training text, which defines the character vocabulary (default: as in training, the
-  `text_path` the run was trained with, else `$TINY_SHAKESPEARE_PATH`, else labml's data folder).
+* `text_path`: only for checkpoints written before checkpoints stored their vocabulary: the training text,
+  which defines the character vocabulary (default: the `text_path` the run was trained with, else
+  `$TINY_SHAKESPEARE_PATH`, else labml's data folder).
 
-The checkpoint holds the run's configuration; the model is rebuilt with the experiment's own configs and its
-weights loaded, so any model the experiment trains can be sampled, including the parallel baseline (with its
-key/value cache). The text goes to standard output (with several samples, each after a line
+The checkpoint holds the run's configuration and its vocabulary; the model is rebuilt with the experiment's own
+configs and its weights loaded, so any model the experiment trains can be sampled, including the parallel
+baseline (with its key/value cache), and no text file is needed. (An older checkpoint without a vocabulary
+takes it from the training text, as above; a different text with as many characters would decode to garbage,
+which is why checkpoints now carry it.) The text goes to standard output (with several samples, each after a line
 `--- sample <i> ---`); progress messages go to standard error. A bad argument, a missing checkpoint or a
 prompt character outside the vocabulary stops the command with a message and exit status 2.
 """
@@ -35,10 +38,11 @@ prompt character outside the vocabulary stops the command with a message and exi
 import contextlib
 import math
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from labml_nn.experiments.text_data import Vocabulary
 from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel
 
 # The command's keys, with their types and defaults
@@ -83,10 +87,11 @@ def parse_arguments(argv: List[str]) -> Dict[str, Any]:
     return values
 
 
-def load_model(checkpoint: str, text_path: Optional[str] = None):
+def load_model(checkpoint: str, text_path: Optional[str] = None) -> Tuple[AutoregressiveModel, Vocabulary]:
     """
-    Rebuild the model and the text (for its vocabulary) of a training checkpoint with the experiment's
-    configs, and load the weights. Returns `(model, text)`.
+    Rebuild the model of a training checkpoint with the experiment's configs and load its weights. Returns
+    `(model, vocabulary)`: the vocabulary stored in the checkpoint, or, for an older checkpoint without one, the
+    vocabulary of its training text (`text_path`, else the one it was trained with).
     """
     # The experiment and its checkpoints (imported here: they pull in labml's configs)
     from labml import experiment, lab
@@ -103,10 +108,16 @@ def load_model(checkpoint: str, text_path: Optional[str] = None):
         raise FileNotFoundError(str(e).replace('resume=', 'checkpoint=', 1)) from None
     payload = ckpt.load_checkpoint(path)
     config = dict(payload['config'])
-    if text_path is not None:
+    itos = (payload.get('data') or {}).get('itos')
+    if itos is not None:
+        # The model needs only the vocabulary's size; no text is read
+        config['n_tokens'] = len(itos)
+        if text_path is not None:
+            print(f"text_path={text_path} is not used: the checkpoint stores its vocabulary", file=sys.stderr)
+    elif text_path is not None:
         config['text_path'] = text_path
     conf = Configs()
-    # An evaluation experiment records nothing; it lets the configs compute the model and the text
+    # An evaluation experiment records nothing; it lets the configs compute the model (and the text)
     experiment.evaluate()
     experiment.configs(conf, config)
     model: AutoregressiveModel = conf.model
@@ -115,7 +126,7 @@ def load_model(checkpoint: str, text_path: Optional[str] = None):
     except RuntimeError as e:
         raise ValueError(f"the checkpoint's weights do not fit the model its configuration builds "
                          f"(is text_path the text it was trained on?): {e}") from None
-    return model, conf.text
+    return model, Vocabulary.of(itos if itos is not None else conf.text.itos)
 
 
 def encode_prompt(prompt: str, stoi: Dict[str, int]) -> torch.Tensor:
