@@ -52,6 +52,7 @@ from labml_nn.experiments.distributed import DistributedContext, all_reduce_sum,
 from labml_nn.experiments.optimizer import OptimizerConfigs, ScheduledOptimizer, check_optimizer_values
 from labml_nn.experiments.run_control import RunControlConfigs, StopSignals, check_int
 from labml_nn.experiments.text_data import SequenceBatches, character_tokenizer, load_text, read_utf8, resolve_text_path
+from labml_nn.transformers.feedback.autoregressive import greedy_continuation
 
 
 class NLPAutoRegressionConfigs(RunControlConfigs):
@@ -141,6 +142,7 @@ class NLPAutoRegressionConfigs(RunControlConfigs):
         # The same initial weights on every rank; dropout draws differ per rank
         torch.manual_seed(self.seed)
         self._ddp_model = wrap_ddp(self._dist, self.model, self.device)
+        self.start_precision(self.device)
         torch.manual_seed(self.seed + 7919 * self._dist.rank)
         self._progress = {'epoch': 0, 'batch': 0, 'step': 0, 'tokens': 0, 'train_seconds': 0.0, 'skipped_steps': 0}
         self._history: Dict[str, List[Dict[str, float]]] = {'train': [], 'valid': [], 'evaluations': []}
@@ -174,8 +176,10 @@ class NLPAutoRegressionConfigs(RunControlConfigs):
         """
         data, target = data.to(self.device), target.to(self.device)
         self.optimizer.zero_grad()
-        loss, correct = self.forward_loss(data, target)
-        loss.backward()
+        # Under autocast with `precision=bf16|fp16` ([precision.py](precision.html))
+        with self.autocast():
+            loss, correct = self.forward_loss(data, target)
+        self.backward(loss, self.optimizer.optimizer)
         # The gradient norm, clipped to `grad_norm_clip` when that is on
         max_norm = self.grad_norm_clip if self.grad_norm_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=max_norm)
@@ -183,7 +187,7 @@ class NLPAutoRegressionConfigs(RunControlConfigs):
         local = torch.cat([torch.stack([loss.detach(), correct.to(loss.dtype)]), self.local_flags(loss, grad_norm)])
         loss_sum, correct_sum, *self._step_flags = all_reduce_sum(self._dist, local).tolist()
         if self._step_flags[0] == 0:
-            self.optimizer.step()
+            self.optimizer_step(self.optimizer)
         # Every rank has the same number of tokens
         loss_value = loss_sum / self._dist.world_size
         accuracy = correct_sum / (target.numel() * self._dist.world_size)
@@ -230,7 +234,8 @@ class NLPAutoRegressionConfigs(RunControlConfigs):
         with torch.random.fork_rng(devices=[]):
             for _, data, target in self.valid_loader.iterate(0, start, end):
                 data, target = data.to(self.device), target.to(self.device)
-                loss, correct = self.forward_loss(data, target)
+                with self.autocast():
+                    loss, correct = self.forward_loss(data, target)
                 totals += torch.tensor([loss.item() * target.numel(), correct.item(), target.numel()])
         # Sums over all ranks' rows
         loss_sum, correct, count = all_reduce_sum(self._dist, totals).tolist()
@@ -272,7 +277,7 @@ class NLPAutoRegressionConfigs(RunControlConfigs):
             return
         self.model.eval()
         prompt = self._sample_prompt.to(self.device)
-        with monit.section('Sample'), torch.random.fork_rng(devices=[]):
+        with monit.section('Sample'), torch.random.fork_rng(devices=[]), self.autocast():
             if hasattr(self.model, 'generate'):
                 # Cached generation, greedy (temperature 0)
                 out = self.model.generate(prompt[:, None], self.sample_tokens, temperature=0.0)
@@ -316,23 +321,6 @@ class NLPAutoRegressionConfigs(RunControlConfigs):
                 self.save_checkpoint()
             self.log_summary()
 
-
-
-@torch.no_grad()
-def greedy_continuation(model: nn.Module, prompt: torch.Tensor, n_tokens: int) -> List[int]:
-    """
-    Continue the 1-D token tensor `prompt` greedily by `n_tokens` tokens, feeding one token at a time through the
-    model's state (a key/value or memory cache), so each new token costs one step and not a re-run of the prefix.
-    For models without a `generate()` of their own.
-    """
-    logits, state = model(prompt[:, None], return_state=True)
-    out = []
-    for _ in range(n_tokens):
-        # `[1, 1]`: the most likely next token
-        token = logits[-1].argmax(dim=-1, keepdim=True)
-        out.append(int(token.item()))
-        logits, state = model(token, state=state, return_state=True)
-    return out
 
 
 @option(NLPAutoRegressionConfigs.device)

@@ -65,7 +65,8 @@ from labml.logger import Text
 
 from labml_nn.experiments import checkpoint as ckpt
 from labml_nn.experiments.distributed import all_reduce_sum, gather_objects, max_replica_difference
-from labml_nn.experiments.labml_adapter import CheckedConfigs, checkpoint_folder
+from labml_nn.experiments.labml_adapter import checkpoint_folder
+from labml_nn.experiments.precision import PrecisionConfigs
 
 # Exit status of a run stopped by `max_nonfinite_steps`
 DIVERGED_EXIT_CODE = 3
@@ -128,7 +129,7 @@ def exit_status(signum: int) -> int:
     return 128 + signum
 
 
-class RunControlConfigs(CheckedConfigs):
+class RunControlConfigs(PrecisionConfigs):
     """
     Run-control configs and the checkpoint of the training loop. The subclass defines `model`, `optimizer`,
     `text`, `_progress`, `_history` and `_dist`, which a checkpoint holds.
@@ -146,6 +147,7 @@ class RunControlConfigs(CheckedConfigs):
 
     def validate(self) -> None:
         """A `ValueError` naming the first bad run-control value."""
+        super().validate()
         check_int('checkpoint_every', self.checkpoint_every, 0)
         check_int('max_nonfinite_steps', self.max_nonfinite_steps, 1)
         if not math.isfinite(self.checkpoint_minutes) or self.checkpoint_minutes < 0:
@@ -164,7 +166,9 @@ class RunControlConfigs(CheckedConfigs):
 
     def local_flags(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         """This rank's `[non-finite, stop, save]` (0 or 1), on the loss's device and dtype."""
-        nonfinite = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+        # With fp16's gradient scaler an overflowing gradient is the scaler's to skip, not a failed step
+        grad_ok = True if self.scaler_handles_overflow() else torch.isfinite(grad_norm)
+        nonfinite = ~(torch.isfinite(loss.detach()) & grad_ok)
         stop = self._signals.received is not None
         save = self._dist.is_main and 0 < self.checkpoint_minutes * 60 <= time.monotonic() - self._last_save
         return torch.stack([nonfinite.to(loss.dtype), loss.new_tensor(float(stop)), loss.new_tensor(float(save))])
@@ -212,7 +216,7 @@ class RunControlConfigs(CheckedConfigs):
         config = {k: v for k, v in self._overrides.items() if k != 'allow_text_change'}
         return {'version': 2, 'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
                 'progress': dict(self._progress), 'rng': rng_states, 'config': config, 'history': self._history,
-                'experiment': self.experiment_name(), 'data': data}
+                'experiment': self.experiment_name(), 'data': data, 'precision': self.precision_state()}
 
     def load_weights(self, payload: Dict[str, Any]) -> None:
         """Load the model and the optimizer of a checkpoint; a one-line `ValueError` when they do not fit."""
@@ -242,6 +246,7 @@ class RunControlConfigs(CheckedConfigs):
     def load_state(self, payload: Dict[str, Any]) -> None:
         """Continue from a checkpoint: weights, optimizer, position, history and (same rank count) random states."""
         self.load_weights(payload)
+        self.load_precision_state(payload.get('precision'))
         self._progress.update(payload['progress'])
         self._history = payload['history']
         rng = payload['rng']

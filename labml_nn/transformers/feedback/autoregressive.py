@@ -42,7 +42,7 @@ parallel transformer whose state is a key/value cache.
 """
 
 import math
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -190,3 +190,20 @@ def _check_sampling_args(max_new_tokens: int, temperature: float, top_k: Optiona
         if generator.device.type != device.type:
             raise ValueError(f"generator is on {generator.device} but the model is on {device}; "
                              f"make it with torch.Generator(device={str(device)!r})")
+
+
+@torch.no_grad()
+def greedy_continuation(model: nn.Module, prompt: torch.Tensor, n_tokens: int) -> List[int]:
+    """
+    Continue the 1-D token tensor `prompt` greedily by `n_tokens` tokens, feeding one token at a time through the
+    model's state (a key/value or memory cache), so each new token costs one step and not a re-run of the prefix.
+    For models without a `generate()` of their own.
+    """
+    logits, state = model(prompt[:, None], return_state=True)
+    out = []
+    for _ in range(n_tokens):
+        # `[1, 1]`: the most likely next token
+        token = logits[-1].argmax(dim=-1, keepdim=True)
+        out.append(int(token.item()))
+        logits, state = model(token, state=state, return_state=True)
+    return out

@@ -1,0 +1,97 @@
+r"""
+---
+title: Mixed-precision training
+summary: The precision option of the training loop - float32, or matrix products in bfloat16 / float16 under
+  torch.autocast, with a gradient scaler for float16 - and how it meets the non-finite-step policy and checkpoints.
+---
+
+# Mixed precision
+
+`precision=fp32|bf16|fp16` (default `fp32`). With `bf16` or `fp16` the forward pass and the loss run under
+`torch.autocast`: matrix products take low-precision operands, while the residual stream, layer norms, softmax,
+the memory of the Feedback Transformers and the loss stay in float32 (the models follow autocast's rules in their
+own fused loops too). The parameters, their gradients and the optimizer's state stay float32, so checkpoints hold
+float32 weights whatever the precision.
+
+* **bf16** has float32's range (8 exponent bits) and needs nothing else. On a CPU with `avx512_bf16` (or a recent
+  GPU) its products are fast; elsewhere the CPU emulates them.
+* **fp16** has a narrow range: small gradients underflow to zero. A *gradient scaler* multiplies the loss by a
+  large factor before the backward pass and divides the gradients by it before clipping and the optimizer step;
+  when the scaled gradients overflow, the scaler skips that step and lowers the factor. Those skipped steps are the
+  scaler's normal work, not divergence: the non-finite-step policy ([run control](run_control.html)) counts a step
+  only when the *loss* is not finite. On CUDA this is `torch.amp.GradScaler('cuda')`; on a CPU the same scaler runs
+  on `'cpu'` (PyTorch 2.3 and later), although CPU float16 products are slow: prefer bf16 there.
+
+The scaler's factor is part of the checkpoint, so a resumed fp16 run continues exactly. Validation and samples run
+under the same autocast as training. Memory carried across batches is made under autocast too (its keys and
+values are low precision), so a run with carried memory resumes in the precision it was trained in.
+"""
+
+import contextlib
+from typing import Any, ContextManager, Dict, Optional
+
+import torch
+
+from labml_nn.experiments.labml_adapter import CheckedConfigs
+
+# `precision=` values: the autocast dtype of each (`None`: float32, no autocast)
+PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+class PrecisionConfigs(CheckedConfigs):
+    """The `precision` config and what the training loop asks of it."""
+    # Matrix products in `bf16` or `fp16` under torch.autocast, or everything in `fp32`
+    precision: str = 'fp32'
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+    def start_precision(self, device: torch.device) -> None:
+        """Make the gradient scaler (fp16) for `device`; `init()` calls this before a checkpoint is loaded."""
+        self._autocast_device = device.type
+        self._scaler: Optional[torch.amp.GradScaler] = None
+        if self.precision == 'fp16':
+            self._scaler = torch.amp.GradScaler(device.type)
+
+    def autocast(self) -> ContextManager:
+        """The autocast context of the forward pass and the loss (nothing for fp32)."""
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self._autocast_device, dtype=dtype)
+
+    def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """`loss.backward()`; with a scaler, of the scaled loss, then the gradients are unscaled for clipping."""
+        if self._scaler is None:
+            loss.backward()
+            return
+        self._scaler.scale(loss).backward()
+        self._scaler.unscale_(optimizer)
+
+    def scaler_handles_overflow(self) -> bool:
+        """Whether a non-finite gradient norm is the scaler's to handle (fp16), not a failed step."""
+        return self._scaler is not None
+
+    def optimizer_step(self, scheduled: Any) -> None:
+        """
+        The optimizer step and its schedule's step (`scheduled` is a `ScheduledOptimizer`). With a scaler, the
+        scaler takes the step (or skips it when the gradients overflowed, and then the schedule does not move).
+        """
+        if self._scaler is None:
+            scheduled.step()
+            return
+        scale = self._scaler.get_scale()
+        self._scaler.step(scheduled.optimizer)
+        self._scaler.update()
+        # A lower scale means the scaler found non-finite gradients and skipped the step
+        if self._scaler.get_scale() >= scale and scheduled.scheduler is not None:
+            scheduled.scheduler.step()
+
+    def precision_state(self) -> Dict[str, Any]:
+        """What a checkpoint keeps: the scaler's state (fp16)."""
+        return {'precision': self.precision, 'scaler': None if self._scaler is None else self._scaler.state_dict()}
+
+    def load_precision_state(self, state: Optional[Dict[str, Any]]) -> None:
+        if self._scaler is not None and state and state.get('scaler'):
+            self._scaler.load_state_dict(state['scaler'])
