@@ -61,7 +61,7 @@ def build(name: str, args) -> nn.Module:
         transformer = ParallelTransformer(args.d_model, args.heads, args.d_ff, args.n_layers, args.seq_len)
         return AutoregressiveModel(args.vocab, args.d_model, transformer).to(args.device)
     config = ModelConfig(name, n_vocab=args.vocab, d_model=args.d_model, heads=args.heads, d_ff=args.d_ff,
-                         n_layers=args.n_layers, dropout=args.dropout)
+                         n_layers=args.n_layers, dropout=args.dropout, memory_norm=not args.no_memory_norm)
     return build_model(config, torch.device(args.device))
 
 
@@ -159,6 +159,8 @@ def parse(argv=None):
     p.add_argument('--dropout', type=float, default=0.0)
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--device', default='cpu')
+    p.add_argument('--no-memory-norm', action='store_true',
+                   help="labml_nn's feedback models: no memory normalization (the build's default has it)")
     p.add_argument('--precision', choices=sorted(PRECISIONS), default='fp32',
                    help='matrix products under torch.autocast in bf16 or fp16 (fp32: no autocast)')
     p.add_argument('--warmup', type=int, default=3)

@@ -56,9 +56,14 @@ class ModelConfig:
     * `d_model`, `heads`, `d_ff`, `n_layers`: sizes; `d_model` must be a multiple of `heads`
     * `dropout`: on attention probabilities, residual branches and hidden units
     * `memory_span`: feedback models attend to at most this many latest memory vectors (`None`: all)
-    * `memory_norm`: feedback models normalize the memory before projecting it (the authors' pre-norm memory)
+    * `memory_norm`: feedback models normalize the memory before projecting it (the authors' pre-norm memory; on by
+      default here, off by default in the constructors, which keep labml_nn's parameters)
     * `max_distance`: size of the relative position tables
-    * `recency_init`: feedback models start their position biases with ALiBi's recency slopes (attention.py)
+    * `recency_init`: feedback models start their position biases with ALiBi's recency slopes (attention.py; on by
+      default here)
+
+    `memory_norm` and `recency_init` are what makes memory carried across batches train (the README measures
+    it) and cost nothing otherwise; the parallel baseline has neither and ignores them.
     * `fused`: feedback models train with the fused loop (`False`: autograd over the modules)
     """
     model: str = 'feedback_transformer'
@@ -69,9 +74,9 @@ class ModelConfig:
     n_layers: int = 6
     dropout: float = 0.0
     memory_span: Optional[int] = None
-    memory_norm: bool = False
+    memory_norm: bool = True
     max_distance: int = 128
-    recency_init: bool = False
+    recency_init: bool = True
     fused: bool = True
 
     @property
@@ -93,9 +98,6 @@ class ModelConfig:
         if self.memory_span is not None and (not isinstance(self.memory_span, int)
                                              or isinstance(self.memory_span, bool) or self.memory_span < 1):
             raise ValueError(f"memory_span must be None (unlimited) or an int >= 1, got {self.memory_span!r}")
-        for key in ('memory_norm', 'recency_init'):
-            if not self.is_feedback and getattr(self, key):
-                raise ValueError(f"{key} is an option of the feedback models, not of model=transformer")
 
 
 def build_transformer(config: ModelConfig) -> nn.Module:

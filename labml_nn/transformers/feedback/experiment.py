@@ -55,9 +55,9 @@ class Configs(AcceleratedConfigs):
     # Feedback models attend to at most this many latest memory vectors (0: all of them)
     memory_span: int = 0
     # Feedback models normalize each memory vector before projecting it to keys and values (the authors' pre-norm)
-    memory_norm: bool = False
+    memory_norm: bool = ModelConfig.memory_norm
     # Feedback models start their position biases with a preference for recent memory (ALiBi's slopes)
-    recency_init: bool = False
+    recency_init: bool = ModelConfig.recency_init
     # A `model=transformer` run (UUID, run folder or checkpoint) whose weights start a feedback model
     init_from: str = ''
 
@@ -83,8 +83,9 @@ class Configs(AcceleratedConfigs):
             raise ValueError(f"memory_span must be an int >= 1 (the latest memory vectors each step attends to), "
                              f"or 0 for no limit, got {self.memory_span!r}")
         if model == 'transformer':
+            # (`memory_norm` and `recency_init` are on by default: only asking for them is an error)
             for key in ('memory_span', 'memory_norm', 'recency_init', 'carry_memory', 'init_from'):
-                if getattr(self, key):
+                if getattr(self, key) and (key in self._overrides or key not in ('memory_norm', 'recency_init')):
                     raise ValueError(f"{key} is an option of the feedback models, not of model=transformer")
         if self.carry_memory and self.memory_span == 0:
             raise ValueError("carry_memory=True needs a memory_span >= 1: the carried memory would otherwise grow "
