@@ -34,10 +34,12 @@ OUT = Path('results')
 # A small model and plain Adam: a few minutes per run on a busy 2-core machine
 COMMON = ['d_model=128', 'heads=4', 'd_ff=256', 'n_layers=2', 'batch_size=16', 'epochs=1', 'dropout=0.0',
           'optimizer.optimizer=Adam', 'optimizer.learning_rate=0.002', 'sample_tokens=0', 'num_threads=1']
-CARRY = [*COMMON, 'model=feedback_transformer_kv', 'seq_len=32', 'memory_span=32', 'train_steps=300',
+# The first measurements (before `memory_norm` and `recency_init`, which these settings now switch off): 300 steps
+OLD = ['memory_norm=false', 'recency_init=false']
+CARRY = [*COMMON, *OLD, 'model=feedback_transformer_kv', 'seq_len=32', 'memory_span=32', 'train_steps=300',
          'inner_iterations=2']
 # Short segments and a longer span: without the carried memory a step sees at most 15 earlier tokens
-CARRY_SHORT = [*[a for a in COMMON if not a.startswith('batch_size=')], 'batch_size=32',
+CARRY_SHORT = [*[a for a in COMMON if not a.startswith('batch_size=')], *OLD, 'batch_size=32',
                'model=feedback_transformer_kv', 'seq_len=16', 'memory_span=64', 'train_steps=300',
                'inner_iterations=2']
 # 49 validations of 2 batches each, one every 20 steps
@@ -115,6 +117,32 @@ def part_carry_short() -> Dict[str, Any]:
     return part_carry(CARRY_SHORT)
 
 
+# Memory carried over several thousand steps: 512 tokens a step (`batch_size` x `seq_len`), a memory span of 64,
+# the builder's defaults (`memory_norm`, `recency_init`), 4,000 steps (about two epochs of streams)
+LONG = [*[a for a in COMMON if not a.startswith(('batch_size=', 'epochs='))], 'model=feedback_transformer_kv',
+        'memory_span=64', 'train_steps=4000', 'epochs=3', 'inner_iterations=10']
+SEGMENTS = {8: ['batch_size=64', 'seq_len=8'], 16: ['batch_size=32', 'seq_len=16']}
+
+
+def part_carry_long8() -> Dict[str, Any]:
+    """Segments of 8 tokens: without carried memory a step sees at most 7 earlier tokens."""
+    return part_carry([*LONG, *SEGMENTS[8]])
+
+
+def part_carry_long16() -> Dict[str, Any]:
+    return part_carry([*LONG, *SEGMENTS[16]])
+
+
+def part_carry_long16_no_recency() -> Dict[str, Any]:
+    """Without `recency_init`: attention starts even over the 64 carried memory vectors."""
+    return part_carry([*LONG, *SEGMENTS[16], 'recency_init=false'])
+
+
+def part_carry_long8_no_norm() -> Dict[str, Any]:
+    """Without `memory_norm`: carried memory only (the same setting without carrying is the first part's)."""
+    return {'carry': train([*LONG, *SEGMENTS[8], 'memory_norm=false', 'carry_memory=true'], 'carry')}
+
+
 def part_curriculum() -> Dict[str, Any]:
     return side_by_side({'curriculum': [*CURRICULUM, f'seq_len_curriculum={CURRICULUM_STAGES}'],
                          'constant': CURRICULUM})
@@ -126,7 +154,9 @@ def part_init() -> Dict[str, Any]:
             'random': train(INIT, 'random')}
 
 
-PARTS = {'span': part_span, 'carry': part_carry, 'carry_short': part_carry_short, 'curriculum': part_curriculum,
+PARTS = {'span': part_span, 'carry': part_carry, 'carry_short': part_carry_short, 'carry_long8': part_carry_long8,
+         'carry_long16': part_carry_long16, 'carry_long16_no_recency': part_carry_long16_no_recency,
+         'carry_long8_no_norm': part_carry_long8_no_norm, 'curriculum': part_curriculum,
          'init': part_init}
 
 
@@ -154,13 +184,15 @@ def table(results: Dict[str, Dict[str, Any]]) -> str:
         rows.append(f"| memory span | `memory_span=64`: generation tokens/s at token 10 / token 1,000 | unlimited "
                     f"| {s['tokens_per_second_10']:,.0f} / {s['tokens_per_second_1000']:,.0f} "
                     f"| {u['tokens_per_second_10']:,.0f} / {u['tokens_per_second_1000']:,.0f} |")
-    for part in ('carry', 'carry_short'):
+    for part in ('carry', 'carry_short', 'carry_long8', 'carry_long8_no_norm', 'carry_long16',
+                 'carry_long16_no_recency'):
         if part in results:
-            c, b = results[part]['carry'], results[part]['shuffled']
-            setting = ' '.join(a for a in c['args'] if a.split('=')[0] in ('seq_len', 'memory_span', 'batch_size'))
+            c, b = results[part]['carry'], results[part].get('shuffled')
+            keys = ('seq_len', 'memory_span', 'batch_size', 'memory_norm', 'recency_init')
+            setting = ' '.join(a for a in c['args'] if a.split('=')[0] in keys)
             rows.append(f"| memory carried across batches | `carry_memory=True` ({setting}): valid loss after "
                         f"{c['progress']['step']} steps | `carry_memory=False` | {final_loss(c)} "
-                        f"| {final_loss(b)} |")
+                        f"| {final_loss(b) if b else '(not run)'} |")
     if 'curriculum' in results:
         c, b = results['curriculum']['curriculum'], results['curriculum']['constant']
         fmt = lambda run: ' / '.join('-' if t is None else f'{t:.0f} s'
