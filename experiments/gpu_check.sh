@@ -15,7 +15,7 @@ import torch
 assert torch.cuda.is_available(), "gpu_check.sh needs a CUDA GPU"
 print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}")
 PY
-"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_feedback.py tests/test_generate.py tests/test_precision.py -k cuda
+"$PYTHON" -m pytest -q -p no:cacheprovider --run-slow tests/model -k cuda
 for precision in fp32 bf16; do
     "$PYTHON" experiments/benchmark.py --device cuda --precision "$precision" --d-model 512 --heads 8 --d-ff 2048 \
         --n-layers 6 --seq-len 128 --batch 64 --warmup 2 --steps 5 | tail -n 1 | "$PYTHON" -c '

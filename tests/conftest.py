@@ -49,5 +49,20 @@ def fused(request):
     return request.param == 'fused'
 
 
+def pytest_addoption(parser):
+    parser.addoption('--run-slow', action='store_true',
+                     help='also run the tests marked slow (the README\'s test command and CI do)')
+
+
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a test that takes more than a few seconds (still run in CI)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds; deselected unless --run-slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    # A quick local run leaves out the slow tests; the README's test command (and so CI) runs them all
+    if config.getoption('--run-slow'):
+        return
+    slow = [item for item in items if 'slow' in item.keywords]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if 'slow' not in item.keywords]

@@ -64,3 +64,14 @@ def reference_forward(model, x_seq, memory=None, span=None):
         memory.append(sum(w[i] * xs[i] for i in range(len(xs))))
         outputs.append(_layer_norm(x, model.norm))
     return torch.stack(outputs), memory
+
+
+def greedy_by_recomputation(model: torch.nn.Module, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """The reference: run the model on the whole sequence so far for every new token (no state)."""
+    model.eval()
+    seq = prompt.clone()
+    with torch.no_grad():
+        for _ in range(n):
+            next_token = model(seq)[-1].argmax(dim=-1)
+            seq = torch.cat([seq, next_token[None]])
+    return seq

@@ -3,14 +3,11 @@ Data-parallel training under torchrun on CPU (gloo): two processes with batch b 
 process with batch 2b, keep identical parameters, and resume like a single process.
 """
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import make_transformer
-from test_experiment import REPO, TEXT, TINY, checkpoint_of, run_cli
+from support import TEXT, TINY, checkpoint_of, run_cli, run_torchrun
 
 from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel
 
@@ -19,14 +16,6 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not TEXT
 
 # Dropout off, so one process and two see exactly the same computation
 ARGS = [*TINY, 'dropout=0.0', 'batch_size=8']
-
-
-def run_torchrun(cwd, args, uuid):
-    env = {**os.environ, 'TINY_SHAKESPEARE_PATH': str(TEXT), 'RUN_UUID': uuid, 'OMP_NUM_THREADS': '1',
-           'PYTHONPATH': os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')])}
-    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-               '-m', 'labml_nn.transformers.feedback.experiment', *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
 
 
 def losses(payload):

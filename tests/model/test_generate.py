@@ -4,15 +4,11 @@ model over the whole sequence for every token (the slow, obviously correct way),
 right distribution, and reject bad arguments with clear errors.
 """
 
-import os
-import re
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import make_transformer
+from reference import greedy_by_recomputation
 
-from labml_nn.transformers.feedback import generate as cli
 from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel, sample_token
 
 N_VOCAB = 11
@@ -27,17 +23,6 @@ def make_model(variant: str, *, memory_span=None, seed: int = 0, memory_norm: bo
     transformer = make_transformer(variant, d_model=16, heads=2, d_ff=32, n_layers=2, dropout=0.2, max_distance=6,
                                    memory_span=memory_span, seed=seed, memory_norm=memory_norm)
     return AutoregressiveModel(N_VOCAB, 16, transformer).double()
-
-
-def greedy_by_recomputation(model: AutoregressiveModel, prompt: torch.Tensor, n: int) -> torch.Tensor:
-    """The reference: run the model on the whole sequence so far for every new token (no state)."""
-    model.eval()
-    seq = prompt.clone()
-    with torch.no_grad():
-        for _ in range(n):
-            next_token = model(seq)[-1].argmax(dim=-1)
-            seq = torch.cat([seq, next_token[None]])
-    return seq
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -196,117 +181,6 @@ def test_bad_prompt(prompt, error, match):
     model = make_model("weighted")
     with pytest.raises(error, match=match):
         model.generate(prompt, 3)
-
-
-# ## The command: sampling from a saved checkpoint
-
-TEXT = Path(os.environ.get("TINY_SHAKESPEARE_PATH",
-                           Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_shakespeare.txt"))
-
-
-@pytest.fixture
-def checkpoint(tmp_path, monkeypatch):
-    """A checkpoint of a tiny Feedback Transformer KV, in the experiment's format (built by its configs)."""
-    # The training experiment (another branch until merged) defines the models and the checkpoint format
-    configs = pytest.importorskip("labml_nn.transformers.feedback.experiment").Configs
-    ckpt = pytest.importorskip("labml_nn.experiments.checkpoint")
-    if not TEXT.is_file():
-        pytest.skip(f"Tiny Shakespeare not found at {TEXT}; set TINY_SHAKESPEARE_PATH")
-    from labml import experiment
-    # labml's project folder (and its data folder) in the test's own directory
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("TINY_SHAKESPEARE_PATH", str(TEXT))
-    config = {"model": "feedback_transformer_kv", "d_model": 16, "heads": 2, "d_ff": 32, "n_layers": 2}
-    conf = configs()
-    experiment.evaluate()
-    experiment.configs(conf, config)
-    torch.manual_seed(0)
-    model = conf.model
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.5 * torch.randn_like(p))
-    path = tmp_path / "run" / "checkpoints" / ckpt.CHECKPOINT_NAME
-    ckpt.save_atomic({"version": 1, "model": model.state_dict(), "optimizer": {}, "progress": {}, "rng": [],
-                      "config": config, "history": {}}, path)
-    return path, model.eval(), conf.text
-
-
-def test_command_greedy_text(checkpoint, capsys):
-    path, model, text = checkpoint
-    # A run folder works as well as the file
-    assert cli.main([f"checkpoint={path.parent.parent}", "prompt=It is", "tokens=25", "temperature=0"]) == 0
-    out = capsys.readouterr().out
-    expected = greedy_by_recomputation(model, torch.tensor([text.stoi[c] for c in "It is"])[:, None], 25)
-    assert out == "".join(text.itos[i] for i in expected[:, 0].tolist()) + "\n"
-
-
-def test_command_sampling_is_reproducible(checkpoint, capsys):
-    path = checkpoint[0]
-    args = [f"checkpoint={path}", "prompt=ROMEO:", "tokens=40", "temperature=0.9", "top_k=5", "samples=3"]
-    assert cli.main(args + ["seed=3"]) == 0
-    first = capsys.readouterr().out
-    assert cli.main(args + ["seed=3"]) == 0
-    assert capsys.readouterr().out == first
-    assert cli.main(args + ["seed=4"]) == 0
-    assert capsys.readouterr().out != first
-    samples = re.split(r"--- sample \d ---\n", first)
-    assert samples[0] == "" and len(samples) == 4
-    assert all(s.startswith("ROMEO:") and len(s) == 47 and s.endswith("\n") for s in samples[1:])
-
-
-def test_command_with_a_tiny_temperature(checkpoint, capsys):
-    path = checkpoint[0]
-    assert cli.main([f"checkpoint={path}", "tokens=20", "temperature=0"]) == 0
-    greedy = capsys.readouterr().out
-    assert cli.main([f"checkpoint={path}", "tokens=20", "temperature=1e-46"]) == 0
-    assert capsys.readouterr().out == greedy
-
-
-@pytest.fixture
-def checkpoint_with_vocabulary(checkpoint):
-    """The same checkpoint as a current training run writes it: with its vocabulary and data."""
-    path, model, text = checkpoint
-    payload = torch.load(path, weights_only=True)
-    payload["data"] = {"path": str(TEXT), "sha256": "", "itos": list(text.itos)}
-    torch.save(payload, path)
-    return path, model, text
-
-
-def test_command_needs_no_text_when_the_checkpoint_has_its_vocabulary(checkpoint_with_vocabulary, capsys, monkeypatch,
-                                                                      tmp_path):
-    path, model, text = checkpoint_with_vocabulary
-    # No text anywhere: not in the environment, not in labml's data folder
-    monkeypatch.setenv("TINY_SHAKESPEARE_PATH", str(tmp_path / "missing.txt"))
-    assert cli.main([f"checkpoint={path}", "prompt=It is", "tokens=25", "temperature=0"]) == 0
-    expected = greedy_by_recomputation(model, torch.tensor([text.stoi[c] for c in "It is"])[:, None], 25)
-    assert capsys.readouterr().out == "".join(text.itos[i] for i in expected[:, 0].tolist()) + "\n"
-    # Another text with as many characters would decode to other characters; the stored vocabulary wins
-    other = tmp_path / "other.txt"
-    other.write_text("".join(chr(0x3b1 + i) for i in range(len(text.itos))))
-    assert cli.main([f"checkpoint={path}", "prompt=It is", "tokens=25", "temperature=0", f"text_path={other}"]) == 0
-    captured = capsys.readouterr()
-    assert captured.out == "".join(text.itos[i] for i in expected[:, 0].tolist()) + "\n"
-    assert "is not used: the checkpoint stores its vocabulary" in captured.err
-
-
-@pytest.mark.parametrize("args,message", [
-    (["prompt=It is"], "checkpoint= is required"),
-    (["checkpoint=no_such_run"], "checkpoint=no_such_run: not a checkpoint file"),
-    (["checkpoint={path}", "prompt=héllo"], r"prompt has characters outside the model's vocabulary: \['é'\]"),
-    (["checkpoint={path}", "prompt="], "prompt must not be empty"),
-    (["checkpoint={path}", "tokens=-1"], "tokens must be an int >= 0"),
-    (["checkpoint={path}", "tokens=ten"], "tokens must be an int, got 'ten'"),
-    (["checkpoint={path}", "temperature=-0.5"], r"temperature must be a finite number >= 0"),
-    (["checkpoint={path}", "top_k=0"], "top_k must be an int >= 1"),
-    (["checkpoint={path}", "samples=0"], "samples must be an int >= 1"),
-    (["checkpoint={path}", "steps=3"], "unknown argument 'steps=3'"),
-])
-def test_command_errors(checkpoint, capsys, args, message):
-    args = [a.format(path=checkpoint[0]) for a in args]
-    assert cli.main(args) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    assert re.search(message, captured.err), captured.err
 
 
 def test_parallel_baseline_with_key_value_cache():

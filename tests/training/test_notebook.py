@@ -9,14 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
+from support import REPO, TEXT
 
 nbformat = pytest.importorskip('nbformat')
 jupytext = pytest.importorskip('jupytext')
 
-REPO = Path(__file__).resolve().parent.parent
 SOURCE = REPO / 'notebooks' / 'feedback_transformer.py'
 NOTEBOOK = REPO / 'notebooks' / 'feedback_transformer.ipynb'
-TEXT = Path(os.environ.get('TINY_SHAKESPEARE_PATH', REPO.parent / 'shared' / 'data' / 'tiny_shakespeare.txt'))
 MODELS = ['feedback_transformer_kv', 'feedback_transformer', 'transformer']
 
 

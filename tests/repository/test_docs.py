@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GENERATOR = ROOT / "docs" / "_generator"
 FIXTURES = Path(__file__).resolve().parent / "docs" / "fixtures"
 sys.path.insert(0, str(GENERATOR))

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _readme_commands():
@@ -14,7 +14,8 @@ def _readme_commands():
 def test_readme_starts_with_main_and_test_commands():
     main, test = _readme_commands()[:2]
     assert main.startswith('pip install torch==2.13.0 -e .') and 'train_cpu.py' in main
-    assert 'pytest' in test
+    # The whole suite, slow tests included
+    assert 'pytest' in test and '--run-slow' in test
     assert (ROOT / main.split('python ', 1)[1].split()[0]).exists()
 
 

@@ -4,11 +4,10 @@ contiguous streams (with resume), the sequence-length curriculum, and initializa
 """
 
 import pytest
-import test_experiment
 import torch
 import torch.nn.functional as F
 from labml import monit
-from test_experiment import TEXT, TINY, checkpoint_of, run_cli
+from support import TEXT, TINY, checkpoint_of, expect_config_error, run_cli, run_torchrun
 
 from labml_nn.experiments import checkpoint as ckpt
 from labml_nn.experiments.accelerators import ContiguousStreams, fold_sequences, parse_curriculum
@@ -283,7 +282,7 @@ BAD = [
 
 @pytest.mark.parametrize('args, message', BAD)
 def test_bad_accelerator_configs(tmp_path, monkeypatch, capsys, args, message):
-    test_experiment.test_bad_config_values(tmp_path, monkeypatch, capsys, args, message)
+    expect_config_error(tmp_path, monkeypatch, capsys, args, message)
 
 
 def test_init_from_a_feedback_checkpoint_is_refused(tmp_path, monkeypatch, capsys):
@@ -300,7 +299,6 @@ def test_init_from_a_feedback_checkpoint_is_refused(tmp_path, monkeypatch, capsy
 @pytest.mark.skipif(not torch.distributed.is_available(), reason='needs torch.distributed')
 def test_carry_memory_two_ranks_equal_one_process(tmp_path):
     """Under torchrun every rank reads its own streams: 2 ranks x 4 streams train as 1 process x 8 streams."""
-    from test_distributed import run_torchrun
     args = ['model=feedback_transformer', *TINY, 'carry_memory=true', 'memory_span=20', 'train_steps=3']
     ddp = run_torchrun(tmp_path, args, uuid='ddp')
     assert ddp.returncode == 0, ddp.stderr[-3000:]

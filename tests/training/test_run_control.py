@@ -15,7 +15,7 @@ from typing import Optional
 import pytest
 import torch
 from labml import monit
-from test_experiment import ANSI, REPO, TEXT, TINY, checkpoint_of, run_cli
+from support import ANSI, REPO, TEXT, TINY, checkpoint_of, run_cli
 
 from labml_nn.experiments import checkpoint as ckpt
 from labml_nn.experiments import run_control

@@ -5,7 +5,7 @@ weights and resume exactly, fp16 uses a gradient scaler, and a bad value is a cl
 
 import pytest
 import torch
-from test_experiment import TINY, checkpoint_of, run_cli
+from support import TINY, checkpoint_of, run_cli
 
 from labml_nn.experiments.precision import PRECISIONS, PrecisionConfigs
 

@@ -118,6 +118,7 @@ def _trained_tiny_model(name: str) -> AutoregressiveModel:
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['feedback_transformer', 'feedback_transformer_kv', 'transformer'])
 def test_generation_under_autocast_equals_float32(name):
     model = _trained_tiny_model(name)

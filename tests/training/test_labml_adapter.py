@@ -17,7 +17,7 @@ import pytest
 import torch
 from labml import experiment
 from labml.internal.configs.base import Configs as LabmlConfigs
-from test_experiment import REPO, TEXT
+from support import REPO, TEXT
 
 from labml_nn.experiments import labml_adapter
 from labml_nn.transformers.feedback.experiment import Configs

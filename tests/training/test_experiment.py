@@ -3,41 +3,17 @@ The training experiment: the command line end to end in subprocesses on tiny con
 and its pieces in-process (batches, checkpoints, the schedule, argument parsing).
 """
 
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
-from typing import Dict, List
 
 import pytest
 import torch
+from support import ANSI, TEXT, TINY, checkpoint_of, expect_config_error, run_cli
 
 from labml_nn.experiments import checkpoint as ckpt
 from labml_nn.experiments.cli import parse_overrides
 from labml_nn.experiments.optimizer import NoamFactor
 from labml_nn.experiments.text_data import SequenceBatches, resolve_text_path
 from labml_nn.transformers.feedback.experiment import Configs, main
-
-REPO = Path(__file__).resolve().parent.parent
-TEXT = Path(os.environ.get('TINY_SHAKESPEARE_PATH', REPO.parent / 'shared' / 'data' / 'tiny_shakespeare.txt'))
-ANSI = re.compile(r'\x1b\[[0-9;]*m')
-
-# A tiny model and short runs: a few seconds each on 2 cores
-TINY = ['d_model=16', 'heads=2', 'd_ff=32', 'n_layers=1', 'seq_len=16', 'batch_size=8', 'epochs=1',
-        'inner_iterations=2', 'valid_batches=2', 'sample_tokens=10', 'optimizer.optimizer=Adam',
-        'optimizer.learning_rate=0.01', 'num_threads=1']
-
-
-def run_cli(cwd: Path, args: List[str], uuid: str = 'run', env: Dict[str, str] = None, **kwargs):
-    full_env = {**os.environ, 'TINY_SHAKESPEARE_PATH': str(TEXT), 'RUN_UUID': uuid,
-                'PYTHONPATH': os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')]), **(env or {})}
-    return subprocess.run([sys.executable, '-m', 'labml_nn.transformers.feedback.experiment', *args], cwd=cwd,
-                          env=full_env, capture_output=True, text=True, timeout=120, **kwargs)
-
-
-def checkpoint_of(cwd: Path, model: str, uuid: str) -> dict:
-    return ckpt.load_checkpoint(cwd / 'logs' / model / uuid / 'checkpoints' / ckpt.CHECKPOINT_NAME)
 
 
 @pytest.fixture(autouse=True)
@@ -125,13 +101,7 @@ def test_bad_config_values_cli(tmp_path, args, message):
 
 @pytest.mark.parametrize('args, message', BAD_CONFIGS)
 def test_bad_config_values(tmp_path, monkeypatch, capsys, args, message):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv('TINY_SHAKESPEARE_PATH', str(TEXT))
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / 'logs').exists(), 'nothing is started for a bad configuration'
+    expect_config_error(tmp_path, monkeypatch, capsys, args, message)
 
 
 def test_missing_or_empty_data(tmp_path):
