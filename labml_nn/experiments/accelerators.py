@@ -204,11 +204,11 @@ class AcceleratedConfigs(NLPAutoRegressionConfigs):
             self._carried['train'] = None
         return super().train_part(epoch, end)
 
-    def evaluate(self, start: int, end: int) -> Tuple[float, float]:
+    def evaluate(self, start: int, end: int, loader: Optional[Any] = None) -> Tuple[float, float]:
         # Validation reads its streams from batch `start` with an empty memory
         self._carried['valid'] = None
         try:
-            return super().evaluate(start, end)
+            return super().evaluate(start, end, loader)
         finally:
             self._carried['valid'] = None
 
@@ -243,7 +243,14 @@ class AcceleratedConfigs(NLPAutoRegressionConfigs):
 
 
 def carried_to_payload(state: Optional[Any]) -> Optional[Dict[str, Any]]:
-    """A carried `FeedbackState` as plain tensors for a `weights_only` checkpoint (`None` stays `None`)."""
+    """
+    A carried `FeedbackState`, or the `CausalState` of a windowed parallel transformer, as plain tensors for a
+    `weights_only` checkpoint (`None` stays `None`).
+    """
+    from labml_nn.transformers.causal import CausalState
+    if isinstance(state, CausalState):
+        return {'offset': state.offset, 'keys': [k.detach().cpu().clone() for k in state.keys],
+                'values': [v.detach().cpu().clone() for v in state.values]}
     if state is None or state.visible is None:
         return None
     # `dim`: the time axis of the cached keys and values, as the model's `Stack` keeps them
@@ -251,8 +258,12 @@ def carried_to_payload(state: Optional[Any]) -> Optional[Dict[str, Any]]:
 
 
 def carried_from_payload(payload: Dict[str, Any], device: torch.device, memory_span: Optional[int]) -> Any:
-    """The `FeedbackState` that `carried_to_payload` stored."""
+    """The state that `carried_to_payload` stored."""
+    from labml_nn.transformers.causal import CausalState
     from labml_nn.transformers.feedback.stack import Stack
+    if 'keys' in payload:
+        return CausalState([k.to(device) for k in payload['keys']], [v.to(device) for v in payload['values']],
+                           int(payload['offset']))
     from labml_nn.transformers.feedback.state import FeedbackState
     visible = payload['visible'].to(device)
     n_steps = int(payload['n_steps'])

@@ -43,7 +43,6 @@ from labml_nn.experiments.distributed import (
     shutdown_distributed,
 )
 from labml_nn.experiments.nlp_autoregression import NLPAutoRegressionConfigs
-from labml_nn.experiments.text_data import resolve_text_path
 
 _TRUE = {'true', '1', 'yes', 'on'}
 _FALSE = {'false', '0', 'no', 'off'}
@@ -150,7 +149,7 @@ def _prepare(conf_class: Type[NLPAutoRegressionConfigs], overrides: Dict[str, An
     probe._dist = ctx
     probe._set_values(overrides)
     probe.validate()
-    resolve_text_path(probe.text_path, lab.get_data_path())
+    probe.check_data()
     uuid = os.environ.get('RUN_UUID') or experiment.generate_uuid()
     return {'overrides': overrides, 'payload': payload, 'uuid': uuid,
             'name': probe.experiment_name()}

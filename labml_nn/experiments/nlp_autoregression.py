@@ -164,7 +164,7 @@ class NLPAutoRegressionConfigs(BaseConfigs):
         # Mean over ranks (every rank has the same number of tokens)
         stats = all_reduce_sum(self._dist, torch.stack([loss.detach(), correct.to(loss.dtype)]))
         loss_value = stats[0].item() / self._dist.world_size
-        accuracy = stats[1].item() / (target.numel() * self._dist.world_size)
+        accuracy = stats[1].item() / max(self.count_targets(target) * self._dist.world_size, 1)
         tracker.add({'loss.train': loss_value, 'accuracy.train': accuracy})
         return loss_value
 
@@ -191,19 +191,27 @@ class NLPAutoRegressionConfigs(BaseConfigs):
                     return True
         return False
 
+    def count_targets(self, target: torch.Tensor) -> int:
+        """How many positions of `target` the loss and the accuracy count (a task may leave some out)."""
+        return target.numel()
+
     @torch.no_grad()
-    def evaluate(self, start: int, end: int) -> Tuple[float, float]:
-        """Mean loss and accuracy over validation batches `start .. end - 1` (the same batches every time)."""
+    def evaluate(self, start: int, end: int, loader: Optional[Any] = None) -> Tuple[float, float]:
+        """
+        Mean loss and accuracy over validation batches `start .. end - 1` (the same batches every time), or over
+        the batches of another `loader`.
+        """
         self._ddp_model.eval()
         totals = torch.zeros(3, dtype=torch.float64)
         with torch.random.fork_rng(devices=[]):
-            for _, data, target in self.valid_loader.iterate(0, start, end):
+            for _, data, target in (self.valid_loader if loader is None else loader).iterate(0, start, end):
                 data, target = data.to(self.device), target.to(self.device)
                 loss, correct = self.forward_loss(data, target)
-                totals += torch.tensor([loss.item() * target.numel(), correct.item(), target.numel()])
+                count = self.count_targets(target)
+                totals += torch.tensor([loss.item() * count, correct.item(), count])
         # Sums over all ranks' rows
         loss_sum, correct, count = all_reduce_sum(self._dist, totals).tolist()
-        return loss_sum / count, correct / count
+        return loss_sum / max(count, 1), correct / max(count, 1)
 
     def valid_part(self, start: int, end: int) -> None:
         """Validate on a share of the validation set, for the progress line."""
@@ -225,6 +233,11 @@ class NLPAutoRegressionConfigs(BaseConfigs):
                                              'valid_accuracy': accuracy})
         self.log([(f"Step {p['step']:,}: ", Text.key), ('valid loss ', Text.subtle), (f'{loss:.4f}', Text.value),
                   (', accuracy ', Text.subtle), (f'{accuracy:.4f}', Text.value)])
+
+    def check_data(self) -> None:
+        """Before a run starts: make sure the data can be had (here: find or download the text)."""
+        from labml import lab
+        resolve_text_path(self.text_path, lab.get_data_path())
 
     def make_loader(self, text: str, is_train: bool) -> SequenceBatches:
         """The batches of the training (`is_train`) or validation text; a variant may read it differently."""

@@ -58,7 +58,8 @@ class Configs(AcceleratedConfigs):
     d_ff: int = 2048
     n_layers: int = 6
     dropout: float = 0.0
-    # Feedback models attend to at most this many latest memory vectors (0: all of them)
+    # Feedback models attend to at most this many latest memory vectors, the parallel transformer to this many
+    # positions before each query (and the query's own); 0: no limit
     memory_span: int = 0
     # A `model=transformer` run (UUID, run folder or checkpoint) whose weights start a feedback model
     init_from: str = ''
@@ -84,10 +85,8 @@ class Configs(AcceleratedConfigs):
         if not isinstance(self.memory_span, int) or isinstance(self.memory_span, bool) or self.memory_span < 0:
             raise ValueError(f"memory_span must be an int >= 1 (the latest memory vectors each step attends to), "
                              f"or 0 for no limit, got {self.memory_span!r}")
-        if model == 'transformer':
-            for key in ('memory_span', 'carry_memory', 'init_from'):
-                if getattr(self, key):
-                    raise ValueError(f"{key} is an option of the feedback models, not of model=transformer")
+        if model == 'transformer' and self.init_from:
+            raise ValueError("init_from is an option of the feedback models, not of model=transformer")
         if self.carry_memory and self.memory_span == 0:
             raise ValueError("carry_memory=True needs a memory_span >= 1: the carried memory would otherwise grow "
                              "with every batch of the epoch")
@@ -152,12 +151,13 @@ def _feedback_transformer_kv(c: Configs) -> AutoregressiveModel:
 
 @option(Configs.model, 'transformer')
 def _causal_transformer(c: Configs) -> AutoregressiveModel:
-    """An ordinary causal transformer of the same size, all positions at once."""
+    """An ordinary causal transformer of the same size, all positions at once (a local window with `memory_span`)."""
     layer = CausalTransformerLayer(d_model=c.d_model,
                                    attn=CausalAttention(c.heads, c.d_model, c.dropout),
                                    feed_forward=FeedForward(c.d_model, c.d_ff, c.dropout),
                                    dropout_prob=c.dropout)
-    return AutoregressiveModel(c.n_tokens, c.d_model, CausalTransformer(layer, c.n_layers)).to(c.device)
+    transformer = CausalTransformer(layer, c.n_layers, memory_span=c.memory_span or None)
+    return AutoregressiveModel(c.n_tokens, c.d_model, transformer).to(c.device)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
