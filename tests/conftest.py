@@ -20,7 +20,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def make_transformer(kind: str, *, d_model=8, heads=2, d_ff=16, n_layers=2, dropout=0.0, dtype=torch.float64,
-                     max_distance=128, memory_span=None, seed=0, randomize=True, fused=True):
+                     max_distance=128, memory_span=None, seed=0, randomize=True, fused=True, memory_norm=False):
     """A small Feedback Transformer; `randomize` gives every parameter (position tables, w) non-trivial values."""
     torch.manual_seed(seed)
     kv = kind == 'kv'
@@ -28,9 +28,10 @@ def make_transformer(kind: str, *, d_model=8, heads=2, d_ff=16, n_layers=2, drop
     layer = FeedbackTransformerLayer(d_model=d_model, attn=attn, feed_forward=FeedForward(d_model, d_ff, dropout),
                                      dropout_prob=dropout)
     if kv:
-        model = FeedbackTransformerKV(layer, n_layers, d_model, heads, memory_span=memory_span, fused=fused)
+        model = FeedbackTransformerKV(layer, n_layers, d_model, heads, memory_span=memory_span, fused=fused,
+                                      memory_norm=memory_norm)
     else:
-        model = FeedbackTransformer(layer, n_layers, memory_span=memory_span, fused=fused)
+        model = FeedbackTransformer(layer, n_layers, memory_span=memory_span, fused=fused, memory_norm=memory_norm)
     model = model.to(dtype)
     if randomize:
         with torch.no_grad():

@@ -51,8 +51,13 @@ def reference_forward(model, x_seq, memory=None, span=None):
                     key_w, value_w = model.key.weight, model.value.weight
                 else:
                     key_w, value_w = layer.attn.key.linear.weight, layer.attn.value.linear.weight
+                seen = memory
+                if model.memory_norm:
+                    # The authors' pre-norm memory: each layer's pre-attention norm, or the shared one (KV)
+                    norm = model.norm_memory if hasattr(model, 'key') else layer.norm_self_attn
+                    seen = [_layer_norm(m, norm) for m in memory]
                 z = _layer_norm(x, layer.norm_self_attn)
-                x = x + _attention(layer.attn, z, memory, key_w, value_w, span)
+                x = x + _attention(layer.attn, z, seen, key_w, value_w, span)
             ff = layer.feed_forward
             x = x + ff.layer2(torch.relu(ff.layer1(_layer_norm(x, layer.norm_ff))))
             xs.append(x)

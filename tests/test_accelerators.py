@@ -277,6 +277,7 @@ BAD = [
     (['carry_memory=true'], 'carry_memory=True needs a memory_span >= 1'),
     (['model=transformer', 'carry_memory=true'], 'carry_memory=True needs a memory_span >= 1'),
     (['model=transformer', 'init_from=some_run'], 'init_from is an option of the feedback models, not of model=trans'),
+    (['model=transformer', 'memory_norm=true'], 'memory_norm is an option of the feedback models'),
     (['seq_len=64', 'seq_len_curriculum=32:0,128:0.5'], 'stage length 128 must be in [1, seq_len=64]'),
     (['seq_len_curriculum=32:0', 'carry_memory=true', 'memory_span=8'], 'cannot be combined with carry_memory'),
     (['init_from=no_such_run'], 'init_from=no_such_run: not a checkpoint file, a run folder, or the UUID'),

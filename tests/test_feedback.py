@@ -15,9 +15,9 @@ def _loss(out):
     return (out * w).sum() + out.pow(2).sum()
 
 
-@pytest.mark.parametrize('max_distance', [128, 3])
-def test_outputs_and_gradients_equal_reference(kind, fused, max_distance):
-    model = make_transformer(kind, max_distance=max_distance, fused=fused)
+@pytest.mark.parametrize('max_distance, memory_norm', [(128, False), (3, False), (128, True)])
+def test_outputs_and_gradients_equal_reference(kind, fused, max_distance, memory_norm):
+    model = make_transformer(kind, max_distance=max_distance, fused=fused, memory_norm=memory_norm)
     x = torch.randn(9, 3, 8, dtype=torch.float64, requires_grad=True)
     out = model(x)
     grads = torch.autograd.grad(_loss(out), [x, *model.parameters()])
@@ -28,11 +28,12 @@ def test_outputs_and_gradients_equal_reference(kind, fused, max_distance):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-9, msg=f"gradient of {name}")
 
 
-@pytest.mark.parametrize('kind_', ['kv', 'weighted'])
-def test_gradcheck_end_to_end(kind_, fused):
+@pytest.mark.parametrize('kind_, memory_norm', [('kv', False), ('weighted', False), ('kv', True),
+                                                ('weighted', True)])
+def test_gradcheck_end_to_end(kind_, fused, memory_norm):
     # Input and every parameter, dropout on: the seed is reset inside `f` so every evaluation draws the same masks
     model = make_transformer(kind_, d_model=4, heads=2, d_ff=4, n_layers=2, max_distance=2, dropout=0.2,
-                             fused=fused)
+                             fused=fused, memory_norm=memory_norm)
     model.train()
     names = [n for n, _ in model.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
@@ -283,3 +284,21 @@ def test_fused_state_then_autograd_continuation_is_refused(kind):
     model(x[2:], state=state.detach())
     with torch.no_grad():
         model(x[2:], state=state)
+
+
+def test_memory_norm_parameters_and_continuation(kind):
+    # Off: labml_nn's parameters exactly; on: the weighted model reuses its layers' norms, the KV model adds one
+    plain = make_transformer(kind)
+    normed = make_transformer(kind, memory_norm=True)
+    extra = set(dict(normed.named_parameters())) - set(dict(plain.named_parameters()))
+    assert extra == (set() if kind == 'weighted' else {'norm_memory.weight', 'norm_memory.bias'})
+    # The norm changes the function (it is not silently ignored)...
+    x = torch.randn(7, 2, 8, dtype=torch.float64)
+    if kind == 'weighted':
+        normed.load_state_dict(plain.state_dict())
+    assert (normed(x) - plain(x)).abs().max() > 1e-3
+    # ...and a sequence continued in chunks equals one call
+    out = normed(x)
+    a, state = normed(x[:3], return_state=True)
+    b, _ = normed(x[3:], state=state, return_state=True)
+    torch.testing.assert_close(torch.cat([a, b]), out, rtol=0, atol=1e-12)

@@ -19,13 +19,13 @@ N_VOCAB = 11
 VARIANTS = ["weighted", "kv"]
 
 
-def make_model(variant: str, *, memory_span=None, seed: int = 0) -> AutoregressiveModel:
+def make_model(variant: str, *, memory_span=None, seed: int = 0, memory_norm: bool = False) -> AutoregressiveModel:
     """
     A tiny language model in float64, with dropout (so that eval mode matters), a position table shorter
     than the generated text, and random values in every parameter.
     """
     transformer = make_transformer(variant, d_model=16, heads=2, d_ff=32, n_layers=2, dropout=0.2, max_distance=6,
-                                   memory_span=memory_span, seed=seed)
+                                   memory_span=memory_span, seed=seed, memory_norm=memory_norm)
     return AutoregressiveModel(N_VOCAB, 16, transformer).double()
 
 
@@ -41,9 +41,9 @@ def greedy_by_recomputation(model: AutoregressiveModel, prompt: torch.Tensor, n:
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("memory_span", [None, 5])
-def test_greedy_equals_recomputation(variant, memory_span):
-    model = make_model(variant, memory_span=memory_span)
+@pytest.mark.parametrize("memory_span, memory_norm", [(None, False), (5, False), (5, True)])
+def test_greedy_equals_recomputation(variant, memory_span, memory_norm):
+    model = make_model(variant, memory_span=memory_span, memory_norm=memory_norm)
     prompt = torch.randint(N_VOCAB, (4, 3))
     # 20 new tokens: distances beyond the position table (6) and the memory span (5)
     expected = greedy_by_recomputation(model, prompt, 20)

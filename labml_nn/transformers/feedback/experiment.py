@@ -61,6 +61,8 @@ class Configs(AcceleratedConfigs):
     # Feedback models attend to at most this many latest memory vectors, the parallel transformer to this many
     # positions before each query (and the query's own); 0: no limit
     memory_span: int = 0
+    # Feedback models normalize each memory vector before projecting it to keys and values (the authors' pre-norm)
+    memory_norm: bool = False
     # A `model=transformer` run (UUID, run folder or checkpoint) whose weights start a feedback model
     init_from: str = ''
 
@@ -85,8 +87,10 @@ class Configs(AcceleratedConfigs):
         if not isinstance(self.memory_span, int) or isinstance(self.memory_span, bool) or self.memory_span < 0:
             raise ValueError(f"memory_span must be an int >= 1 (the latest memory vectors each step attends to), "
                              f"or 0 for no limit, got {self.memory_span!r}")
-        if model == 'transformer' and self.init_from:
-            raise ValueError("init_from is an option of the feedback models, not of model=transformer")
+        if model == 'transformer':
+            for key in ('memory_norm', 'init_from'):
+                if getattr(self, key):
+                    raise ValueError(f"{key} is an option of the feedback models, not of model=transformer")
         if self.carry_memory and self.memory_span == 0:
             raise ValueError("carry_memory=True needs a memory_span >= 1: the carried memory would otherwise grow "
                              "with every batch of the epoch")
@@ -137,7 +141,8 @@ def _feedback_layer(c: Configs, is_kv: bool) -> FeedbackTransformerLayer:
 @option(Configs.model, 'feedback_transformer')
 def _feedback_transformer(c: Configs) -> AutoregressiveModel:
     """The Feedback Transformer: per-layer key/value projections of the weighted-sum memory."""
-    transformer = FeedbackTransformer(_feedback_layer(c, False), c.n_layers, memory_span=c.memory_span or None)
+    transformer = FeedbackTransformer(_feedback_layer(c, False), c.n_layers, memory_span=c.memory_span or None,
+                                      memory_norm=c.memory_norm)
     return AutoregressiveModel(c.n_tokens, c.d_model, transformer).to(c.device)
 
 
@@ -145,7 +150,7 @@ def _feedback_transformer(c: Configs) -> AutoregressiveModel:
 def _feedback_transformer_kv(c: Configs) -> AutoregressiveModel:
     """The key/value variant: one key/value projection shared by the layers, cached once per step."""
     transformer = FeedbackTransformerKV(_feedback_layer(c, True), c.n_layers, c.d_model, c.heads,
-                                        memory_span=c.memory_span or None)
+                                        memory_span=c.memory_span or None, memory_norm=c.memory_norm)
     return AutoregressiveModel(c.n_tokens, c.d_model, transformer).to(c.device)
 
 

@@ -69,6 +69,9 @@ class LoopConfig(NamedTuple):
     make_last_memory: bool
     # Seed of the dropout masks (drawn from the global generator when training)
     seed: int
+    # Whether memory vectors are normalized before their projection, and the norm's $\epsilon$
+    memory_norm: bool = False
+    memory_eps: float = 0.0
 
 
 def _visible(cfg: LoopConfig, t: int) -> int:
@@ -80,7 +83,8 @@ class FeedbackLoopFunction(torch.autograd.Function):
     r"""
     Inputs: `cfg`, `x_seq [T, B, D]`, `prev` (the visible cache before this call,
     `[groups, 2, B, heads, n_prev, d_k]`, possibly empty), `mem_w` ($\mathrm{softmax}(w)$, `[L + 1]`),
-    `kv_w [groups * 2 * D, D]`, then `N_LAYER_TENSORS` tensors per layer.
+    `kv_w [groups * 2 * D, D]`, `kv_b [groups * 2 * D]` (or `None` without `memory_norm`), then
+    `N_LAYER_TENSORS` tensors per layer.
 
     Outputs: the last layer's outputs `[T, B, D]` (before the final norm) and the cache this call can see and
     made, `[groups, 2, B, heads, n_prev + n_new, d_k]` (the work buffer).
@@ -88,7 +92,7 @@ class FeedbackLoopFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cfg: LoopConfig, x_seq: torch.Tensor, prev: torch.Tensor, mem_w: torch.Tensor,
-                kv_w: torch.Tensor, *layer_tensors: torch.Tensor):
+                kv_w: torch.Tensor, kv_b: Optional[torch.Tensor], *layer_tensors: torch.Tensor):
         T, B, D = x_seq.shape
         n_prev = prev.shape[4]
         n_new = T if cfg.make_last_memory else T - 1
@@ -100,8 +104,9 @@ class FeedbackLoopFunction(torch.autograd.Function):
         layers = split_layers(cfg, layer_tensors)
         masks = _Masks(cfg, x_seq, T, cfg.n_layers, B, D, layers[0][10].shape[0])
         saved = _Saved(T)
-        out = run_steps(cfg, x_seq, layers, mem_w, kv_w, work, first, masks, saved)
+        out = run_steps(cfg, x_seq, layers, mem_w, kv_w, kv_b, work, first, masks, saved)
         ctx.cfg, ctx.saved, ctx.masks, ctx.shape = cfg, saved, masks, (T, B, D, n_prev, n_new, first)
+        ctx.has_kv_b = kv_b is not None
         ctx.save_for_backward(x_seq, mem_w, kv_w, work, *layer_tensors)
         return out, work
 
@@ -111,7 +116,8 @@ class FeedbackLoopFunction(torch.autograd.Function):
         x_seq, mem_w, kv_w, work, *layer_tensors = ctx.saved_tensors
         grads = backward_loop(ctx.cfg, ctx.saved, ctx.masks, ctx.shape, d_out, d_work, x_seq, mem_w, kv_w, work,
                               split_layers(ctx.cfg, layer_tensors), ctx.needs_input_grad)
-        return (None, *grads)
+        d_x_seq, d_prev, d_mem_w, d_kv_w, d_kv_b, *d_layers = grads
+        return (None, d_x_seq, d_prev, d_mem_w, d_kv_w, d_kv_b if ctx.has_kv_b else None, *d_layers)
 
 
 def split_layers(cfg: LoopConfig, layer_tensors) -> list:
@@ -120,7 +126,7 @@ def split_layers(cfg: LoopConfig, layer_tensors) -> list:
 
 
 def run_steps(cfg: LoopConfig, x_seq: torch.Tensor, layers: list, mem_w: torch.Tensor, kv_w: torch.Tensor,
-              work: torch.Tensor, first: int, masks: Optional["_Masks"] = None,
+              kv_b: Optional[torch.Tensor], work: torch.Tensor, first: int, masks: Optional["_Masks"] = None,
               saved: Optional["_Saved"] = None) -> torch.Tensor:
     r"""
     The step loop, with plain tensor operations. Reads the cache from and writes new memory's keys and values
@@ -190,10 +196,17 @@ def run_steps(cfg: LoopConfig, x_seq: torch.Tensor, layers: list, mem_w: torch.T
         if i < n_new:
             # $m_t = \sum_l \mathrm{softmax}(w)_l x_t^l$ and its keys and values
             mem = torch.mm(mem_w.view(1, L + 1), torch.stack(xs).view(L + 1, B * D)).view(B, D)
-            kv = torch.mm(mem, kv_w_t).view(B, G, 2, H, dk)
+            if cfg.memory_norm:
+                # $\hat m_t = (m_t - \mu) / \sigma$; the norms' gains and biases are folded into `kv_w`, `kv_b`
+                mem_hat, mem_mean, mem_rstd = torch.native_layer_norm(mem, (D,), None, None, cfg.memory_eps)
+                kv = torch.addmm(kv_b, mem_hat, kv_w_t).view(B, G, 2, H, dk)
+            else:
+                kv = torch.mm(mem, kv_w_t).view(B, G, 2, H, dk)
             work[..., hi, :] = kv.permute(1, 2, 0, 3, 4)
             if s is not None:
                 s.mems[i] = mem
+                if cfg.memory_norm:
+                    s.mem_stats[i] = (mem_mean, mem_rstd)
 
     return torch.stack(outputs)
 
@@ -228,8 +241,9 @@ class _Saved:
         # `attn[i][l]`: `AttnSaved` (`None` at a step without memory); `ffn[i][l]`: `FfnSaved`
         self.attn: List[Optional[list]] = [None] * T
         self.ffn: List[Optional[list]] = [None] * T
-        # Memory vectors $m_t$
+        # Memory vectors $m_t$ and, with `memory_norm`, their normalization statistics $(\mu, 1 / \sigma)$
         self.mems: List[Optional[torch.Tensor]] = [None] * T
+        self.mem_stats: List[Optional[tuple]] = [None] * T
 
 
 class _Masks:
@@ -263,11 +277,11 @@ _NO_MASKS = _NoMasks()
 
 
 def run_loop(cfg: LoopConfig, x_seq: torch.Tensor, prev: Optional[torch.Tensor], mem_w: torch.Tensor,
-             kv_w: torch.Tensor, layer_tensors: List[torch.Tensor]):
-    """Run `FeedbackLoopFunction`; `prev` may be `None` (empty cache)."""
+             kv_w: torch.Tensor, kv_b: Optional[torch.Tensor], layer_tensors: List[torch.Tensor]):
+    """Run `FeedbackLoopFunction`; `prev` may be `None` (empty cache), `kv_b` is `None` without `memory_norm`."""
     if prev is None:
         prev = x_seq.new_empty((cfg.groups, 2, x_seq.shape[1], cfg.heads, 0, cfg.d_k))
-    return FeedbackLoopFunction.apply(cfg, x_seq, prev, mem_w, kv_w, *layer_tensors)
+    return FeedbackLoopFunction.apply(cfg, x_seq, prev, mem_w, kv_w, kv_b, *layer_tensors)
 
 
 def supports(layer) -> bool:

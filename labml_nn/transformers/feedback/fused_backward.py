@@ -80,7 +80,12 @@ def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_cache: Optional[t
             # $\delta (k_t, v_t)$ is complete: all later steps are done
             slot = cfg.n_start + i - first
             sg.d_kv = d_work[..., slot, :].permute(2, 0, 1, 3, 4).reshape(B, G * 2 * D)
-            d_mem = sg.d_mem = torch.mm(sg.d_kv, kv_w)
+            d_mem = torch.mm(sg.d_kv, kv_w)
+            if cfg.memory_norm:
+                # Through $\hat m_t = (m_t - \mu) / \sigma$ (the gains are in `kv_w`)
+                mean, rstd = s.mem_stats[i]
+                d_mem = _layer_norm_backward(d_mem, s.mems[i], (D,), mean, rstd, None, None, (True, False, False))[0]
+            sg.d_mem = d_mem
         dx = d_out[i] if d_mem is None else torch.add(d_out[i], d_mem, alpha=mem_ws[L])
         for l in reversed(range(L)):
             w_q, w_o, ln1_w, ln2_w, w_1, w_2 = weights[l]
@@ -128,7 +133,7 @@ def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_cache: Optional[t
 
     d_prev = d_work[..., :n_prev, :] if n_prev else None
     d_mem_w = acc.mem_w if acc.mem_w is not None or not needs_input_grad[3] else torch.zeros_like(mem_w)
-    return (d_x_seq, d_prev, d_mem_w, acc.kv_w, *[g for layer in acc.layers for g in layer])
+    return (d_x_seq, d_prev, d_mem_w, acc.kv_w, acc.kv_b, *[g for layer in acc.layers for g in layer])
 
 
 def _add_cache_gradient(d_work_rows: torch.Tensor, outer: list, lo: int, hi: int, G: int, BH: int, dk: int) -> None:
@@ -174,6 +179,7 @@ class _WeightGrads:
         self.layers = [[torch.zeros_like(t) for t in lt] for lt in layers]
         self.mem_w: Optional[torch.Tensor] = None
         self.kv_w: Optional[torch.Tensor] = None
+        self.kv_b: Optional[torch.Tensor] = None
 
     @staticmethod
     def _add(current: Optional[torch.Tensor], new: torch.Tensor) -> torch.Tensor:
@@ -230,5 +236,11 @@ class _WeightGrads:
             xs = torch.stack([torch.stack(s.xs[sg.i]) for sg in mem_steps])          # [n, L + 1, B, D]
             self.mem_w = self._add(self.mem_w, torch.einsum('tbd,tlbd->l', torch.stack([sg.d_mem for sg in mem_steps]),
                                                             xs))
-            self.kv_w = self._add(self.kv_w, torch.mm(cat([sg.d_kv for sg in mem_steps]).t(),
-                                                      cat([s.mems[sg.i] for sg in mem_steps])))
+            d_kv = cat([sg.d_kv for sg in mem_steps])
+            mems = cat([s.mems[sg.i] for sg in mem_steps])
+            if cfg.memory_norm:
+                # The projection reads $\hat m_t$; $\delta b = \sum_t \delta (k_t, v_t)$
+                mems = (mems - cat([s.mem_stats[sg.i][0] for sg in mem_steps])) \
+                    * cat([s.mem_stats[sg.i][1] for sg in mem_steps])
+                self.kv_b = self._add(self.kv_b, d_kv.sum(0))
+            self.kv_w = self._add(self.kv_w, torch.mm(d_kv.t(), mems))

@@ -100,7 +100,8 @@ class _FeedbackLoop(nn.Module):
     # Number of key/value groups in the cache (`n_layers`, or 1 when shared)
     groups: int
 
-    def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, memory_span: Optional[int], fused: bool):
+    def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, memory_span: Optional[int], fused: bool,
+                 memory_norm: bool):
         super().__init__()
         if not isinstance(layer, FeedbackTransformerLayer):
             raise TypeError(f"layer must be a FeedbackTransformerLayer, got {type(layer).__name__}")
@@ -114,6 +115,8 @@ class _FeedbackLoop(nn.Module):
         self.heads = layer.attn.heads
         self.d_k = layer.attn.d_k
         self.memory_span = memory_span
+        # Normalize each memory vector before its key/value projection (the authors' pre-norm memory)
+        self.memory_norm = bool(memory_norm)
         # Train with the fused loop (`fused.py`) when the layers allow it
         self.fused = fused and fused_loop.supports(layer)
         # Final layer norm
@@ -125,9 +128,39 @@ class _FeedbackLoop(nn.Module):
         r"""$\mathrm{softmax}(w)$, `[n_layers + 1]`."""
         return torch.softmax(self.weights, dim=0)
 
-    def _kv_weight(self) -> torch.Tensor:
-        """The key and value projections of all groups as one matrix `[groups * 2 * d_model, d_model]`."""
+    def _kv_weights(self) -> List[torch.Tensor]:
+        """The key and value matrices of every group, `[W_k, W_v, ...]`, each `[d_model, d_model]`."""
         raise NotImplementedError
+
+    def _memory_norms(self) -> List[nn.LayerNorm]:
+        """The layer norm applied to the memory before each group's projection (with `memory_norm`)."""
+        raise NotImplementedError
+
+    def _kv_projection(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        r"""
+        The key/value projection of all groups as one matrix `[groups * 2 * d_model, d_model]` and, with
+        `memory_norm`, one bias `[groups * 2 * d_model]`: `F.linear(m, W, b)` gives every group's keys and values.
+
+        With `memory_norm` group $g$ projects $\mathrm{LN}_g(m) = \hat m \odot \gamma_g + \beta_g$, where
+        $\hat m = (m - \mu) / \sigma$ is the same for all groups. So the norm's gain folds into the matrix and its
+        bias into a bias,
+
+        $$W \mathrm{LN}_g(m) = (W \operatorname{diag} \gamma_g)\, \hat m + W \beta_g ,$$
+
+        and one product of $\hat m$ still projects the memory for every group.
+        """
+        weights = self._kv_weights()
+        if not self.memory_norm:
+            return torch.cat(weights), None
+        norms = self._memory_norms()
+        # Two matrices (key, value) per norm
+        folded = [w * norms[i // 2].weight for i, w in enumerate(weights)]
+        biases = [w @ norms[i // 2].bias for i, w in enumerate(weights)]
+        return torch.cat(folded), torch.cat(biases)
+
+    def _memory_eps(self) -> float:
+        # The $\epsilon$ of the memory's normalization (every group's norm has the same, checked at construction)
+        return self._memory_norms()[0].eps if self.memory_norm else 0.0
 
     def forward(self, x_seq: torch.Tensor, state: Optional[FeedbackState] = None,
                 return_state: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, FeedbackState]]:
@@ -158,7 +191,7 @@ class _FeedbackLoop(nn.Module):
         pos = [layer.attn.relative_terms(n_visible) if n_visible > 0 else (None, None) for layer in self.layers]
         # $\mathrm{softmax}(w)$ and the projection of memory vectors to keys and values, once per call
         mem_w = self.memory_weights()
-        kv_w = self._kv_weight()
+        kv_w, kv_b = self._kv_projection()
 
         outputs: List[torch.Tensor] = []
         for i in range(seq_len):
@@ -180,8 +213,11 @@ class _FeedbackLoop(nn.Module):
                 break
             # $m_t = \sum_l \mathrm{softmax}(w)_l x_t^l$, `[batch_size, d_model]`
             mem = torch.einsum('l,lbd->bd', mem_w, torch.stack(layer_outputs))
+            if self.memory_norm:
+                # $\hat m_t$; the groups' gains and biases are folded into `kv_w`, `kv_b`
+                mem = F.layer_norm(mem, (self.d_model,), eps=self._memory_eps())
             # Its keys and values for all groups, `[groups, 2, batch_size, heads, d_k]`
-            kv = F.linear(mem, kv_w).view(batch_size, self.groups, 2, self.heads, self.d_k).permute(1, 2, 0, 3, 4)
+            kv = F.linear(mem, kv_w, kv_b).view(batch_size, self.groups, 2, self.heads, self.d_k).permute(1, 2, 0, 3, 4)
             visible = stack.append(n_start + i, kv)
 
         # $\mathrm{LN}(x_t^L)$ for all steps at once
@@ -219,12 +255,12 @@ class _FeedbackLoop(nn.Module):
         if cached is None or key is None or cached[0] != key:
             layers = [list(t) for t in fused_loop.split_layers(self._loop_config(0, False, False),
                                                                self._layer_tensors(1))]
-            cached = (key, layers, self.memory_weights(), self._kv_weight())
+            cached = (key, layers, self.memory_weights(), *self._kv_projection())
             self.__dict__['_inference_cache'] = cached
-        _, layers, mem_w, kv_w = cached
+        _, layers, mem_w, kv_w, kv_b = cached
         for layer, lt in zip(self.layers, layers):
             lt[2], lt[3] = layer.attn.relative_terms(n_visible)
-        return [tuple(lt) for lt in layers], mem_w, kv_w
+        return [tuple(lt) for lt in layers], mem_w, kv_w, kv_b
 
     def _loop_config(self, n_start: int, return_state: bool, dropout: bool) -> fused_loop.LoopConfig:
         layer = self.layers[0]
@@ -233,7 +269,8 @@ class _FeedbackLoop(nn.Module):
         seed = int(torch.randint(2 ** 62, ())) if max(p_attn, p_resid, p_hidden) > 0 else 0
         cfg = fused_loop.LoopConfig(n_layers=self.n_layers, groups=self.groups, heads=self.heads, d_k=self.d_k,
                                eps=layer.norm_ff.eps, window=self.memory_span, p_attn=p_attn, p_resid=p_resid,
-                               p_hidden=p_hidden, n_start=n_start, make_last_memory=return_state, seed=seed)
+                               p_hidden=p_hidden, n_start=n_start, make_last_memory=return_state, seed=seed,
+                               memory_norm=self.memory_norm, memory_eps=self._memory_eps())
         return cfg
 
     def _forward_fused(self, x_seq: torch.Tensor, state: Optional[FeedbackState], return_state: bool):
@@ -243,7 +280,7 @@ class _FeedbackLoop(nn.Module):
         tensors = self._layer_tensors(max(1, self._n_visible(n_start, seq_len)))
         cfg = self._loop_config(n_start, return_state, self.training)
         prev = None if state is None else state.visible
-        out, cache = fused_loop.run_loop(cfg, x_seq, prev, self.memory_weights(), self._kv_weight(), tensors)
+        out, cache = fused_loop.run_loop(cfg, x_seq, prev, self.memory_weights(), *self._kv_projection(), tensors)
         out = self.norm(out)
         if not return_state:
             return out
@@ -269,8 +306,8 @@ class _FeedbackLoop(nn.Module):
         entry = x_seq.new_empty((self.groups, 2, batch_size, self.heads, self.d_k))
         cache, first = stack.reserve(n_new, entry)
         cfg = self._loop_config(n_start, return_state, False)
-        layers, mem_w, kv_w = self._inference_tensors(max(1, self._n_visible(n_start, seq_len)))
-        out = fused_loop.run_steps(cfg, x_seq, layers, mem_w, kv_w, cache, first)
+        layers, mem_w, kv_w, kv_b = self._inference_tensors(max(1, self._n_visible(n_start, seq_len)))
+        out = fused_loop.run_steps(cfg, x_seq, layers, mem_w, kv_w, kv_b, cache, first)
         out = self.norm(out)
         if not return_state:
             return out
@@ -314,20 +351,25 @@ class FeedbackTransformer(_FeedbackLoop):
     * `memory_span`: attend to at most this many latest memory vectors (`None`: all)
     * `fused`: train with the fused loop of `fused.py` (same results, several times faster); `False` uses
       autograd over the module-by-module loop
+    * `memory_norm`: layer $l$ projects $\mathrm{LN}^l(m_j)$ instead of $m_j$, with its own pre-attention norm
+      `norm_self_attn` (as the authors' pre-norm code does); adds no parameters
     """
 
     def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, *, memory_span: Optional[int] = None,
-                 fused: bool = True):
+                 fused: bool = True, memory_norm: bool = False):
         if isinstance(layer, FeedbackTransformerLayer) and layer.attn.is_kv_precomputed:
             raise ValueError("FeedbackTransformer projects the memory with each layer's own key/value layers: build "
                              "its FeedbackAttention with is_kv_precomputed=False (or use FeedbackTransformerKV)")
-        super().__init__(layer, n_layers, memory_span, fused)
+        super().__init__(layer, n_layers, memory_span, fused, memory_norm)
         self.groups = n_layers
 
-    def _kv_weight(self) -> torch.Tensor:
-        # $[W_k^1; W_v^1; \dots; W_k^L; W_v^L]$
-        return torch.cat([w for layer in self.layers
-                          for w in (layer.attn.key.linear.weight, layer.attn.value.linear.weight)])
+    def _kv_weights(self) -> List[torch.Tensor]:
+        # $W_k^1, W_v^1, \dots, W_k^L, W_v^L$
+        return [w for layer in self.layers for w in (layer.attn.key.linear.weight, layer.attn.value.linear.weight)]
+
+    def _memory_norms(self) -> List[nn.LayerNorm]:
+        # Layer $l$ normalizes the memory with its own pre-attention norm
+        return [layer.norm_self_attn for layer in self.layers]
 
 
 class FeedbackTransformerKV(_FeedbackLoop):
@@ -339,10 +381,12 @@ class FeedbackTransformerKV(_FeedbackLoop):
     * `d_model`, `heads`: sizes of the shared projections
     * `memory_span`: attend to at most this many latest memory vectors (`None`: all)
     * `fused`: as for `FeedbackTransformer`
+    * `memory_norm`: project $\mathrm{LN}_m(m_j)$ instead of $m_j$, with one layer norm `norm_memory` shared by all
+      layers (the authors share the pre-attention norm in this variant, so keys and values are normalized once)
     """
 
     def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, d_model: int, heads: int, *,
-                 memory_span: Optional[int] = None, fused: bool = True):
+                 memory_span: Optional[int] = None, fused: bool = True, memory_norm: bool = False):
         if isinstance(layer, FeedbackTransformerLayer):
             if not layer.attn.is_kv_precomputed:
                 raise ValueError("FeedbackTransformerKV shares one key/value projection between layers: build the "
@@ -350,13 +394,19 @@ class FeedbackTransformerKV(_FeedbackLoop):
             if layer.size != d_model or layer.attn.heads != heads:
                 raise ValueError(f"d_model={d_model}, heads={heads} must match the layer's "
                                  f"(d_model={layer.size}, heads={layer.attn.heads})")
-        super().__init__(layer, n_layers, memory_span, fused)
+        super().__init__(layer, n_layers, memory_span, fused, memory_norm)
         self.groups = 1
         d_k = d_model // heads
         # $W_k$ and $W_v$, shared by all layers
         self.key = nn.Linear(d_model, heads * d_k, bias=False)
         self.value = nn.Linear(d_model, heads * d_k, bias=False)
+        if self.memory_norm:
+            # $\mathrm{LN}_m$, only with `memory_norm` (so labml_nn's parameters are unchanged without it)
+            self.norm_memory = nn.LayerNorm([d_model])
 
-    def _kv_weight(self) -> torch.Tensor:
-        # $[W_k; W_v]$
-        return torch.cat([self.key.weight, self.value.weight])
+    def _kv_weights(self) -> List[torch.Tensor]:
+        # $W_k, W_v$
+        return [self.key.weight, self.value.weight]
+
+    def _memory_norms(self) -> List[nn.LayerNorm]:
+        return [self.norm_memory]
