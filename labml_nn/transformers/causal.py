@@ -140,12 +140,15 @@ class CausalAttention(nn.Module):
         # Keys after the query, or further back than the window, are masked; distances beyond the table use its
         # last entry
         hidden = dist < 0
+        # The table rows any visible key uses: all, or with a window only distances $0 \dots S$
+        rows = self.max_distance
         if self.memory_span is not None:
             hidden = hidden | (dist > self.memory_span)
-        dist = dist.clamp(0, self.max_distance - 1)
-        # $q_i^\top p_\Delta$ for every table entry, `[batch_size, heads, seq_len, max_distance]`,
+            rows = min(rows, self.memory_span + 1)
+        dist = dist.clamp(0, rows - 1)
+        # $q_i^\top p_\Delta$ for those table entries, `[batch_size, heads, seq_len, rows]`,
         # then picked out by distance: `[batch_size, heads, seq_len, mem_len + seq_len]`
-        q_p = torch.einsum('ibhd,phd->bhip', q, self.key_pos_embeddings)
+        q_p = torch.einsum('ibhd,phd->bhip', q, self.key_pos_embeddings[:rows])
         q_p = q_p.gather(-1, dist.expand(batch_size, self.heads, seq_len, -1))
         # $s_\Delta$: `[heads, seq_len, mem_len + seq_len]`
         s = self.key_pos_bias[dist].permute(2, 0, 1)

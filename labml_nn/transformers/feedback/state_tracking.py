@@ -39,7 +39,7 @@ from half-way (validation and test always use `statements`): short programs firs
 segment and the gradient reaches from every print back to the assignments.
 """
 
-from dataclasses import replace
+import warnings
 from functools import lru_cache
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
@@ -48,7 +48,9 @@ import torch.nn.functional as F
 from labml.configs import option
 from labml.logger import Text
 
+from labml_nn.experiments import nlp_autoregression
 from labml_nn.experiments.nlp_autoregression import check_int
+from labml_nn.experiments.optimizer import OptimizerConfigs
 from labml_nn.experiments.state_tracking_data import (
     LabeledStreams,
     ProgramSpec,
@@ -154,6 +156,19 @@ class StateTrackingConfigs(Configs):
     prompt: str = ''
     _optimizer_defaults = {'optimizer': 'Adam', 'learning_rate': 1e-3}
 
+    def __init__(self):
+        # labml (0.5.3) writes a subclass's defaults into the config items of its base classes while it collects
+        # them, so that making these configs would change the defaults of the text experiment's `Configs` in this
+        # process. Keep the base classes' items as they were.
+        items = [(item, dict(vars(item))) for cls in type(self).__mro__[1:]
+                 for item in vars(cls).values() if type(item).__name__ == 'ConfigItem']
+        with warnings.catch_warnings():
+            # `text`, `optimizer`, `train_loader` and `valid_loader` replace the text experiment's options on purpose
+            warnings.filterwarnings('ignore', message='Overriding option')
+            super().__init__()
+        for item, saved in items:
+            vars(item).update(saved)
+
     def validate(self) -> None:
         super().validate()
         self.spec()
@@ -222,6 +237,14 @@ class StateTrackingConfigs(Configs):
         rows = self.local_rows()
         return LabeledStreams(streams.streams[rows.start:rows.stop], streams.labels[rows.start:rows.stop],
                               self.seq_len)
+
+
+@option(StateTrackingConfigs.optimizer)
+def _optimizer(c: StateTrackingConfigs) -> OptimizerConfigs:
+    # The text experiment's optimizer configs, told the length of the run (for `optimizer.optimizer=AdamCosine`)
+    conf = nlp_autoregression._optimizer(c)
+    conf.total_steps = c.total_steps()
+    return conf
 
 
 @option(StateTrackingConfigs.splits)
