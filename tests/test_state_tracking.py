@@ -342,3 +342,27 @@ def test_bad_configs(tmp_path, monkeypatch, capsys, args, message):
         main(args)
     assert message in capsys.readouterr().err
     assert not (tmp_path / 'logs').exists()
+
+
+def test_warmup_and_cosine_schedules():
+    import math
+
+    from labml_nn.experiments.optimizer import CosineFactor, WarmupFactor
+    warm = WarmupFactor(4)
+    assert [warm(i) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cos = CosineFactor(4, 14)
+    # Step s = i + 1: the warm-up, then half a cosine from 1 at s = 4 to 0 at s = 14
+    assert [cos(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert cos(8) == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 10)))
+    assert cos(13) == pytest.approx(0.0, abs=1e-12) and cos(20) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cosine_schedule_knows_the_run_length():
+    conf = _configs(epochs=3, **{'optimizer.optimizer': 'AdamCosine', 'optimizer.warmup': 2,
+                                 'optimizer.learning_rate': 0.1})
+    rates = []
+    for _ in range(conf.total_steps()):
+        rates.append(conf.optimizer.learning_rate)
+        conf.optimizer.step()
+    # 3 epochs of 3 segments: warm-up over 2 steps, then down to 0 at step 9
+    assert conf.total_steps() == 9 and rates[1] == pytest.approx(0.1) and conf.optimizer.learning_rate < 1e-12
