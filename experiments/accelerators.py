@@ -73,17 +73,10 @@ def train(args: List[str], tag: str) -> Dict[str, Any]:
 
 def generation_cost(memory_span: Optional[int], n_tokens: int = 1040, window: int = 32) -> Dict[str, float]:
     """Tokens/s (CPU time of this thread) of one-token steps in windows around token 10 and token 1,000."""
-    from labml_nn.transformers.feedback import (
-        FeedbackAttention,
-        FeedbackTransformerKV,
-        FeedbackTransformerLayer,
-        FeedForward,
-    )
-    from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel
+    from labml_nn.transformers.feedback.build import ModelConfig, build_model
     torch.manual_seed(0)
-    layer = FeedbackTransformerLayer(d_model=128, attn=FeedbackAttention(4, 128, 0.0, is_kv_precomputed=True),
-                                     feed_forward=FeedForward(128, 256, 0.0), dropout_prob=0.0)
-    model = AutoregressiveModel(65, 128, FeedbackTransformerKV(layer, 4, 128, 4, memory_span=memory_span)).eval()
+    model = build_model(ModelConfig('feedback_transformer_kv', n_vocab=65, d_model=128, heads=4, d_ff=256,
+                                    n_layers=4, memory_span=memory_span)).eval()
     tokens = torch.randint(65, (n_tokens, 1))
     seconds = []
     state = None
@@ -97,7 +90,7 @@ def generation_cost(memory_span: Optional[int], n_tokens: int = 1040, window: in
     early = seconds[1:1 + window]
     late = seconds[1000 - window // 2:1000 + window // 2]
     return {'tokens_per_second_10': len(early) / sum(early), 'tokens_per_second_1000': len(late) / sum(late),
-            'cached_steps': state.visible.shape[state.kv.dim]}
+            'cached_steps': state.visible.shape[4]}
 
 
 def part_span() -> Dict[str, Any]:

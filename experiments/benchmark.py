@@ -35,14 +35,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from labml_nn.transformers.feedback import (  # noqa: E402
-    FeedbackAttention,
-    FeedbackTransformer,
-    FeedbackTransformerKV,
-    FeedbackTransformerLayer,
-    FeedForward,
-)
 from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel  # noqa: E402
+from labml_nn.transformers.feedback.build import ModelConfig, build_model  # noqa: E402
 
 MODELS = ('parallel', 'feedback_transformer', 'feedback_transformer_kv')
 
@@ -63,20 +57,12 @@ class ParallelTransformer(nn.Module):
 
 
 def build(name: str, args) -> nn.Module:
-    d = args.d_model
     if name == 'parallel':
-        transformer = ParallelTransformer(d, args.heads, args.d_ff, args.n_layers, args.seq_len)
-    else:
-        kv = name == 'feedback_transformer_kv'
-        layer = FeedbackTransformerLayer(d_model=d, attn=FeedbackAttention(args.heads, d, args.dropout,
-                                                                           is_kv_precomputed=kv),
-                                         feed_forward=FeedForward(d, args.d_ff, args.dropout),
-                                         dropout_prob=args.dropout)
-        if kv:
-            transformer = FeedbackTransformerKV(layer, args.n_layers, d, args.heads)
-        else:
-            transformer = FeedbackTransformer(layer, args.n_layers)
-    return AutoregressiveModel(args.vocab, d, transformer).to(args.device)
+        transformer = ParallelTransformer(args.d_model, args.heads, args.d_ff, args.n_layers, args.seq_len)
+        return AutoregressiveModel(args.vocab, args.d_model, transformer).to(args.device)
+    config = ModelConfig(name, n_vocab=args.vocab, d_model=args.d_model, heads=args.heads, d_ff=args.d_ff,
+                         n_layers=args.n_layers, dropout=args.dropout)
+    return build_model(config, torch.device(args.device))
 
 
 def train_step(model, optimizer, data, target, vocab):

@@ -43,43 +43,20 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from labml_nn.transformers.feed_forward import FeedForward
-from labml_nn.transformers.feedback import (
-    FeedbackAttention,
-    FeedbackTransformer,
-    FeedbackTransformerKV,
-    FeedbackTransformerLayer,
-)
 from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel, sample_token
-
-try:
-    # The parallel baseline with a key/value cache (the training experiment's branch)
-    from labml_nn.transformers.causal import CausalAttention, CausalTransformer, CausalTransformerLayer
-except ImportError as e:
-    CausalTransformer = None
-    CAUSAL_MISSING = f"labml_nn.transformers.causal is not available ({e})"
+from labml_nn.transformers.feedback.build import ModelConfig, build_model
 
 VARIANTS = {"weighted": "FeedbackTransformer", "kv": "FeedbackTransformerKV",
             "baseline": "CausalTransformer (KV cache)"}
+# The experiment's name of each variant's model
+MODEL_NAMES = {"weighted": "feedback_transformer", "kv": "feedback_transformer_kv", "baseline": "transformer"}
 
 
-def build_model(variant: str, args: argparse.Namespace) -> AutoregressiveModel:
-    """A randomly initialised language model of the benchmark's size."""
-    d, h, dropout = args.d_model, args.heads, 0.1
-    ffn = FeedForward(d, args.d_ff, dropout)
-    if variant == "baseline":
-        layer = CausalTransformerLayer(d_model=d, attn=CausalAttention(h, d, dropout), feed_forward=ffn,
-                                       dropout_prob=dropout)
-        transformer = CausalTransformer(layer, args.n_layers)
-    else:
-        kv = variant == "kv"
-        attn = FeedbackAttention(h, d, dropout, is_kv_precomputed=kv)
-        layer = FeedbackTransformerLayer(d_model=d, attn=attn, feed_forward=ffn, dropout_prob=dropout)
-        if kv:
-            transformer = FeedbackTransformerKV(layer, args.n_layers, d, h)
-        else:
-            transformer = FeedbackTransformer(layer, args.n_layers)
-    return AutoregressiveModel(args.vocab, d, transformer).eval()
+def build_variant(variant: str, args: argparse.Namespace) -> AutoregressiveModel:
+    """A randomly initialised language model of the benchmark's size (dropout 0.1, so eval mode matters)."""
+    config = ModelConfig(MODEL_NAMES[variant], n_vocab=args.vocab, d_model=args.d_model, heads=args.heads,
+                         d_ff=args.d_ff, n_layers=args.n_layers, dropout=0.1)
+    return build_model(config).eval()
 
 
 def full_recomputation(model: nn.Module, prompt: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -180,9 +157,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     torch.manual_seed(0)
     notes = []
     variants = list(args.variants)
-    if "baseline" in variants and CausalTransformer is None:
-        variants.remove("baseline")
-        notes.append(f"baseline missing: {CAUSAL_MISSING}")
     result = {"config": {k: v for k, v in vars(args).items()}, "torch": torch.__version__,
               "load_average_before": os.getloadavg()[0], "results": {}}
     print(f"Generation, d_model={args.d_model} heads={args.heads} d_ff={args.d_ff} n_layers={args.n_layers} "
@@ -191,7 +165,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     header = "| model | batch | cached tokens/s | full re-computation tokens/s | speed-up |"
     rows = [header, "|---|---:|---:|---:|---:|"]
     for variant in variants:
-        model = build_model(variant, args)
+        model = build_variant(variant, args)
         res = result["results"][variant] = {}
         for batch in args.batch:
             cached = cached_tokens_per_second(model, batch, args)

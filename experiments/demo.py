@@ -7,21 +7,12 @@ import time
 
 import torch
 
-from labml_nn.transformers.feedback import (
-    FeedbackAttention,
-    FeedbackTransformer,
-    FeedbackTransformerKV,
-    FeedbackTransformerLayer,
-    FeedForward,
-)
+from labml_nn.transformers.feedback.build import ModelConfig, build_transformer
 
 
-def build(kind: str, d_model: int = 128, heads: int = 4, d_ff: int = 256, n_layers: int = 4) -> torch.nn.Module:
-    kv = kind == 'kv'
-    layer = FeedbackTransformerLayer(d_model=d_model,
-                                     attn=FeedbackAttention(heads, d_model, 0.0, is_kv_precomputed=kv),
-                                     feed_forward=FeedForward(d_model, d_ff, 0.0), dropout_prob=0.0)
-    return FeedbackTransformerKV(layer, n_layers, d_model, heads) if kv else FeedbackTransformer(layer, n_layers)
+def build(kind: str) -> torch.nn.Module:
+    name = 'feedback_transformer_kv' if kind == 'kv' else 'feedback_transformer'
+    return build_transformer(ModelConfig(name, d_model=128, heads=4, d_ff=256, n_layers=4))
 
 
 def main():

@@ -7,13 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from labml_nn.transformers.feedback import (  # noqa: E402
-    FeedbackAttention,
-    FeedbackTransformer,
-    FeedbackTransformerKV,
-    FeedbackTransformerLayer,
-    FeedForward,
-)
+from labml_nn.transformers.feedback.build import ModelConfig, build_transformer  # noqa: E402
 
 # Keep the suite predictable on 2 cores
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -23,16 +17,10 @@ def make_transformer(kind: str, *, d_model=8, heads=2, d_ff=16, n_layers=2, drop
                      max_distance=128, memory_span=None, seed=0, randomize=True, fused=True, memory_norm=False):
     """A small Feedback Transformer; `randomize` gives every parameter (position tables, w) non-trivial values."""
     torch.manual_seed(seed)
-    kv = kind == 'kv'
-    attn = FeedbackAttention(heads, d_model, dropout, is_kv_precomputed=kv, max_distance=max_distance)
-    layer = FeedbackTransformerLayer(d_model=d_model, attn=attn, feed_forward=FeedForward(d_model, d_ff, dropout),
-                                     dropout_prob=dropout)
-    if kv:
-        model = FeedbackTransformerKV(layer, n_layers, d_model, heads, memory_span=memory_span, fused=fused,
-                                      memory_norm=memory_norm)
-    else:
-        model = FeedbackTransformer(layer, n_layers, memory_span=memory_span, fused=fused, memory_norm=memory_norm)
-    model = model.to(dtype)
+    name = 'feedback_transformer_kv' if kind == 'kv' else 'feedback_transformer'
+    config = ModelConfig(name, d_model=d_model, heads=heads, d_ff=d_ff, n_layers=n_layers, dropout=dropout,
+                         max_distance=max_distance, memory_span=memory_span, fused=fused, memory_norm=memory_norm)
+    model = build_transformer(config).to(dtype)
     if randomize:
         with torch.no_grad():
             for p in model.parameters():

@@ -162,7 +162,7 @@ def test_carry_memory_resume_continues_exactly(tmp_path):
     assert run_cli(tmp_path, [*args, 'train_steps=5'], uuid='straight').returncode == 0
     first = checkpoint_of(tmp_path, 'feedback_transformer_kv', 'first')
     carried = first['carried'][0]
-    assert carried['n_steps'] == 3 * 16 and carried['visible'].shape[carried['dim']] == 12
+    assert carried['n_steps'] == 3 * 16 and carried['visible'].shape[4] == 12  # the cache's time axis
     a = checkpoint_of(tmp_path, 'feedback_transformer_kv', 'resumed')
     b = checkpoint_of(tmp_path, 'feedback_transformer_kv', 'straight')
     loss_a = [h['loss'] for h in a['history']['train']]

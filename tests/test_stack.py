@@ -1,4 +1,4 @@
-"""Tests of `Stack` / `StackFunction`: values, gradients (gradcheck, reentrancy), growth, windows and misuse."""
+"""Tests of `Stack` / `StackFunction`: values, gradients (gradcheck, reentrancy), growth, memory spans and misuse."""
 
 import pytest
 import torch
@@ -6,9 +6,9 @@ import torch
 from labml_nn.transformers.feedback import Stack, StackFunction
 
 
-def _run(values, window=None, max_len=0):
+def _run(values, span=None, max_len=0):
     """Append `values` one by one and combine every view with fixed weights, like attention does."""
-    stack = Stack(max_len, window=window)
+    stack = Stack(max_len, memory_span=span)
     total = 0
     for n, v in enumerate(values):
         view = stack.append(n, v)
@@ -17,39 +17,39 @@ def _run(values, window=None, max_len=0):
     return total
 
 
-def _naive(values, window=None):
+def _naive(values, span=None):
     total = 0
     for n in range(len(values)):
-        lo = 0 if window is None else max(0, n + 1 - window)
+        lo = 0 if span is None else max(0, n + 1 - span)
         view = torch.stack(values[lo:n + 1])
         weights = torch.arange(1, view.shape[0] + 1, dtype=view.dtype).view(-1, *([1] * (view.dim() - 1))) * (n + 1)
         total = total + (view * weights).sin().sum()
     return total
 
 
-@pytest.mark.parametrize('window', [None, 3])
-def test_views_equal_torch_stack(window):
+@pytest.mark.parametrize('span', [None, 3])
+def test_views_equal_torch_stack(span):
     values = [torch.randn(2, 3) for _ in range(40)]
-    stack = Stack(2, window=window)
+    stack = Stack(2, memory_span=span)
     for n, v in enumerate(values):
         view = stack.append(n, v)
-        lo = 0 if window is None else max(0, n + 1 - window)
+        lo = 0 if span is None else max(0, n + 1 - span)
         assert torch.equal(view, torch.stack(values[lo:n + 1]))
     assert torch.equal(stack.get(), view)
 
 
-@pytest.mark.parametrize('window', [None, 3])
-def test_gradcheck_stack(window):
-    # 12 appends into a buffer that starts with room for 2: it has to grow (and, with a window, drop rows)
+@pytest.mark.parametrize('span', [None, 3])
+def test_gradcheck_stack(span):
+    # 12 appends into a buffer that starts with room for 2: it has to grow (and, with a span, drop rows)
     values = tuple(torch.randn(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(12))
-    assert torch.autograd.gradcheck(lambda *v: _run(v, window, max_len=2), values)
+    assert torch.autograd.gradcheck(lambda *v: _run(v, span, max_len=2), values)
 
 
-@pytest.mark.parametrize('window', [None, 3])
-def test_gradients_equal_naive(window):
+@pytest.mark.parametrize('span', [None, 3])
+def test_gradients_equal_naive(span):
     values = [torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(20)]
-    got = torch.autograd.grad(_run(values, window), values)
-    want = torch.autograd.grad(_naive(values, window), values)
+    got = torch.autograd.grad(_run(values, span), values)
+    want = torch.autograd.grad(_naive(values, span), values)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
 
@@ -104,8 +104,8 @@ def test_mismatched_entry_is_an_error():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="max_len"):
         Stack(-1)
-    with pytest.raises(ValueError, match="window"):
-        Stack(window=0)
+    with pytest.raises(ValueError, match="memory_span"):
+        Stack(memory_span=0)
 
 
 def test_fork_shares_and_copies_on_write():
@@ -133,15 +133,15 @@ def test_frozen_rows_get_no_gradient():
     torch.testing.assert_close(new.grad, torch.full((2,), 2.0))
 
 
-@pytest.mark.parametrize('window', [None, 3])
-def test_stacking_on_another_axis(window):
+@pytest.mark.parametrize('span', [None, 3])
+def test_stacking_on_another_axis(span):
     # Entries [2, 3] stacked on axis 1: views [2, n, 3]; values and gradients as torch.stack(..., dim=1)
     values = [torch.randn(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(9)]
-    stack = Stack(2, window=window, dim=1)
+    stack = Stack(2, memory_span=span, dim=1)
     total, ref = 0, 0
     for n, v in enumerate(values):
         view = stack.append(n, v)
-        lo = 0 if window is None else max(0, n + 1 - window)
+        lo = 0 if span is None else max(0, n + 1 - span)
         want = torch.stack(values[lo:n + 1], dim=1)
         assert torch.equal(view, want)
         w = torch.arange(1, view.shape[1] + 1, dtype=v.dtype).view(1, -1, 1) * (n + 1)
@@ -149,9 +149,9 @@ def test_stacking_on_another_axis(window):
         ref = ref + (want * w).sin().sum()
     for g, r in zip(torch.autograd.grad(total, values), torch.autograd.grad(ref, values)):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda *v: _run_dim1(v, window), tuple(values[:6]))
+    assert torch.autograd.gradcheck(lambda *v: _run_dim1(v, span), tuple(values[:6]))
 
 
-def _run_dim1(values, window):
-    stack = Stack(1, window=window, dim=1)
+def _run_dim1(values, span):
+    stack = Stack(1, memory_span=span, dim=1)
     return sum(stack.append(n, v).sin().sum() * (n + 1) for n, v in enumerate(values))

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from labml_nn.experiments.accelerators import carried_from_payload, carried_to_payload
 from labml_nn.experiments.state_tracking_data import (
     ProgramSpec,
     ProgramSplits,
@@ -302,15 +301,28 @@ def test_text_experiment_defaults_are_left_alone():
     assert StateTrackingConfigs().d_model == 64 and StateTrackingConfigs().carry_memory
     after = Configs()._to_json()
     assert before == after and Configs().d_model == 512 and not Configs().carry_memory
+    # The options of this task are its own: the text experiment still reads its text
+    from labml_nn.experiments.nlp_autoregression import NLPAutoRegressionConfigs
+    for key in ('text', 'train_loader', 'valid_loader', 'optimizer'):
+        theirs = Configs.__dict__.get('_calculators', {}).get(key, [])
+        for options in (NLPAutoRegressionConfigs._calculators[key], theirs):
+            assert all(f.func.__module__ != 'labml_nn.transformers.feedback.state_tracking' for f in options), key
 
 
 def test_causal_state_round_trips_through_a_checkpoint_payload():
-    keys = [torch.randn(5, 2, 2, 4), torch.randn(5, 2, 2, 4)]
-    state = CausalState(keys, [k + 1 for k in keys], 17)
-    back = carried_from_payload(carried_to_payload(state), torch.device('cpu'), 5)
-    assert isinstance(back, CausalState) and back.offset == 17
+    conf = _configs(model='transformer', n_layers=2)
+    model = conf.model.transformer
+    _, state = model(torch.randn(11, 2, 16), return_state=True)
+    assert state.keys[0].shape == (8, 2, 2, 8), 'the window keeps 8 positions'
+    back = model.state_from_payload(state.to_payload(), torch.device('cpu'))
+    assert isinstance(back, CausalState) and back.offset == 11
     for a, b in zip(back.keys + back.values, state.keys + state.values):
         torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match='not a causal'):
+        model.state_from_payload({'kind': 'feedback'}, torch.device('cpu'))
+    with pytest.raises(ValueError, match='2 layers'):
+        _configs(model='transformer', n_layers=3).model.transformer.state_from_payload(state.to_payload(),
+                                                                                     torch.device('cpu'))
 
 
 @pytest.mark.slow

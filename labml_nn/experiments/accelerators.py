@@ -31,6 +31,11 @@ streams the same way, with its own state, starting empty at each validation.
 A checkpoint stores every rank's carried state, so `resume=` continues a run exactly where it stopped (with the
 same number of processes; with another number the memory restarts empty at the next segment).
 
+This loop reaches the model only through a small interface, so any transformer that offers it can carry memory:
+`model(x, state=..., return_state=True)`, `state.detach()`, `state.to_payload()` (plain tensors for a checkpoint)
+and `model.transformer.state_from_payload(payload, device)`. For the Feedback Transformers these live in
+[state.py](../transformers/feedback/state.html).
+
 ## Sequence-length curriculum
 
 `seq_len_curriculum="16:0,32:0.25,64:0.5"` trains on segments of 16 tokens for the first quarter of the
@@ -223,7 +228,7 @@ class AcceleratedConfigs(NLPAutoRegressionConfigs):
 
     def save_checkpoint(self) -> None:
         state = self._carried['train'] if self.carry_memory else None
-        self._carried_on_ranks = gather_objects(self._dist, carried_to_payload(state))
+        self._carried_on_ranks = gather_objects(self._dist, None if state is None else state.to_payload())
         super().save_checkpoint()
 
     def state(self, rng_states: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -235,38 +240,8 @@ class AcceleratedConfigs(NLPAutoRegressionConfigs):
         if not self.carry_memory or self._progress['batch'] == 0:
             return
         if len(carried) == self._dist.world_size and carried[self._dist.rank] is not None:
-            self._carried['train'] = carried_from_payload(carried[self._dist.rank], self.device,
-                                                          self.model.transformer.memory_span)
+            self._carried['train'] = self.model.transformer.state_from_payload(carried[self._dist.rank],
+                                                                               self.device)
         else:
             self.log('The checkpoint has no carried memory for this rank: the memory restarts empty at the '
                      'next segment', Text.warning)
-
-
-def carried_to_payload(state: Optional[Any]) -> Optional[Dict[str, Any]]:
-    """
-    A carried `FeedbackState`, or the `CausalState` of a windowed parallel transformer, as plain tensors for a
-    `weights_only` checkpoint (`None` stays `None`).
-    """
-    from labml_nn.transformers.causal import CausalState
-    if isinstance(state, CausalState):
-        return {'offset': state.offset, 'keys': [k.detach().cpu().clone() for k in state.keys],
-                'values': [v.detach().cpu().clone() for v in state.values]}
-    if state is None or state.visible is None:
-        return None
-    # `dim`: the time axis of the cached keys and values, as the model's `Stack` keeps them
-    return {'n_steps': state.n_steps, 'visible': state.visible.detach().cpu().clone(), 'dim': state.kv.dim}
-
-
-def carried_from_payload(payload: Dict[str, Any], device: torch.device, memory_span: Optional[int]) -> Any:
-    """The state that `carried_to_payload` stored."""
-    from labml_nn.transformers.causal import CausalState
-    from labml_nn.transformers.feedback.stack import Stack
-    if 'keys' in payload:
-        return CausalState([k.to(device) for k in payload['keys']], [v.to(device) for v in payload['values']],
-                           int(payload['offset']))
-    from labml_nn.transformers.feedback.state import FeedbackState
-    visible = payload['visible'].to(device)
-    n_steps = int(payload['n_steps'])
-    dim = int(payload['dim'])
-    stack = Stack.from_rows(visible, n_steps - visible.shape[dim], window=memory_span, dim=dim)
-    return FeedbackState(stack, n_steps, stack.get())

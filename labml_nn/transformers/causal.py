@@ -54,7 +54,7 @@ carried across training segments (Transformer-XL style, the state detached betwe
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +81,11 @@ class CausalState:
     def detach(self) -> 'CausalState':
         """A copy that keeps the cached values but cuts the autograd graph (for memory carried across batches)."""
         return CausalState([k.detach() for k in self.keys], [v.detach() for v in self.values], self.offset)
+
+    def to_payload(self) -> Dict[str, Any]:
+        """The state as plain tensors and numbers, for a `weights_only` checkpoint (a copy, on the CPU)."""
+        return {'kind': 'causal', 'offset': self.offset, 'keys': [k.detach().cpu().clone() for k in self.keys],
+                'values': [v.detach().cpu().clone() for v in self.values]}
 
 
 class CausalAttention(nn.Module):
@@ -212,6 +217,20 @@ class CausalTransformer(nn.Module):
     def memory_span(self) -> Optional[int]:
         """The attention window (`None`: unlimited)."""
         return self.layers[0].attn.memory_span
+
+    def state_from_payload(self, payload: Dict[str, Any], device: torch.device) -> CausalState:
+        """The state that `CausalState.to_payload()` saved (in a checkpoint), for this model, on `device`."""
+        if payload.get('kind') != 'causal':
+            raise ValueError("the carried state in the checkpoint is not a causal transformer's")
+        keys = [k.to(device) for k in payload['keys']]
+        values = [v.to(device) for v in payload['values']]
+        attn = self.layers[0].attn
+        if len(keys) != len(self.layers) or any(k.shape[2:] != (attn.heads, attn.d_k) for k in keys):
+            raise ValueError(f"the carried state holds {len(keys)} layers of keys {[list(k.shape) for k in keys[:1]]}; "
+                             f"this model has {len(self.layers)} layers of [n, batch_size, {attn.heads}, {attn.d_k}]")
+        if self.memory_span is not None and any(k.shape[0] > self.memory_span for k in keys):
+            raise ValueError(f"the carried state holds more keys than this model's memory_span={self.memory_span}")
+        return CausalState(keys, values, int(payload['offset']))
 
     def forward(self, x: torch.Tensor, state: Optional[CausalState] = None,
                 return_state: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, CausalState]]:

@@ -42,8 +42,11 @@ other, in training too. This implementation keeps that loop as small as it can:
   layers, the paper's cheaper variant).
 * [stack.py](stack.html): `Stack` and `StackFunction`, the cache.
 * [state.py](state.html): `FeedbackState`, to continue a sequence across calls (cached generation, memory
-  carried across training batches).
+  carried across training batches), and the cache's layout.
+* [fast_paths.py](fast_paths.html), [fused.py](fused.html), [fused_backward.py](fused_backward.html): the same
+  function, fast: the training loop as one autograd function with a hand-written backward pass.
 * [autoregressive.py](autoregressive.html): `AutoregressiveModel`, the language model around a transformer.
+* [build.py](build.html): `ModelConfig` and `build_model`, the one recipe that assembles any of the models.
 
 ## Using it
 
@@ -66,6 +69,7 @@ y2, state = transformer(x[40:], state=state, return_state=True)
 
 from labml_nn.transformers.feed_forward import FeedForward
 from labml_nn.transformers.feedback.attention import FeedbackAttention
+from labml_nn.transformers.feedback.build import ModelConfig, build_model, build_transformer
 from labml_nn.transformers.feedback.stack import Stack, StackFunction
 from labml_nn.transformers.feedback.state import FeedbackState
 from labml_nn.transformers.feedback.transformer import (
@@ -81,6 +85,9 @@ __all__ = [
     "FeedbackTransformer",
     "FeedbackTransformerKV",
     "FeedbackTransformerLayer",
+    "ModelConfig",
     "Stack",
     "StackFunction",
+    "build_model",
+    "build_transformer",
 ]

@@ -31,6 +31,9 @@ Because the memory visible at a step is always the *latest* $n$ memory vectors, 
 $n, n-1, \dots, 1$: the position terms depend only on how many vectors are visible, not on $t$.
 `relative_terms(n)` builds them once per forward pass; each step takes the last rows it needs.
 
+This is the same parametrization as labml_nn's [multi-head attention](../mha.html) with
+[Transformer-XL](https://arxiv.org/abs/1901.02860)'s relative positions, cut down to one query per step.
+
 ## Biases
 
 The key and value projections have no bias: a key bias adds the same $q^\top b$ to every score
@@ -99,28 +102,9 @@ class FeedbackAttention(nn.Module):
     def relative_terms(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
         r"""
         Position embeddings `[n, heads, d_k]` and biases `[n, heads]` for memory slots at distances
-        $n, n-1, \dots, 1$ (oldest first, like the memory), clipped to the table.
-
-        Without autograd (generation calls this once per token) they come from a cache that is rebuilt only
-        when the table changes or a longer one is needed: the terms for $n$ are the last $n$ rows of any longer
-        ones.
+        $n, n-1, \dots, 1$ (oldest first, like the memory), clipped to the table: row $\min(\Delta, P) - 1$.
+        (Generation keeps them between tokens: [fast_paths.py](fast_paths.html).)
         """
-        table = self.key_pos_embeddings
-        if (torch.is_grad_enabled() and table.requires_grad) or table.is_inference():
-            # With autograd, or for a model built under `torch.inference_mode()` (no version counters): no cache
-            return self._relative_terms(n)
-        key = (self.key_pos_embeddings._version, self.key_pos_embeddings.data_ptr(), self.key_pos_bias._version,
-               self.key_pos_bias.data_ptr())
-        cache = getattr(self, '_pos_cache', None)
-        if cache is None or cache[0] != key or cache[1].shape[0] < n:
-            size = n if cache is None or cache[0] != key else max(n, 2 * cache[1].shape[0])
-            with torch.no_grad():
-                cache = (key, *self._relative_terms(size))
-            self._pos_cache = cache
-        return cache[1][-n:], cache[2][-n:]
-
-    def _relative_terms(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        # Table row $\min(\Delta, P) - 1$ for $\Delta = n \dots 1$
         distance = torch.arange(n, 0, -1, device=self.key_pos_bias.device)
         rows = distance.clamp_(max=self.max_distance) - 1
         return self.key_pos_embeddings[rows], self.key_pos_bias[rows]

@@ -32,15 +32,8 @@ from labml_nn.experiments import checkpoint as ckpt
 from labml_nn.experiments.accelerators import AcceleratedConfigs
 from labml_nn.experiments.cli import run_experiment
 from labml_nn.experiments.nlp_autoregression import check_int
-from labml_nn.transformers.causal import CausalAttention, CausalTransformer, CausalTransformerLayer
-from labml_nn.transformers.feedback import (
-    FeedbackAttention,
-    FeedbackTransformer,
-    FeedbackTransformerKV,
-    FeedbackTransformerLayer,
-    FeedForward,
-)
 from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel
+from labml_nn.transformers.feedback.build import ModelConfig, build_model
 from labml_nn.transformers.feedback.init_from import check_source_checkpoint, copy_from_transformer
 
 __all__ = ['AutoregressiveModel', 'Configs', 'main']
@@ -130,39 +123,33 @@ class Configs(AcceleratedConfigs):
     def experiment_name(self) -> str:
         return self.model_name()
 
+    def model_config(self, name: str) -> ModelConfig:
+        """The model `name` with this run's sizes ([build.py](build.html))."""
+        return ModelConfig(name, n_vocab=self.n_tokens, d_model=self.d_model, heads=self.heads, d_ff=self.d_ff,
+                           n_layers=self.n_layers, dropout=self.dropout, memory_span=self.memory_span or None,
+                           memory_norm=self.memory_norm)
 
-def _feedback_layer(c: Configs, is_kv: bool) -> FeedbackTransformerLayer:
-    return FeedbackTransformerLayer(d_model=c.d_model,
-                                    attn=FeedbackAttention(c.heads, c.d_model, c.dropout, is_kv_precomputed=is_kv),
-                                    feed_forward=FeedForward(c.d_model, c.d_ff, c.dropout),
-                                    dropout_prob=c.dropout)
+
+def _build(c: Configs, name: str) -> AutoregressiveModel:
+    return build_model(c.model_config(name), c.device)
 
 
 @option(Configs.model, 'feedback_transformer')
 def _feedback_transformer(c: Configs) -> AutoregressiveModel:
     """The Feedback Transformer: per-layer key/value projections of the weighted-sum memory."""
-    transformer = FeedbackTransformer(_feedback_layer(c, False), c.n_layers, memory_span=c.memory_span or None,
-                                      memory_norm=c.memory_norm)
-    return AutoregressiveModel(c.n_tokens, c.d_model, transformer).to(c.device)
+    return _build(c, 'feedback_transformer')
 
 
 @option(Configs.model, 'feedback_transformer_kv')
 def _feedback_transformer_kv(c: Configs) -> AutoregressiveModel:
     """The key/value variant: one key/value projection shared by the layers, cached once per step."""
-    transformer = FeedbackTransformerKV(_feedback_layer(c, True), c.n_layers, c.d_model, c.heads,
-                                        memory_span=c.memory_span or None, memory_norm=c.memory_norm)
-    return AutoregressiveModel(c.n_tokens, c.d_model, transformer).to(c.device)
+    return _build(c, 'feedback_transformer_kv')
 
 
 @option(Configs.model, 'transformer')
 def _causal_transformer(c: Configs) -> AutoregressiveModel:
-    """An ordinary causal transformer of the same size, all positions at once (a local window with `memory_span`)."""
-    layer = CausalTransformerLayer(d_model=c.d_model,
-                                   attn=CausalAttention(c.heads, c.d_model, c.dropout),
-                                   feed_forward=FeedForward(c.d_model, c.d_ff, c.dropout),
-                                   dropout_prob=c.dropout)
-    transformer = CausalTransformer(layer, c.n_layers, memory_span=c.memory_span or None)
-    return AutoregressiveModel(c.n_tokens, c.d_model, transformer).to(c.device)
+    """An ordinary causal transformer of the same size, all positions at once."""
+    return _build(c, 'transformer')
 
 
 def main(argv: Optional[List[str]] = None) -> None:

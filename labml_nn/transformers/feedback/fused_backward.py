@@ -1,36 +1,85 @@
 r"""
 ---
 title: The fused loop's backward pass
-summary: Backpropagation through time by hand for the Feedback Transformer, with weight gradients computed in
-  large batched products.
+summary: Backpropagation through time by hand for the Feedback Transformer, each gradient block beside its
+  formula, with weight gradients computed in large batched products.
 ---
 
 # Backward pass of the fused loop
 
-We walk the steps from last to first. At step $t$:
+This is the backward pass of [the fused loop](fused.html): given $\delta y_t = \partial \mathcal{L} / \partial
+x_t^L$ for every step (the final norm and the head are outside the loop, in autograd), it walks the steps from
+last to first. We write $\delta a$ for $\partial \mathcal{L} / \partial a$ and use the names of the forward pass.
 
-1. **The memory.** Every later step that attended to $m_t$ has added its gradient to $k_t, v_t$ (in `d_work`),
-   and gradients from later calls arrive with the returned cache rows. So
-   $\delta m_t = [\delta k_t; \delta v_t]\, W_{kv}$ is complete, and $x_t^l$ receives
-   $\mathrm{softmax}(w)_l\, \delta m_t$.
-2. **The layers, top to bottom.** For the feed-forward block, with $a = z W_1^\top + b_1$ and
-   $h = \mathrm{ReLU}(a)$ (after dropout),
-   $\delta h = \delta f\, W_2$, $\delta a = \delta h \odot [a > 0]$, $\delta z = \delta a\, W_1$ and the layer
-   norm's backward gives $\delta x$. For attention, with probabilities $P$ (after dropout $\tilde P$) over the
-   visible slots,
-   $$\delta o = \delta\mathrm{Attn}\, W_o, \quad \delta \tilde P = \delta o\, V^\top, \quad
-     \delta v_j \mathrel{+}= \tilde P_j\, \delta o, \quad
-     \delta A = \tfrac{1}{\sqrt{d_k}}\, P \odot \big(\delta P - \textstyle\sum_j P_j \delta P_j\big),$$
-   $$\delta (q + u) = \delta A\, K, \quad \delta k_j \mathrel{+}= \delta A_j (q + u), \quad
-     \delta q = \delta (q + u) + \textstyle\sum_j \delta A_j\, p_{t-j}.$$
-3. **Weight gradients wait.** Each is a sum over steps of an outer product, so the step only keeps its
-   $\delta$'s. Every few steps (`CHUNK_ROWS` rows of steps $\times$ batch) we turn the kept $\delta$'s into
-   weight gradients with one matrix product per weight, and drop them.
+## One step, top to bottom
+
+**1. The memory.** Every later step that attended to $m_t$ has already added its share to the gradient of
+$k_t, v_t$ (in the work buffer's gradient, where gradients from later calls also arrive). So the gradient of
+the step's keys and values, $\delta \kappa_t$ (all groups, `[B, groups * 2 * D]`), is complete, and
+
+$$\delta \hat m_t = \delta \kappa_t\, W_{kv}, \qquad
+  \delta x_t^l \mathrel{+}= \mathrm{softmax}(w)_l\, \delta m_t \quad (l = 0 \dots L),$$
+
+where $\hat m_t = m_t$ without `memory_norm`, and with it $\delta m_t$ is the layer-norm backward below (without
+gain and bias: those are folded into $W_{kv}$).
+
+**2. Layer norm.** For $y = \gamma \odot \hat x + \beta$ with $\hat x = (x - \mu)/\sigma$ over the $D$ features,
+
+$$\delta x = \frac{1}{\sigma}\Big(g - \overline{g} - \hat x\, \overline{g \odot \hat x}\Big), \quad
+  g = \gamma \odot \delta y, \qquad
+  \delta \gamma = \textstyle\sum \delta y \odot \hat x, \quad \delta \beta = \textstyle\sum \delta y,$$
+
+where $\overline{\,\cdot\,}$ is the mean over features. ATen's `native_layer_norm_backward` computes $\delta x$ from
+the saved $\mu, 1/\sigma$; the sums over rows wait for the batched weight gradients (4).
+
+**3. The blocks of layer $l$, from its output down.** The feed-forward block computed
+$x \leftarrow x_1 + M_2 \odot f$ with $f = W_2 h + b_2$, $h = M_h \odot \mathrm{ReLU}(a)$,
+$a = W_1 z_2 + b_1$, $z_2 = \mathrm{LN}_2(x_1)$, where the $M$ are the scaled dropout masks:
+
+$$\delta f = M_2 \odot \delta x, \quad \delta h = \delta f\, W_2, \quad
+  \delta a = M_h \odot [a > 0] \odot \delta h, \quad \delta z_2 = \delta a\, W_1,$$
+
+$$\delta x_1 = \delta x + \mathrm{LN}_2\text{-backward}(\delta z_2).$$
+
+The attention block computed $x_1 = x + M_1 \odot (W_o o + b_o)$ with, per head,
+$o = \sum_j \tilde P_j v_j$, $\tilde P = M_P \odot P$, $P = \mathrm{softmax}(S / \sqrt{d_k})$ and the score of
+slot $j$ at distance $\Delta_j = t - j$
+
+$$S_j = (q + u)^\top k_j + q^\top p_{\Delta_j} + s_{\Delta_j}, \qquad q = W_q z, \quad z = \mathrm{LN}_1(x).$$
+
+Dropout enters $\delta P$ through its mask, and the softmax backward is linear in $\delta P$, so the scale
+$1/\sqrt{d_k}$ can go first:
+
+$$\delta o = (M_1 \odot \delta x_1)\, W_o, \quad \delta \tilde P_j = \delta o^\top v_j, \quad
+  \delta v_j \mathrel{+}= \tilde P_j\, \delta o, \quad \delta P = M_P \odot \delta \tilde P,$$
+
+$$\delta S = \frac{1}{\sqrt{d_k}}\, P \odot \Big(\delta P - \textstyle\sum_i P_i\, \delta P_i\Big).$$
+
+Then the score's three terms give
+
+$$\delta (q + u) = \textstyle\sum_j \delta S_j\, k_j, \quad \delta k_j \mathrel{+}= \delta S_j\, (q + u),
+  \quad \delta q = \delta (q + u) + \textstyle\sum_j \delta S_j\, p_{\Delta_j},$$
+
+$$\delta z = \delta q\, W_q, \qquad \delta x \mathrel{+}= \mathrm{LN}_1\text{-backward}(\delta z).$$
+
+The $\delta k_j, \delta v_j$ of all layers of the step go into the cache's gradient in one batched product
+(`add_cache_gradient`).
+
+**4. Weight gradients wait.** Each is a sum over steps of an outer product, e.g.
+$\delta W_2 = \sum_t \delta f_t^\top h_t$, so a step only keeps its $\delta$'s (`StepGrads`). Every few steps
+(`CHUNK_ROWS` rows of steps $\times$ batch) `WeightGrads.add` turns them into weight gradients with one matrix
+product per weight. The position tables need care: step $t$ saw $n_t$ slots whose distances are the **last** $n_t$
+rows of the call's table ($N \dots 1$), so its $\delta S$ is right-aligned into a `[steps, B, H, N]` buffer, and
+
+$$\delta p_\Delta = \textstyle\sum_{t, b} \delta S_{t, t - \Delta}\, q_t, \qquad
+  \delta s_\Delta = \textstyle\sum_{t, b} \delta S_{t, t - \Delta}.$$
 """
 
-from typing import List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
+
+from labml_nn.transformers.feedback.fused import LayerWeights, StepRecord
 
 # ATen kernels called directly, resolved once (their Python lookups cost more than the kernels at these sizes)
 _layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
@@ -40,207 +89,254 @@ _relu_backward = torch.ops.aten.threshold_backward.default
 CHUNK_ROWS = 2048
 
 
-def backward_loop(cfg, s, masks, shape, d_out: torch.Tensor, d_cache: Optional[torch.Tensor], x_seq: torch.Tensor,
-                  mem_w: torch.Tensor, kv_w: torch.Tensor, work: torch.Tensor, layers, needs_input_grad):
+class FfnGrads(NamedTuple):
+    """A feed-forward block's $\\delta f$, $\\delta a$ and $\\delta z_2$, each `[B, ...]`."""
+    d_f: torch.Tensor
+    d_a: torch.Tensor
+    d_z2: torch.Tensor
+
+
+class AttnGrads(NamedTuple):
+    """An attention block's $\\delta$ of its output (after the residual mask), $q$, $q + u$, $z$ and $S$."""
+    d_att: torch.Tensor
+    d_q: torch.Tensor
+    d_qu: torch.Tensor
+    d_z: torch.Tensor
+    # $\delta S$, `[B, H, n]`
+    d_scores: torch.Tensor
+
+
+class StepGrads:
+    """The per-step gradients that weight gradients are made of."""
+
+    def __init__(self, i: int, n_layers: int):
+        self.i = i
+        # $\delta \kappa_t$ `[B, groups * 2 * D]` and $\delta m_t$ `[B, D]`, at steps that made memory
+        self.d_kv: Optional[torch.Tensor] = None
+        self.d_mem: Optional[torch.Tensor] = None
+        self.ffn: List[Optional[FfnGrads]] = [None] * n_layers
+        self.attn: List[Optional[AttnGrads]] = [None] * n_layers
+
+
+class LoopGrads(NamedTuple):
+    """The gradients `FeedbackLoopFunction.backward` returns (`None` where there is none)."""
+    x_seq: torch.Tensor
+    prev: Optional[torch.Tensor]
+    mem_w: Optional[torch.Tensor]
+    kv_w: Optional[torch.Tensor]
+    kv_b: Optional[torch.Tensor]
+    layers: List[LayerWeights]
+
+
+def backward_loop(ctx, x_seq: torch.Tensor, mem_w: torch.Tensor, kv_w: torch.Tensor, work: torch.Tensor,
+                  layers: List[LayerWeights], d_out: torch.Tensor, d_cache: Optional[torch.Tensor]) -> LoopGrads:
     """
-    Gradients of `FeedbackLoopFunction`'s inputs after `cfg`: `x_seq, prev, mem_w, kv_w`, then each layer's tensors
-    (`layers` is a list of per-layer tuples in `LAYER_TENSORS` order).
+    The gradients of `FeedbackLoopFunction`'s inputs, from `d_out` `[T, B, D]` and `d_cache` (the gradient of
+    the returned work buffer, from later calls, or `None`). `ctx` holds the forward pass's `cfg`, `shape`,
+    `masks` and per-step `records`.
     """
+    cfg, shape, masks, records = ctx.cfg, ctx.shape, ctx.masks, ctx.records
     T, B, D, n_prev, n_new, first = shape
     L, G, H, dk = cfg.n_layers, cfg.groups, cfg.heads, cfg.d_k
     BH = B * H
     scale = 1 / dk ** 0.5
-    # Gradients of the cache; those from later calls come in `d_cache`
+    # The cache's gradient (those from later calls arrive in `d_cache`), and the same as
+    # `[groups * 2 * B * H, time, d_k]` so that one product per step updates every layer's keys and values
     d_work = torch.zeros_like(work) if d_cache is None else d_cache.clone()
-    # The cache's gradient as `[groups * 2 * B * H, time, d_k]`: one product per step updates every layer's keys
-    # and values
     d_work_rows = d_work.view(G * 2 * BH, -1, dk)
     keys = [work[g, 0].view(BH, -1, dk) for g in range(G)]
     values = [work[g, 1].view(BH, -1, dk) for g in range(G)]
-    pos_k = [lt[2].permute(1, 0, 2) for lt in layers]                     # [H, N, d_k]
-    acc = _WeightGrads(layers)
+    # $p_\Delta$ per head, `[H, N, d_k]`
+    pos_k = [lw.pos_emb.permute(1, 0, 2) for lw in layers]
+    acc = WeightGrads(layers)
     d_x_seq = torch.empty_like(x_seq)
-    pending: List[_StepGrads] = []
+    pending: List[StepGrads] = []
     chunk = max(1, CHUNK_ROWS // B)
     # Stands for `input` in `baddbmm(input, ..., beta=0)`
     no_input = x_seq.new_zeros(())
-
-    # Loop invariants as locals: the weights each layer's backward needs, $\mathrm{softmax}(w)$ as floats, masks
-    weights = [(lt[0], lt[4], lt[6], lt[8], lt[10], lt[12]) for lt in layers]
+    # $\mathrm{softmax}(w)$ as Python floats, and the masks, as locals of the hot loop
     mem_ws = mem_w.tolist()
     resid, hidden_mask, attn_mask = masks.resid, masks.hidden, masks.attn
 
     for i in reversed(range(T)):
-        sg = _StepGrads(i, L)
-        ffn_i, attn_i, xs_i = s.ffn[i], s.attn[i], s.xs[i]
+        sg = StepGrads(i, L)
+        rec = records[i]
+        lo, hi = rec.lo, rec.hi
+        n = hi - lo
         d_mem = None
-        # Per layer (top first): $\delta A_t$, $\tilde P_t$, $q_t + u$ and $\delta o_t$, for the cache's gradient
-        outer = []
+        # 1. The memory: $\delta \kappa_t$ is complete, all later steps are done
         if i < n_new:
-            # $\delta (k_t, v_t)$ is complete: all later steps are done
-            slot = cfg.n_start + i - first
-            sg.d_kv = d_work[..., slot, :].permute(2, 0, 1, 3, 4).reshape(B, G * 2 * D)
+            sg.d_kv = d_work[..., hi, :].permute(2, 0, 1, 3, 4).reshape(B, G * 2 * D)
             d_mem = torch.mm(sg.d_kv, kv_w)
             if cfg.memory_norm:
-                # Through $\hat m_t = (m_t - \mu) / \sigma$ (the gains are in `kv_w`)
-                mean, rstd = s.mem_stats[i]
-                d_mem = _layer_norm_backward(d_mem, s.mems[i], (D,), mean, rstd, None, None, (True, False, False))[0]
+                # Through $\hat m_t = (m_t - \mu)/\sigma$ (2., without gain and bias)
+                mean, rstd = rec.mem_stats
+                d_mem = _layer_norm_backward(d_mem, rec.mem, (D,), mean, rstd, None, None, (True, False, False))[0]
             sg.d_mem = d_mem
+        # $\delta x_t^L = \delta y_t + \mathrm{softmax}(w)_L\, \delta m_t$
         dx = d_out[i] if d_mem is None else torch.add(d_out[i], d_mem, alpha=mem_ws[L])
+        # Per layer (top first): $\delta S$, $\tilde P$, $q + u$ and $\delta o$, for the cache's gradient
+        outer = []
         for l in reversed(range(L)):
-            w_q, w_o, ln1_w, ln2_w, w_1, w_2 = weights[l]
+            lw = layers[l]
             g = l if G > 1 else 0
-            x1, mean2, rstd2, hidden = ffn_i[l]
-            # The feed-forward block
-            d_ff = dx if resid is None else dx * resid[1, l, i]
-            d_hidden = torch.mm(d_ff, w_2)
-            d_a1 = _relu_backward(d_hidden, hidden, 0)
+            ffn = rec.ffn[l]
+            # 3. The feed-forward block: $\delta f$, $\delta h$, $\delta a$, $\delta z_2$, then $\delta x_1$
+            d_f = dx if resid is None else dx * resid[1, l, i]
+            d_h = torch.mm(d_f, lw.w_2)
+            d_a = _relu_backward(d_h, ffn.hidden, 0)
             if hidden_mask is not None:
-                d_a1 = d_a1 * hidden_mask[l, i]
-            d_z2 = torch.mm(d_a1, w_1)
-            dx = dx + _layer_norm_backward(d_z2, x1, (D,), mean2, rstd2, ln2_w, None, (True, False, False))[0]
-            sg.ffn[l] = (d_ff, d_a1, d_z2)
-            # The attention block
-            a = attn_i[l]
+                d_a = d_a * hidden_mask[l, i]
+            d_z2 = torch.mm(d_a, lw.w_1)
+            dx = dx + _layer_norm_backward(d_z2, ffn.x1, (D,), ffn.mean2, ffn.rstd2, lw.ln2_w, None,
+                                           (True, False, False))[0]
+            sg.ffn[l] = FfnGrads(d_f, d_a, d_z2)
+            a = rec.attn[l]
             if a is not None:
-                mean, rstd, _, qu, p, _, n, lo, hi = a
+                # The attention block: $\delta o$ `[B * H, 1, d_k]`
                 d_att = dx if resid is None else dx * resid[0, l, i]
-                d_o = torch.mm(d_att, w_o).view(BH, 1, dk)
-                pd = p if attn_mask is None else p * masks.attn_mask(l, i, n)
-                # $\frac{1}{\sqrt{d_k}} \delta \tilde P$ (the softmax's backward is linear: the scale goes first)
+                d_o = torch.mm(d_att, lw.w_o).view(BH, 1, dk)
+                pd = a.p if attn_mask is None else a.p * masks.attn_probs(l, i, n)
+                # $\frac{1}{\sqrt{d_k}} \delta \tilde P$, then $\delta P$ through the mask, `[B, H, n]`
                 d_pd = torch.baddbmm(no_input, d_o, values[g][:, lo:hi].transpose(1, 2), beta=0, alpha=scale)
                 d_pd = d_pd.view(B, H, n)
                 if attn_mask is not None:
-                    d_pd = d_pd * masks.attn_mask(l, i, n)
-                d_scores = torch._softmax_backward_data(d_pd, p, -1, p.dtype)
+                    d_pd = d_pd * masks.attn_probs(l, i, n)
+                # $\delta S = P \odot (\cdot - \sum_i P_i\, \cdot)$
+                d_scores = torch._softmax_backward_data(d_pd, a.p, -1, a.p.dtype)
+                # $\delta (q + u) = \sum_j \delta S_j k_j$
                 d_qu = torch.bmm(d_scores.view(BH, 1, n), keys[g][:, lo:hi])
-                outer.append((d_scores, pd, qu, d_o))
-                # $\delta q = \delta (q + u) + \sum_j \delta A_{tj}\, p_{t-j}$
+                outer.append((d_scores, pd, a.qu, d_o))
+                # $\delta q = \delta (q + u) + \sum_j \delta S_j\, p_{\Delta_j}$ (the last `n` distances)
                 d_q = d_qu.view(B, H, dk) + torch.bmm(d_scores.transpose(0, 1), pos_k[l][:, -n:]).transpose(0, 1)
                 d_q = d_q.reshape(B, D)
-                d_z = torch.mm(d_q, w_q)
-                dx = dx + _layer_norm_backward(d_z, xs_i[l], (D,), mean, rstd, ln1_w, None, (True, False, False))[0]
-                sg.attn[l] = (d_att, d_q, d_qu.view(B, H, dk), d_z, d_scores)
+                # $\delta z = \delta q W_q$ and $\delta x$ through $\mathrm{LN}_1$
+                d_z = torch.mm(d_q, lw.w_q)
+                dx = dx + _layer_norm_backward(d_z, rec.xs[l], (D,), a.mean, a.rstd, lw.ln1_w, None,
+                                               (True, False, False))[0]
+                sg.attn[l] = AttnGrads(d_att, d_q, d_qu.view(B, H, dk), d_z, d_scores)
+            # $x_t^l$ (the input of layer $l$) also made the memory: $+\, \mathrm{softmax}(w)_l\, \delta m_t$
             if d_mem is not None:
                 dx = torch.add(dx, d_mem, alpha=mem_ws[l])
         if outer:
-            _add_cache_gradient(d_work_rows, outer, lo, hi, G, BH, dk)
+            add_cache_gradient(d_work_rows, outer, lo, hi, G, BH, dk)
         d_x_seq[i] = dx
         pending.append(sg)
         if len(pending) == chunk or i == 0:
-            acc.add(s, pending, layers, cfg, D)
+            acc.add(records, pending, layers, cfg.memory_norm)
             pending = []
 
     d_prev = d_work[..., :n_prev, :] if n_prev else None
-    d_mem_w = acc.mem_w if acc.mem_w is not None or not needs_input_grad[3] else torch.zeros_like(mem_w)
-    return (d_x_seq, d_prev, d_mem_w, acc.kv_w, acc.kv_b, *[g for layer in acc.layers for g in layer])
+    d_mem_w = acc.mem_w if acc.mem_w is not None or not ctx.needs_input_grad[3] else torch.zeros_like(mem_w)
+    return LoopGrads(d_x_seq, d_prev, d_mem_w, acc.kv_w, acc.kv_b, acc.layer_grads())
 
 
-def _add_cache_gradient(d_work_rows: torch.Tensor, outer: list, lo: int, hi: int, G: int, BH: int, dk: int) -> None:
+def add_cache_gradient(d_work_rows: torch.Tensor, outer: list, lo: int, hi: int, G: int, BH: int, dk: int) -> None:
     r"""
-    $\delta k_j \mathrel{+}= \sum_l \delta A^l_{tj} (q^l_t + u^l)$ and
-    $\delta v_j \mathrel{+}= \sum_l \tilde P^l_{tj}\, \delta o^l_t$ for the slots $j$ step $t$ saw, all layers in
-    one batched product: with shared keys and values the sum over layers is the product's inner dimension, with
-    per-layer ones each layer is a batch of its own.
+    $\delta k_j \mathrel{+}= \sum_l \delta S^l_{j} (q^l + u^l)$ and
+    $\delta v_j \mathrel{+}= \sum_l \tilde P^l_{j}\, \delta o^l$ for the slots $j$ = `lo .. hi - 1` that the step
+    saw, every layer in one batched product: with shared keys and values the sum over layers is the product's
+    inner dimension; with per-layer ones each layer is a batch of its own.
     """
     n = hi - lo
     L = len(outer)
     # Bottom layer first, as the groups are stored
     outer = outer[::-1]
     if G == 1:
-        # `[2 * BH, n, L] @ [2 * BH, L, d_k]`
+        # `[2 * BH, n, L] @ [2 * BH, L, d_k]`: keys' rows first, then values'
         a = torch.stack([o[0] for o in outer] + [o[1] for o in outer]).view(2, L, BH, n)
         a = a.permute(0, 2, 3, 1).reshape(2 * BH, n, L)
         b = torch.stack([o[2] for o in outer] + [o[3] for o in outer]).view(2, L, BH, dk)
         b = b.permute(0, 2, 1, 3).reshape(2 * BH, L, dk)
     else:
-        # `[L * 2 * BH, n, 1] @ [L * 2 * BH, 1, d_k]`, layer $l$'s keys and values at rows of group $l$
+        # `[L * 2 * BH, n, 1] @ [L * 2 * BH, 1, d_k]`: layer $l$'s keys and values at the rows of group $l$
         a = torch.stack([x for o in outer for x in (o[0], o[1])]).view(L * 2 * BH, n, 1)
         b = torch.stack([x for o in outer for x in (o[2], o[3])]).view(L * 2 * BH, 1, dk)
     d_work_rows[:, lo:hi] += torch.bmm(a, b)
 
 
-class _StepGrads:
-    """The per-step gradients that weight gradients are made of."""
+class WeightGrads:
+    """Weight gradients, accumulated chunk by chunk with one product per weight (4. above)."""
 
-    def __init__(self, i: int, n_layers: int):
-        self.i = i
-        self.d_kv: Optional[torch.Tensor] = None
-        self.d_mem: Optional[torch.Tensor] = None
-        # Per layer: `(d_ff, d_a1, d_z2)`, and `(d_att, d_q, d_qu, d_z, d_scores)` or `None`
-        self.ffn: list = [None] * n_layers
-        self.attn: list = [None] * n_layers
-
-
-class _WeightGrads:
-    """Weight gradients, accumulated chunk by chunk with one product per weight."""
-
-    def __init__(self, layers):
-        self.layers = [[torch.zeros_like(t) for t in lt] for lt in layers]
+    def __init__(self, layers: List[LayerWeights]):
+        # Per layer, one running sum per `LayerWeights` field
+        self.layers: List[Dict[str, torch.Tensor]] = [{k: torch.zeros_like(t) for k, t in lw._asdict().items()}
+                                                      for lw in layers]
         self.mem_w: Optional[torch.Tensor] = None
         self.kv_w: Optional[torch.Tensor] = None
         self.kv_b: Optional[torch.Tensor] = None
+
+    def layer_grads(self) -> List[LayerWeights]:
+        return [LayerWeights(**g) for g in self.layers]
 
     @staticmethod
     def _add(current: Optional[torch.Tensor], new: torch.Tensor) -> torch.Tensor:
         return new if current is None else current + new
 
-    def add(self, s, steps: List[_StepGrads], layers, cfg, D: int) -> None:
+    def add(self, records: List[StepRecord], steps: List[StepGrads], layers: List[LayerWeights],
+            memory_norm: bool) -> None:
+        """Add the weight gradients of `steps` (kept by the loop, latest first)."""
         steps = steps[::-1]
         cat = torch.cat
-        for l, lt in enumerate(layers):
-            (_, u, pos_emb, _, _, _, ln1_w, ln1_b, ln2_w, ln2_b, _, _, _, _) = lt
+        for l, lw in enumerate(layers):
             g = self.layers[l]
-            # The feed-forward block: $\delta W_2 = \sum \delta f^\top h$, $\delta W_1 = \sum \delta a^\top z_2$, ...
-            d_ff = cat([sg.ffn[l][0] for sg in steps])
-            d_a1 = cat([sg.ffn[l][1] for sg in steps])
-            d_z2 = cat([sg.ffn[l][2] for sg in steps])
-            fs = [s.ffn[sg.i][l] for sg in steps]
+            # The feed-forward block, rows of all steps stacked: $\delta W_2 = \sum \delta f^\top h$,
+            # $\delta W_1 = \sum \delta a^\top z_2$, and $\mathrm{LN}_2$'s $\delta \gamma, \delta \beta$
+            ffn_g = [sg.ffn[l] for sg in steps]
+            d_f, d_a, d_z2 = (cat([x[k] for x in ffn_g]) for k in range(3))
+            fs = [records[sg.i].ffn[l] for sg in steps]
             xhat2 = (cat([f.x1 for f in fs]) - cat([f.mean2 for f in fs])) * cat([f.rstd2 for f in fs])
-            z2 = torch.addcmul(ln2_b, xhat2, ln2_w)
-            g[12] = g[12] + torch.mm(d_ff.t(), cat([f.hidden for f in fs]))
-            g[13] = g[13] + d_ff.sum(0)
-            g[10] = g[10] + torch.mm(d_a1.t(), z2)
-            g[11] = g[11] + d_a1.sum(0)
-            g[8] = g[8] + (d_z2 * xhat2).sum(0)
-            g[9] = g[9] + d_z2.sum(0)
-            # The attention block, at steps that had memory
+            z2 = torch.addcmul(lw.ln2_b, xhat2, lw.ln2_w)
+            g['w_2'] = g['w_2'] + torch.mm(d_f.t(), cat([f.hidden for f in fs]))
+            g['b_2'] = g['b_2'] + d_f.sum(0)
+            g['w_1'] = g['w_1'] + torch.mm(d_a.t(), z2)
+            g['b_1'] = g['b_1'] + d_a.sum(0)
+            g['ln2_w'] = g['ln2_w'] + (d_z2 * xhat2).sum(0)
+            g['ln2_b'] = g['ln2_b'] + d_z2.sum(0)
+            # The attention block, at the steps that had memory
             att_steps = [sg for sg in steps if sg.attn[l] is not None]
             if not att_steps:
                 continue
             ga = [sg.attn[l] for sg in att_steps]
-            sa = [s.attn[sg.i][l] for sg in att_steps]
+            sa = [records[sg.i].attn[l] for sg in att_steps]
             d_att, d_q, d_qu, d_z = (cat([x[k] for x in ga]) for k in range(4))
-            xhat = (cat([s.xs[sg.i][l] for sg in att_steps]) - cat([a.mean for a in sa])) * cat([a.rstd for a in sa])
-            z = torch.addcmul(ln1_b, xhat, ln1_w)
-            g[0] = g[0] + torch.mm(d_q.t(), z)
-            g[1] = g[1] + d_qu.sum(0)
-            g[4] = g[4] + torch.mm(d_att.t(), cat([a.o for a in sa]))
-            g[5] = g[5] + d_att.sum(0)
-            g[6] = g[6] + (d_z * xhat).sum(0)
-            g[7] = g[7] + d_z.sum(0)
-            # Position tables: score gradients right-aligned by distance, `[steps, B, H, N]`
+            xs = cat([records[sg.i].xs[l] for sg in att_steps])
+            xhat = (xs - cat([a.mean for a in sa])) * cat([a.rstd for a in sa])
+            z = torch.addcmul(lw.ln1_b, xhat, lw.ln1_w)
+            # $\delta W_q = \sum \delta q^\top z$, $\delta u = \sum \delta (q + u)$,
+            # $\delta W_o = \sum \delta(W_o o)^\top o$, and $\mathrm{LN}_1$'s $\delta \gamma, \delta \beta$
+            g['w_q'] = g['w_q'] + torch.mm(d_q.t(), z)
+            g['u'] = g['u'] + d_qu.sum(0)
+            g['w_o'] = g['w_o'] + torch.mm(d_att.t(), cat([a.o for a in sa]))
+            g['b_o'] = g['b_o'] + d_att.sum(0)
+            g['ln1_w'] = g['ln1_w'] + (d_z * xhat).sum(0)
+            g['ln1_b'] = g['ln1_b'] + d_z.sum(0)
+            # Position tables: each step's $\delta S$ right-aligned by distance into `[steps, B, H, N]`
             B, H = d_qu.shape[0] // len(ga), d_qu.shape[1]
-            d_scores = d_q.new_zeros((len(ga), B, H, pos_emb.shape[0]))
+            d_scores = d_q.new_zeros((len(ga), B, H, lw.pos_emb.shape[0]))
             for k, x in enumerate(ga):
-                d_scores[k, :, :, -x[4].shape[-1]:] = x[4]
+                d_scores[k, :, :, -x.d_scores.shape[-1]:] = x.d_scores
             q = torch.stack([a.q for a in sa]).view(len(ga), B, H, -1)
-            # $\delta p_\Delta = \sum_{t, b} \delta A_{t, t - \Delta}\, q_t$ and
-            # $\delta s_\Delta = \sum_{t, b} \delta A_{t, t - \Delta}$
-            g[2] = g[2] + torch.einsum('tbhn,tbhd->nhd', d_scores, q)
-            g[3] = g[3] + d_scores.sum((0, 1)).t()
+            # $\delta p_\Delta = \sum_{t, b} \delta S_{t, t - \Delta}\, q_t$ and
+            # $\delta s_\Delta = \sum_{t, b} \delta S_{t, t - \Delta}$
+            g['pos_emb'] = g['pos_emb'] + torch.einsum('tbhn,tbhd->nhd', d_scores, q)
+            g['pos_bias'] = g['pos_bias'] + d_scores.sum((0, 1)).t()
         # The memory: $\delta\, \mathrm{softmax}(w)_l = \sum_{t, b} \delta m_t \cdot x_t^l$,
-        # $\delta W_{kv} = \sum_t \delta (k_t, v_t)^\top m_t$
+        # $\delta W_{kv} = \sum_t \delta \kappa_t^\top \hat m_t$ and, with `memory_norm`,
+        # $\delta b_{kv} = \sum_t \delta \kappa_t$
         mem_steps = [sg for sg in steps if sg.d_mem is not None]
-        if mem_steps:
-            xs = torch.stack([torch.stack(s.xs[sg.i]) for sg in mem_steps])          # [n, L + 1, B, D]
-            self.mem_w = self._add(self.mem_w, torch.einsum('tbd,tlbd->l', torch.stack([sg.d_mem for sg in mem_steps]),
-                                                            xs))
-            d_kv = cat([sg.d_kv for sg in mem_steps])
-            mems = cat([s.mems[sg.i] for sg in mem_steps])
-            if cfg.memory_norm:
-                # The projection reads $\hat m_t$; $\delta b = \sum_t \delta (k_t, v_t)$
-                mems = (mems - cat([s.mem_stats[sg.i][0] for sg in mem_steps])) \
-                    * cat([s.mem_stats[sg.i][1] for sg in mem_steps])
-                self.kv_b = self._add(self.kv_b, d_kv.sum(0))
-            self.kv_w = self._add(self.kv_w, torch.mm(d_kv.t(), mems))
+        if not mem_steps:
+            return
+        xs = torch.stack([torch.stack(records[sg.i].xs) for sg in mem_steps])          # [n, L + 1, B, D]
+        d_mem = torch.stack([sg.d_mem for sg in mem_steps])                              # [n, B, D]
+        self.mem_w = self._add(self.mem_w, torch.einsum('tbd,tlbd->l', d_mem, xs))
+        d_kv = cat([sg.d_kv for sg in mem_steps])
+        mems = cat([records[sg.i].mem for sg in mem_steps])
+        if memory_norm:
+            # The projection read $\hat m_t$
+            mems = (mems - cat([records[sg.i].mem_stats[0] for sg in mem_steps])) \
+                * cat([records[sg.i].mem_stats[1] for sg in mem_steps])
+            self.kv_b = self._add(self.kv_b, d_kv.sum(0))
+        self.kv_w = self._add(self.kv_w, torch.mm(d_kv.t(), mems))
+
+

@@ -35,26 +35,40 @@ at step $n$.
 The shared gradient buffer is reset at the start of every backward pass (each pass of the autograd engine
 has its own id), so running backward twice over a retained graph gives the same gradients twice.
 
-## Windows and frozen rows
+## Memory span and frozen rows
 
 Two extensions serve the rest of the model:
 
-* `window`: attend only to the last `window` entries (the paper's limited memory span). Rows older than the
-  window are dropped when the buffer is reallocated, so memory stays $O(\text{window})$ during generation.
+* `memory_span` $S$: each view shows only the last $S$ entries (the paper's limited memory span), by the rule
+  of `first_visible` below, the one place that defines it. Rows older than that are dropped when the buffer is
+  reallocated, so memory stays $O(S)$ during generation.
 * `frozen`: rows below this index are constants (a state that was `detach()`ed); no gradient is
   accumulated for them.
 
 ## Where time goes in the buffer
 
-Entries are stacked along axis `dim` of the buffer (0 by default). The Feedback Transformers keep entries
-`[groups, 2, batch_size, heads, d_k]` and stack them on axis 4, so that the keys of one head form one
-contiguous `[time, d_k]` matrix, the layout that batched matrix products read fastest.
+Entries are stacked along axis `dim` of the buffer (0 by default). The Feedback Transformers stack their
+cache entries on axis 4 ([the cache layout](state.html)).
 """
 
 from typing import Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
+
+
+def first_visible(step: int, memory_span: Optional[int]) -> int:
+    r"""
+    The first memory slot that step `step` attends to: step $t$ sees slots $\max(0, t - S) \dots t - 1$ with a
+    memory span $S$, and all of $0 \dots t - 1$ without one (`None`). Every part of the model (this stack, the
+    module loop, the fused loop and the state) takes the rule from here.
+    """
+    return 0 if memory_span is None else max(0, step - memory_span)
+
+
+def n_visible(step: int, memory_span: Optional[int]) -> int:
+    """How many memory slots step `step` attends to."""
+    return step - first_visible(step, memory_span)
 
 
 class StackFunction(torch.autograd.Function):
@@ -99,22 +113,22 @@ class Stack:
 
     * `max_len` is a capacity hint: the buffer starts with room for that many entries and grows
       (doubling) when needed.
-    * `window`, if given, is how many of the latest entries each view shows (the memory span).
+    * `memory_span`, if given, is how many of the latest entries each view shows.
     * `dim`: the axis of the buffer (and of the views) along which entries are stacked.
 
     `append(n, value)` must be called with `n = 0, 1, 2, ...` in order; it returns the view of the visible
     entries and keeps it for `get()`.
     """
 
-    def __init__(self, max_len: int = 0, *, window: Optional[int] = None, dim: int = 0):
+    def __init__(self, max_len: int = 0, *, memory_span: Optional[int] = None, dim: int = 0):
         if not isinstance(max_len, int) or max_len < 0:
             raise ValueError(f"max_len must be an int >= 0, got {max_len!r}")
-        if window is not None and (not isinstance(window, int) or window < 1):
-            raise ValueError(f"window must be None or an int >= 1, got {window!r}")
+        if memory_span is not None and (not isinstance(memory_span, int) or memory_span < 1):
+            raise ValueError(f"memory_span must be None or an int >= 1, got {memory_span!r}")
         if not isinstance(dim, int) or dim < 0:
             raise ValueError(f"dim must be an int >= 0, got {dim!r}")
         self.capacity_hint = max_len
-        self.window = window
+        self.memory_span = memory_span
         self.dim = dim
         # Number of entries appended so far (absolute index of the next entry)
         self.length = 0
@@ -149,7 +163,7 @@ class Stack:
 
     def free(self) -> None:
         """Drop the buffers; the stack starts empty again (views already handed out stay valid)."""
-        self.__init__(self.capacity_hint, window=self.window, dim=self.dim)
+        self.__init__(self.capacity_hint, memory_span=self.memory_span, dim=self.dim)
 
     def reserve(self, n_more: int, like: torch.Tensor) -> Tuple[torch.Tensor, int]:
         """
@@ -185,7 +199,7 @@ class Stack:
         n = self.length if n is None else n
         if not 0 <= n <= self.length:
             raise ValueError(f"fork: n must be in [0, {self.length}], got {n}")
-        other = Stack(self.capacity_hint, window=self.window, dim=self.dim)
+        other = Stack(self.capacity_hint, memory_span=self.memory_span, dim=self.dim)
         other.length = other.frozen = n
         if n == 0:
             return other
@@ -201,12 +215,12 @@ class Stack:
         return other
 
     @staticmethod
-    def from_rows(rows: torch.Tensor, first: int, *, window: Optional[int] = None, dim: int = 0) -> "Stack":
+    def from_rows(rows: torch.Tensor, first: int, *, memory_span: Optional[int] = None, dim: int = 0) -> "Stack":
         r"""
         A stack whose entries `first, first + 1, ...` are `rows` (stacked on `dim`, any strides, no copy), all
         constants for autograd: their gradients flow through `rows` itself. The fused loop returns its cache so.
         """
-        stack = Stack(window=window, dim=dim)
+        stack = Stack(memory_span=memory_span, dim=dim)
         end = first + rows.shape[dim]
         stack.length = stack.frozen = end
         stack._buffer = _Buffer(rows.detach(), first=first, end=end)
@@ -223,8 +237,8 @@ class Stack:
         return torch.Size(shape)
 
     def _visible_start(self, n: int) -> int:
-        # First entry visible from entry `n`: all of them, or the last `window`
-        return 0 if self.window is None else max(0, n + 1 - self.window)
+        # The first entry the view made with entry `n` shows: the entries step `n + 1` attends to
+        return first_visible(n + 1, self.memory_span)
 
     def _write(self, n: int, value: torch.Tensor) -> int:
         # Called by `StackFunction.forward`: store `value` as entry `n`; returns the first visible index
@@ -243,8 +257,8 @@ class Stack:
         # A new buffer when there is none, it is full, or a fork has written past our end (copy on write)
         if buf is None or n >= buf.first + buf.data.shape[self.dim] or buf.end != n:
             capacity = max(2 * (n - start) + 1, self.capacity_hint - start, 16)
-            if self.window is not None:
-                capacity = max(min(capacity, 2 * self.window), n - start + 1)
+            if self.memory_span is not None:
+                capacity = max(min(capacity, 2 * self.memory_span), n - start + 1)
             self._buffer = _Buffer.grow(buf, value, self.dim, first=start, end=n, capacity=capacity)
             buf = self._buffer
         buf.data.select(self.dim, n - buf.first).copy_(value)

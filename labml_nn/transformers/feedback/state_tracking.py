@@ -50,7 +50,7 @@ from labml.logger import Text
 
 from labml_nn.experiments import nlp_autoregression
 from labml_nn.experiments.nlp_autoregression import check_int
-from labml_nn.experiments.optimizer import OptimizerConfigs
+from labml_nn.experiments.optimizer import OptimizerConfigs, ScheduledOptimizer
 from labml_nn.experiments.state_tracking_data import (
     LabeledStreams,
     ProgramSpec,
@@ -141,6 +141,12 @@ class StateTrackingConfigs(Configs):
     epoch_segments: int = 50
     splits: ProgramSplits
     test_loader: LabeledStreams
+    # Declared again so that the options below belong to this class (labml registers an option with the class
+    # that declares the config) and leave the text experiment's alone
+    text: WordVocabulary
+    train_loader: EpochStreams
+    valid_loader: LabeledStreams
+    optimizer: ScheduledOptimizer
 
     d_model: int = 64
     heads: int = 4

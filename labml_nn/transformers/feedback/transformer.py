@@ -24,23 +24,35 @@ steps must run one after the other.
 ## Project each memory vector once
 
 A memory vector never changes, and neither do its keys $W_k^l m_t$ and values $W_v^l m_t$. We project
-$m_t$ once, right after it is made, for all layers with a single matrix product, and append the result to a
-`Stack`. A step then attends over a zero-copy view of the stack. (labml_nn's weighted variant re-projects
-the whole memory at every step: $O(T^2)$ work and memory.)
+$m_t$ once, right after it is made, for all layers with a single matrix product, and append the result to the
+cache ([its layout](state.html#layout)). A step then attends over a zero-copy view of the cache
+([stack.py](stack.html)). (labml_nn's weighted variant re-projects the whole memory at every step: $O(T^2)$ work
+and memory.)
 
 * `FeedbackTransformer`: each layer has its own $W_k^l, W_v^l$; the cache holds $L$ key/value pairs per step.
 * `FeedbackTransformerKV`: all layers share one $W_k, W_v$ (the paper's cheaper variant); the cache holds one.
 
-## Work outside the loop
+## Memory normalization
 
-Only what depends on earlier steps runs inside the loop. The relative position terms are built once per call,
-and the final layer norm runs on all outputs at once.
+The authors' code (in its pre-norm mode) projects a **layer-normalized** memory, $k_j = W_k\, \mathrm{LN}(m_j)$,
+and so does `memory_norm=True`: each layer uses its own pre-attention norm, and the KV variant one norm shared by
+all layers. Without it (labml_nn's model) the memory is a linear mix of the layers' residual streams, and when
+memory is carried over many training batches nothing stops it from growing step after step.
 
 ## Memory span
 
 With `memory_span` $= S$ each step attends only to the last $S$ memory vectors, $m_{t-S} \dots m_{t-1}$ (the
-paper's limited attention span). The cache keeps only what later steps can see, so a long generation costs the
-same per token at its end as at its start. `memory_span` $\ge$ the sequence length is the unlimited model.
+paper's limited attention span; [`first_visible`](stack.html#first_visible) is the rule). The cache keeps only
+what later steps can see, so a long generation costs the same per token at its end as at its start.
+`memory_span` $\ge$ the sequence length is the unlimited model.
+
+## Three ways to run the same function
+
+This page is the model as the paper writes it: `_module_loop` runs the layers above step by step, with autograd
+recording every operation. Two fast paths compute exactly the same function ([fast_paths.py](fast_paths.html)):
+training runs the whole loop as one autograd function with a hand-written backward pass
+([fused.py](fused.html), [fused_backward.py](fused_backward.html)), and calls without autograd (evaluation,
+generation) run the same steps straight into the state's cache. `fused=False` keeps the module loop.
 """
 
 from typing import List, Optional, Tuple, Union
@@ -51,7 +63,8 @@ from torch import nn
 
 from labml_nn.transformers.feedback import fused as fused_loop
 from labml_nn.transformers.feedback.attention import FeedbackAttention
-from labml_nn.transformers.feedback.stack import Stack
+from labml_nn.transformers.feedback.fast_paths import FastPaths
+from labml_nn.transformers.feedback.stack import Stack, n_visible
 from labml_nn.transformers.feedback.state import FeedbackState
 from labml_nn.utils import clone_module_list
 
@@ -91,7 +104,7 @@ class FeedbackTransformerLayer(nn.Module):
         return x + self.dropout(self.feed_forward(self.norm_ff(x)))
 
 
-class _FeedbackLoop(nn.Module):
+class _FeedbackLoop(FastPaths, nn.Module):
     r"""
     What both Feedback Transformers share: the layers, the memory weights $w$, the final norm, the state
     handling and the step loop. Subclasses say how the memory is projected to keys and values.
@@ -105,9 +118,10 @@ class _FeedbackLoop(nn.Module):
         super().__init__()
         if not isinstance(layer, FeedbackTransformerLayer):
             raise TypeError(f"layer must be a FeedbackTransformerLayer, got {type(layer).__name__}")
-        if not isinstance(n_layers, int) or n_layers < 1:
+        if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers < 1:
             raise ValueError(f"n_layers must be an int >= 1, got {n_layers!r}")
-        if memory_span is not None and (not isinstance(memory_span, int) or memory_span < 1):
+        if memory_span is not None and (not isinstance(memory_span, int) or isinstance(memory_span, bool)
+                                        or memory_span < 1):
             raise ValueError(f"memory_span must be None (unlimited) or an int >= 1, got {memory_span!r}")
         self.layers = clone_module_list(layer, n_layers)
         self.n_layers = n_layers
@@ -117,7 +131,7 @@ class _FeedbackLoop(nn.Module):
         self.memory_span = memory_span
         # Normalize each memory vector before its key/value projection (the authors' pre-norm memory)
         self.memory_norm = bool(memory_norm)
-        # Train with the fused loop (`fused.py`) when the layers allow it
+        # Train with the fused loop when the layers' building blocks allow it
         self.fused = fused and fused_loop.supports(layer)
         # Final layer norm
         self.norm = nn.LayerNorm([layer.size])
@@ -128,15 +142,15 @@ class _FeedbackLoop(nn.Module):
         r"""$\mathrm{softmax}(w)$, `[n_layers + 1]`."""
         return torch.softmax(self.weights, dim=0)
 
-    def _kv_weights(self) -> List[torch.Tensor]:
-        """The key and value matrices of every group, `[W_k, W_v, ...]`, each `[d_model, d_model]`."""
+    def kv_weights(self) -> List[torch.Tensor]:
+        """The key and value matrices of every group, `[W_k, W_v, ...]`, each `[heads * d_k, d_model]`."""
         raise NotImplementedError
 
-    def _memory_norms(self) -> List[nn.LayerNorm]:
-        """The layer norm applied to the memory before each group's projection (with `memory_norm`)."""
+    def memory_norms(self) -> List[nn.LayerNorm]:
+        """The layer norm each group applies to the memory before its projection (with `memory_norm`)."""
         raise NotImplementedError
 
-    def _kv_projection(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def kv_projection(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         r"""
         The key/value projection of all groups as one matrix `[groups * 2 * d_model, d_model]` and, with
         `memory_norm`, one bias `[groups * 2 * d_model]`: `F.linear(m, W, b)` gives every group's keys and values.
@@ -145,22 +159,22 @@ class _FeedbackLoop(nn.Module):
         $\hat m = (m - \mu) / \sigma$ is the same for all groups. So the norm's gain folds into the matrix and its
         bias into a bias,
 
-        $$W \mathrm{LN}_g(m) = (W \operatorname{diag} \gamma_g)\, \hat m + W \beta_g ,$$
+        $$W\, \mathrm{LN}_g(m) = (W \operatorname{diag} \gamma_g)\, \hat m + W \beta_g ,$$
 
         and one product of $\hat m$ still projects the memory for every group.
         """
-        weights = self._kv_weights()
+        weights = self.kv_weights()
         if not self.memory_norm:
             return torch.cat(weights), None
-        norms = self._memory_norms()
-        # Two matrices (key, value) per norm
+        norms = self.memory_norms()
+        # Keys and values of group $g$ are `weights[2g]` and `weights[2g + 1]`
         folded = [w * norms[i // 2].weight for i, w in enumerate(weights)]
         biases = [w @ norms[i // 2].bias for i, w in enumerate(weights)]
         return torch.cat(folded), torch.cat(biases)
 
-    def _memory_eps(self) -> float:
-        # The $\epsilon$ of the memory's normalization (every group's norm has the same, checked at construction)
-        return self._memory_norms()[0].eps if self.memory_norm else 0.0
+    def memory_eps(self) -> float:
+        r"""The $\epsilon$ of the memory's normalization (every group's norm has the same: they are copies)."""
+        return self.memory_norms()[0].eps if self.memory_norm else 0.0
 
     def forward(self, x_seq: torch.Tensor, state: Optional[FeedbackState] = None,
                 return_state: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, FeedbackState]]:
@@ -174,24 +188,29 @@ class _FeedbackLoop(nn.Module):
         """
         self._check_input(x_seq, state)
         if self.fused:
+            # The same function, fast ([fast_paths.py](fast_paths.html))
             if torch.is_grad_enabled():
                 return self._forward_fused(x_seq, state, return_state)
             return self._forward_inference(x_seq, state, return_state)
+        return self._module_loop(x_seq, state, return_state)
+
+    def _module_loop(self, x_seq: torch.Tensor, state: Optional[FeedbackState], return_state: bool):
+        """The loop as the paper writes it: the layers step by step, autograd recording every operation."""
         seq_len, batch_size, _ = x_seq.shape
-        # The cache of keys and values, entries `[groups, 2, batch_size, heads, d_k]`
+        # The cache of keys and values ([layout](state.html#layout)) and what the first step sees
         if state is None:
-            n_start, stack, visible = 0, Stack(seq_len, window=self.memory_span, dim=4), None
+            n_start, stack, visible = 0, Stack(seq_len, memory_span=self.memory_span, dim=4), None
         else:
             n_start, stack, visible = state.n_steps, state.stack_for_continuation(), state.visible
             if torch.is_grad_enabled() and state.visible.requires_grad and state.kv.frozen >= n_start:
                 raise ValueError("this state was made by the fused training loop and carries gradients: continue it "
                                  "with the same model settings (model.fused=True) or call state.detach() first")
-        # Relative position terms for the most memory any step of this call sees
-        n_visible = self._n_visible(n_start, seq_len)
-        pos = [layer.attn.relative_terms(n_visible) if n_visible > 0 else (None, None) for layer in self.layers]
+        # Relative position terms for the most memory any step of this call sees (the last step's)
+        n_max = n_visible(n_start + seq_len - 1, self.memory_span)
+        pos = [layer.attn.relative_terms(n_max) if n_max > 0 else (None, None) for layer in self.layers]
         # $\mathrm{softmax}(w)$ and the projection of memory vectors to keys and values, once per call
         mem_w = self.memory_weights()
-        kv_w, kv_b = self._kv_projection()
+        kv_w, kv_b = self.kv_projection()
 
         outputs: List[torch.Tensor] = []
         for i in range(seq_len):
@@ -202,7 +221,7 @@ class _FeedbackLoop(nn.Module):
                 if visible is None:
                     key = value = None
                 else:
-                    # Keys and values of the visible memory, as `[n, batch_size, heads, d_k]` views
+                    # Group $g$'s keys and values of the visible memory, as `[n, batch_size, heads, d_k]` views
                     g = l if self.groups > 1 else 0
                     key, value = visible[g, 0].permute(2, 0, 1, 3), visible[g, 1].permute(2, 0, 1, 3)
                 x = layer(x=x, key=key, value=value, pos_emb=pos[l][0], pos_bias=pos[l][1])
@@ -215,10 +234,11 @@ class _FeedbackLoop(nn.Module):
             mem = torch.einsum('l,lbd->bd', mem_w, torch.stack(layer_outputs))
             if self.memory_norm:
                 # $\hat m_t$; the groups' gains and biases are folded into `kv_w`, `kv_b`
-                mem = F.layer_norm(mem, (self.d_model,), eps=self._memory_eps())
-            # Its keys and values for all groups, `[groups, 2, batch_size, heads, d_k]`
-            kv = F.linear(mem, kv_w, kv_b).view(batch_size, self.groups, 2, self.heads, self.d_k).permute(1, 2, 0, 3, 4)
-            visible = stack.append(n_start + i, kv)
+                mem = F.layer_norm(mem, (self.d_model,), eps=self.memory_eps())
+            # Its keys and values for all groups, `[batch_size, groups, 2, heads, d_k]`, as a cache entry
+            # `[groups, 2, batch_size, heads, d_k]`
+            kv = F.linear(mem, kv_w, kv_b).view(batch_size, self.groups, 2, self.heads, self.d_k)
+            visible = stack.append(n_start + i, kv.permute(1, 2, 0, 3, 4))
 
         # $\mathrm{LN}(x_t^L)$ for all steps at once
         out = self.norm(torch.stack(outputs))
@@ -226,92 +246,14 @@ class _FeedbackLoop(nn.Module):
             return out, FeedbackState(stack, n_start + seq_len, visible)
         return out
 
-    def _n_visible(self, n_start: int, seq_len: int) -> int:
-        # The most memory vectors any step of a call sees
-        n_visible = n_start + seq_len - 1
-        return n_visible if self.memory_span is None else min(n_visible, self.memory_span)
-
-    def _layer_tensors(self, n_visible: int) -> List[torch.Tensor]:
-        """Each layer's tensors in the order of `fused.LAYER_TENSORS`."""
-        tensors = []
-        for layer in self.layers:
-            attn, ff = layer.attn, layer.feed_forward
-            pos_emb, pos_bias = attn.relative_terms(n_visible)
-            tensors += [attn.query.linear.weight, attn.query_pos_bias, pos_emb, pos_bias, attn.output.weight,
-                        attn.output.bias, layer.norm_self_attn.weight, layer.norm_self_attn.bias,
-                        layer.norm_ff.weight, layer.norm_ff.bias, ff.layer1.weight, ff.layer1.bias,
-                        ff.layer2.weight, ff.layer2.bias]
-        return tensors
-
-    def _inference_tensors(self, n_visible: int):
-        r"""
-        `_layer_tensors` split by layer, $\mathrm{softmax}(w)$ and the key/value matrix, for calls without autograd.
-        Generation makes one call per token, so what depends only on the parameters is kept until they change.
-        """
-        params = self.__dict__.get('_params_list') or self.__dict__.setdefault('_params_list', list(self.parameters()))
-        # Parameters made under `torch.inference_mode()` have no version counter: recompute every call then
-        key = None if params[0].is_inference() else tuple((p._version, p.data_ptr()) for p in params)
-        cached = self.__dict__.get('_inference_cache')
-        if cached is None or key is None or cached[0] != key:
-            layers = [list(t) for t in fused_loop.split_layers(self._loop_config(0, False, False),
-                                                               self._layer_tensors(1))]
-            cached = (key, layers, self.memory_weights(), *self._kv_projection())
-            self.__dict__['_inference_cache'] = cached
-        _, layers, mem_w, kv_w, kv_b = cached
-        for layer, lt in zip(self.layers, layers):
-            lt[2], lt[3] = layer.attn.relative_terms(n_visible)
-        return [tuple(lt) for lt in layers], mem_w, kv_w, kv_b
-
-    def _loop_config(self, n_start: int, return_state: bool, dropout: bool) -> fused_loop.LoopConfig:
-        layer = self.layers[0]
-        p_attn, p_resid, p_hidden = (layer.attn.dropout.p, layer.dropout.p, layer.feed_forward.dropout.p) \
-            if dropout else (0.0, 0.0, 0.0)
-        seed = int(torch.randint(2 ** 62, ())) if max(p_attn, p_resid, p_hidden) > 0 else 0
-        cfg = fused_loop.LoopConfig(n_layers=self.n_layers, groups=self.groups, heads=self.heads, d_k=self.d_k,
-                               eps=layer.norm_ff.eps, window=self.memory_span, p_attn=p_attn, p_resid=p_resid,
-                               p_hidden=p_hidden, n_start=n_start, make_last_memory=return_state, seed=seed,
-                               memory_norm=self.memory_norm, memory_eps=self._memory_eps())
-        return cfg
-
-    def _forward_fused(self, x_seq: torch.Tensor, state: Optional[FeedbackState], return_state: bool):
-        """The same computation as `forward`, as one autograd function with a hand-written backward pass."""
-        seq_len = x_seq.shape[0]
-        n_start = 0 if state is None else state.n_steps
-        tensors = self._layer_tensors(max(1, self._n_visible(n_start, seq_len)))
-        cfg = self._loop_config(n_start, return_state, self.training)
-        prev = None if state is None else state.visible
-        out, cache = fused_loop.run_loop(cfg, x_seq, prev, self.memory_weights(), *self._kv_projection(), tensors)
-        out = self.norm(out)
-        if not return_state:
-            return out
-        # The state: the part of the cache the next step can see, its gradients flowing through `cache`
-        n_end = n_start + seq_len
-        first_row = n_start - (0 if prev is None else prev.shape[4])
-        first_visible = 0 if self.memory_span is None else max(0, n_end - self.memory_span)
-        visible = cache[..., first_visible - first_row:, :]
-        stack = Stack.from_rows(visible, first_visible, window=self.memory_span, dim=4)
-        return out, FeedbackState(stack, n_end, visible)
-
-    def _forward_inference(self, x_seq: torch.Tensor, state: Optional[FeedbackState], return_state: bool):
-        """
-        Without autograd: the fused loop's steps, writing keys and values straight into the state's cache (no copy
-        of the memory), so that generating one token costs one step.
-        """
-        seq_len, batch_size, _ = x_seq.shape
-        if state is None:
-            n_start, stack = 0, Stack(seq_len, window=self.memory_span, dim=4)
-        else:
-            n_start, stack = state.n_steps, state.stack_for_continuation()
-        n_new = seq_len if return_state else seq_len - 1
-        entry = x_seq.new_empty((self.groups, 2, batch_size, self.heads, self.d_k))
-        cache, first = stack.reserve(n_new, entry)
-        cfg = self._loop_config(n_start, return_state, False)
-        layers, mem_w, kv_w, kv_b = self._inference_tensors(max(1, self._n_visible(n_start, seq_len)))
-        out = fused_loop.run_steps(cfg, x_seq, layers, mem_w, kv_w, kv_b, cache, first)
-        out = self.norm(out)
-        if not return_state:
-            return out
-        return out, FeedbackState(stack, n_start + seq_len, stack.extended(n_new))
+    def state_from_payload(self, payload: dict, device: torch.device) -> FeedbackState:
+        """The state that `FeedbackState.to_payload()` saved (in a checkpoint), for this model, on `device`."""
+        state = FeedbackState.from_payload(payload, device, self.memory_span)
+        entry = tuple(state.visible.shape[:2] + state.visible.shape[3:4] + state.visible.shape[5:])
+        if entry != (self.groups, 2, self.heads, self.d_k):
+            raise ValueError(f"the carried state's cache entries are {list(entry)}, this model's "
+                             f"{[self.groups, 2, self.heads, self.d_k]} [groups, 2, heads, d_k]")
+        return state
 
     def _check_input(self, x_seq: torch.Tensor, state: Optional[FeedbackState]) -> None:
         if not isinstance(x_seq, torch.Tensor):
@@ -322,6 +264,12 @@ class _FeedbackLoop(nn.Module):
         if x_seq.dim() != 3 or x_seq.shape[2] != self.d_model or x_seq.shape[0] < 1 or x_seq.shape[1] < 1:
             raise ValueError(f"x_seq must have shape [seq_len >= 1, batch_size >= 1, d_model={self.d_model}], "
                              f"got {list(x_seq.shape)}")
+        param = self.weights
+        if x_seq.dtype != param.dtype and not torch.is_autocast_enabled(x_seq.device.type):
+            raise TypeError(f"x_seq is {x_seq.dtype} but the model's parameters are {param.dtype}: convert one to "
+                            f"the other (e.g. model.to({x_seq.dtype})), or run under torch.autocast")
+        if x_seq.device != param.device:
+            raise ValueError(f"x_seq is on {x_seq.device} but the model is on {param.device}")
         if state is None:
             return
         if not isinstance(state, FeedbackState):
@@ -333,11 +281,10 @@ class _FeedbackLoop(nn.Module):
             raise ValueError(f"state does not fit this call: its cache entries are {list(entry)}, "
                              f"expected {list(expected)} [groups, 2, batch_size, heads, d_k] "
                              f"(state batch size {state.batch_size}, x_seq batch size {x_seq.shape[1]})")
-        if state.visible.dtype != x_seq.dtype or state.visible.device != x_seq.device:
-            raise TypeError(f"state holds {state.visible.dtype} on {state.visible.device} but x_seq is "
-                            f"{x_seq.dtype} on {x_seq.device}")
-        if state.kv.window != self.memory_span:
-            raise ValueError(f"state was made with memory_span={state.kv.window}, this model has "
+        if state.visible.device != x_seq.device:
+            raise TypeError(f"state is on {state.visible.device} but x_seq is on {x_seq.device}")
+        if state.memory_span != self.memory_span:
+            raise ValueError(f"state was made with memory_span={state.memory_span}, this model has "
                              f"memory_span={self.memory_span}")
 
 
@@ -363,11 +310,11 @@ class FeedbackTransformer(_FeedbackLoop):
         super().__init__(layer, n_layers, memory_span, fused, memory_norm)
         self.groups = n_layers
 
-    def _kv_weights(self) -> List[torch.Tensor]:
+    def kv_weights(self) -> List[torch.Tensor]:
         # $W_k^1, W_v^1, \dots, W_k^L, W_v^L$
         return [w for layer in self.layers for w in (layer.attn.key.linear.weight, layer.attn.value.linear.weight)]
 
-    def _memory_norms(self) -> List[nn.LayerNorm]:
+    def memory_norms(self) -> List[nn.LayerNorm]:
         # Layer $l$ normalizes the memory with its own pre-attention norm
         return [layer.norm_self_attn for layer in self.layers]
 
@@ -404,9 +351,9 @@ class FeedbackTransformerKV(_FeedbackLoop):
             # $\mathrm{LN}_m$, only with `memory_norm` (so labml_nn's parameters are unchanged without it)
             self.norm_memory = nn.LayerNorm([d_model])
 
-    def _kv_weights(self) -> List[torch.Tensor]:
+    def kv_weights(self) -> List[torch.Tensor]:
         # $W_k, W_v$
         return [self.key.weight, self.value.weight]
 
-    def _memory_norms(self) -> List[nn.LayerNorm]:
+    def memory_norms(self) -> List[nn.LayerNorm]:
         return [self.norm_memory]

@@ -1,0 +1,124 @@
+r"""
+---
+title: One way to build a model
+summary: A small configuration dataclass and the one function that turns it into a Feedback Transformer (either
+  variant) or the parallel baseline, used by the experiments, the benchmarks and the tests.
+---
+
+# Building a model
+
+labml_nn's constructors are the low-level API: a layer is built from its attention and feed-forward modules, and
+a transformer from a layer it copies $L$ times. Every script needs the same recipe around them, so it lives here
+once. A `ModelConfig` names the model and its sizes; `build_model` makes the language model (embedding,
+transformer, head) and `build_transformer` the transformer alone:
+
+```python
+from labml_nn.transformers.feedback.build import ModelConfig, build_model
+
+config = ModelConfig('feedback_transformer_kv', n_vocab=65, d_model=128, heads=4, d_ff=256, n_layers=4)
+model = build_model(config)            # AutoregressiveModel: token ids [seq_len, batch_size] -> logits
+```
+
+The three models are the experiment's:
+
+| `model` | transformer |
+|---|---|
+| `feedback_transformer` | `FeedbackTransformer`: each layer projects the memory with its own keys and values |
+| `feedback_transformer_kv` | `FeedbackTransformerKV`: one key/value projection shared by all layers |
+| `transformer` | `CausalTransformer`: the parallel baseline ([causal.py](../causal.html)) |
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from labml_nn.transformers.causal import CausalAttention, CausalTransformer, CausalTransformerLayer
+from labml_nn.transformers.feed_forward import FeedForward
+from labml_nn.transformers.feedback.attention import FeedbackAttention
+from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel
+from labml_nn.transformers.feedback.transformer import (
+    FeedbackTransformer,
+    FeedbackTransformerKV,
+    FeedbackTransformerLayer,
+)
+
+# The model names, as the experiment's `model=` option spells them
+MODELS = ('feedback_transformer', 'feedback_transformer_kv', 'transformer')
+
+
+@dataclass
+class ModelConfig:
+    """
+    * `model`: one of `MODELS`
+    * `n_vocab`: vocabulary size (only `build_model` uses it)
+    * `d_model`, `heads`, `d_ff`, `n_layers`: sizes; `d_model` must be a multiple of `heads`
+    * `dropout`: on attention probabilities, residual branches and hidden units
+    * `memory_span`: feedback models attend to at most this many latest memory vectors (`None`: all)
+    * `memory_norm`: feedback models normalize the memory before projecting it (the authors' pre-norm memory)
+    * `max_distance`: size of the relative position tables
+    * `fused`: feedback models train with the fused loop (`False`: autograd over the modules)
+    """
+    model: str = 'feedback_transformer'
+    n_vocab: int = 65
+    d_model: int = 512
+    heads: int = 8
+    d_ff: int = 2048
+    n_layers: int = 6
+    dropout: float = 0.0
+    memory_span: Optional[int] = None
+    memory_norm: bool = False
+    max_distance: int = 128
+    fused: bool = True
+
+    @property
+    def is_feedback(self) -> bool:
+        return self.model != 'transformer'
+
+    def validate(self) -> None:
+        """A `ValueError` naming the first field out of range."""
+        if self.model not in MODELS:
+            raise ValueError(f"model={self.model!r} is not one of {', '.join(MODELS)}")
+        for key in ('n_vocab', 'd_model', 'heads', 'd_ff', 'n_layers', 'max_distance'):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{key} must be an int >= 1, got {value!r}")
+        if self.d_model % self.heads != 0:
+            raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.memory_span is not None and (not isinstance(self.memory_span, int)
+                                             or isinstance(self.memory_span, bool) or self.memory_span < 1):
+            raise ValueError(f"memory_span must be None (unlimited) or an int >= 1, got {self.memory_span!r}")
+        if not self.is_feedback and self.memory_norm:
+            raise ValueError("memory_norm is an option of the feedback models, not of model=transformer")
+
+
+def build_transformer(config: ModelConfig) -> nn.Module:
+    """The transformer of `config`: `[seq_len, batch_size, d_model]` in and out, with the state API."""
+    config.validate()
+    c = config
+    # The position-wise network, copied into every layer
+    feed_forward = FeedForward(c.d_model, c.d_ff, c.dropout)
+    if not c.is_feedback:
+        attn = CausalAttention(c.heads, c.d_model, c.dropout, max_distance=c.max_distance)
+        layer = CausalTransformerLayer(d_model=c.d_model, attn=attn, feed_forward=feed_forward,
+                                       dropout_prob=c.dropout)
+        if c.memory_span is not None:
+            return CausalTransformer(layer, c.n_layers, memory_span=c.memory_span)
+        return CausalTransformer(layer, c.n_layers)
+    # The shared-KV variant's attention receives keys and values projected by the transformer
+    is_kv = c.model == 'feedback_transformer_kv'
+    attn = FeedbackAttention(c.heads, c.d_model, c.dropout, is_kv_precomputed=is_kv, max_distance=c.max_distance)
+    layer = FeedbackTransformerLayer(d_model=c.d_model, attn=attn, feed_forward=feed_forward, dropout_prob=c.dropout)
+    options = dict(memory_span=c.memory_span, fused=c.fused, memory_norm=c.memory_norm)
+    if is_kv:
+        return FeedbackTransformerKV(layer, c.n_layers, c.d_model, c.heads, **options)
+    return FeedbackTransformer(layer, c.n_layers, **options)
+
+
+def build_model(config: ModelConfig, device: Optional[torch.device] = None) -> AutoregressiveModel:
+    """The language model of `config`: embedding, `build_transformer(config)` and the head, on `device`."""
+    model = AutoregressiveModel(config.n_vocab, config.d_model, build_transformer(config))
+    return model if device is None else model.to(device)
