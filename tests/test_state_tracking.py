@@ -28,7 +28,7 @@ from labml_nn.transformers.feedback.state_tracking import (
     NO_LABEL_ID,
     StateTrackingConfigs,
     masked_loss,
-    parse_statements_curriculum,
+    parse_train_statements,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -250,11 +250,12 @@ def test_masked_loss_counts_only_print_positions():
     assert none[0].item() == 0 and none[2] == 0
 
 
-def test_statements_curriculum():
-    assert parse_statements_curriculum('10:0,40:0.5') == [(10, 0.0), (40, 0.5)]
-    for bad in ('10', '10:0.2', '10:0,20:0,30:0.5', '10:0,20:1', '0:0'):
-        with pytest.raises(ValueError, match='statements_curriculum'):
-            parse_statements_curriculum(bad)
+def test_train_statements():
+    assert parse_train_statements('10:0,40:0.5') == [(10, 0.0), (40, 0.5)]
+    assert parse_train_statements('20') == [(20, 0.0)]
+    for bad in ('a', '10:0.2', '10:0,20:0,30:0.5', '10:0,20:1', '0:0'):
+        with pytest.raises(ValueError, match='train_statements'):
+            parse_train_statements(bad)
 
 
 # ## The experiment
@@ -284,8 +285,10 @@ def test_carried_evaluation_equals_whole_streams(model):
 
 
 def test_curriculum_epochs_and_train_batches():
-    conf = _configs(statements_curriculum='4:0,8:0.5', epochs=4)
+    conf = _configs(train_statements='4:0,8:0.5', epochs=4)
     assert [conf.statements_at(e) for e in range(4)] == [4, 4, 8, 8]
+    assert [_configs(train_statements='6').statements_at(e) for e in range(3)] == [6, 6, 6]
+    assert _configs().statements_at(0) == 12, 'by default the training programs are as long as the test programs'
     x, y = conf.train_loader.batch(0, 0)
     assert x.shape == (16, 4) and y.shape == (16, 4)
     # An epoch-0 stream holds 4-statement programs: its first END is early
@@ -344,7 +347,7 @@ def test_cli_runs_and_tests(tmp_path, model):
 
 @pytest.mark.parametrize('args, message', [(['sample_tokens=5'], 'sample_tokens must be 0'),
                                            (['test_programs=2'], 'test_programs must be an int >= 32'),
-                                           (['statements_curriculum=5'], 'statements_curriculum'),
+                                           (['train_statements=5:0.5'], 'train_statements'),
                                            (['variables=9'], 'variables must be an int in'),
                                            (['carry_memory=true', 'memory_span=0'], 'needs a memory_span')])
 def test_bad_configs(tmp_path, monkeypatch, capsys, args, message):

@@ -34,9 +34,11 @@ epoch is `epoch_segments` segments of every stream, and at its end the model is 
 set (the accuracy curve); after the last epoch, on the test programs. The memory starts empty at every epoch and
 at every evaluation; held-out streams are made of whole programs, so every program is read from its start.
 
-`statements_curriculum="10:0,40:0.5"` trains on programs of 10 statements in the first half of the epochs and 40
-from half-way (validation and test always use `statements`): short programs first, where a whole program fits in a
-segment and the gradient reaches from every print back to the assignments.
+Training programs have `statements` statements unless `train_statements` says otherwise: `train_statements=20`
+trains on programs of 20 statements throughout (validation and test always use `statements`), and stages,
+`train_statements="10:0,40:0.5"`, make a curriculum: 10 statements in the first half of the epochs, 40 from
+half-way. Short programs fit in a segment or two, so the gradient reaches from a print back to the statements that
+made its value.
 """
 
 import warnings
@@ -78,18 +80,21 @@ def masked_loss(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tenso
     return loss, correct, count
 
 
-def parse_statements_curriculum(spec: str) -> List[Tuple[int, float]]:
-    """`"10:0,40:0.5"` to `[(10, 0.0), (40, 0.5)]`: (statements, fraction of the epochs where the stage starts)."""
+def parse_train_statements(spec: str) -> List[Tuple[int, float]]:
+    """
+    `train_statements` as stages `(statements, fraction of the epochs where the stage starts)`: `"20"` to
+    `[(20, 0.0)]`, `"10:0,40:0.5"` to `[(10, 0.0), (40, 0.5)]`.
+    """
     try:
-        stages = [(int(a), float(b)) for a, b in (part.split(':') for part in spec.split(','))]
+        stages = [(int(part), 0.0) if ':' not in part else (int(part.split(':')[0]), float(part.split(':')[1]))
+                  for part in spec.split(',')]
     except ValueError:
-        raise ValueError(f"statements_curriculum={spec!r}: stages are statements:start_fraction separated by "
-                         f"commas, e.g. 10:0,40:0.5") from None
+        stages = []
     starts = [start for _, start in stages]
-    if starts[0] != 0 or starts != sorted(set(starts)) or starts[-1] >= 1:
-        raise ValueError(f"statements_curriculum={spec!r}: start fractions must increase from 0, below 1")
-    if min(n for n, _ in stages) < 1:
-        raise ValueError(f"statements_curriculum={spec!r}: statements must be >= 1")
+    if not stages or starts[0] != 0 or starts != sorted(set(starts)) or starts[-1] >= 1 or \
+            min(n for n, _ in stages) < 1:
+        raise ValueError(f"train_statements={spec!r}: give statements per training program (e.g. 20), or stages "
+                         f"statements:start_fraction with fractions increasing from 0 below 1 (e.g. 10:0,40:0.5)")
     return stages
 
 
@@ -128,14 +133,14 @@ class EpochStreams:
 class StateTrackingConfigs(Configs):
     """
     The feedback experiment's models and training loop on the state-tracking task. Keys of its own: the programs
-    (`variables`, `statements`, `min_value`, `max_value`, `statements_curriculum`), the splits (`valid_programs`,
+    (`variables`, `statements`, `min_value`, `max_value`, `train_statements`), the splits (`valid_programs`,
     `test_programs`) and the epoch length (`epoch_segments`).
     """
     variables: int = 3
     statements: int = 100
     min_value: int = 1
     max_value: int = 10
-    statements_curriculum: str = ''
+    train_statements: str = ''
     valid_programs: int = 200
     test_programs: int = 1000
     epoch_segments: int = 50
@@ -183,8 +188,8 @@ class StateTrackingConfigs(Configs):
         check_int('epoch_segments', self.epoch_segments, 1)
         if self.sample_tokens != 0:
             raise ValueError("sample_tokens must be 0: the models predict labels, not the next word")
-        if self.statements_curriculum:
-            parse_statements_curriculum(self.statements_curriculum)
+        if self.train_statements:
+            parse_train_statements(self.train_statements)
 
     def check_data(self) -> None:
         """The programs are generated: nothing to find or download."""
@@ -199,8 +204,7 @@ class StateTrackingConfigs(Configs):
     def statements_at(self, epoch: int) -> int:
         """Statements per training program in `epoch` (the curriculum's stage, else `statements`)."""
         n = self.statements
-        for stage, start in (parse_statements_curriculum(self.statements_curriculum)
-                             if self.statements_curriculum else []):
+        for stage, start in parse_train_statements(self.train_statements) if self.train_statements else []:
             if epoch >= start * self.epochs:
                 n = stage
         return n
