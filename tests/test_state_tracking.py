@@ -288,7 +288,7 @@ def test_curriculum_epochs_and_train_batches():
     conf = _configs(train_statements='4:0,8:0.5', epochs=4)
     assert [conf.statements_at(e) for e in range(4)] == [4, 4, 8, 8]
     assert [_configs(train_statements='6').statements_at(e) for e in range(3)] == [6, 6, 6]
-    assert _configs().statements_at(0) == 12, 'by default the training programs are as long as the test programs'
+    assert _configs(train_statements='').statements_at(0) == 12, 'empty: as long as the test programs'
     x, y = conf.train_loader.batch(0, 0)
     assert x.shape == (16, 4) and y.shape == (16, 4)
     # An epoch-0 stream holds 4-statement programs: its first END is early
