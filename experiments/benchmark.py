@@ -65,9 +65,16 @@ def build(name: str, args) -> nn.Module:
     return build_model(config, torch.device(args.device))
 
 
-def train_step(model, optimizer, data, target, vocab):
-    logits = model(data)
-    loss = F.cross_entropy(logits.view(-1, vocab), target.view(-1))
+# `--precision`: the dtype of autocast's matrix products (`None`: float32, no autocast)
+PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def train_step(model, optimizer, data, target, vocab, precision: str = 'fp32'):
+    """Forward (under autocast unless fp32), loss, backward, clipping and Adam: what the experiment's step does."""
+    dtype = PRECISIONS[precision]
+    with torch.autocast(data.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        logits = model(data)
+        loss = F.cross_entropy(logits.view(-1, vocab).float(), target.view(-1))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -95,7 +102,7 @@ def measure_speed(names, args) -> list:
         for _, model, optimizer, times in runs:
             sync(args.device)
             start = time.perf_counter()
-            train_step(model, optimizer, data, target, args.vocab)
+            train_step(model, optimizer, data, target, args.vocab, args.precision)
             sync(args.device)
             if i >= args.warmup:
                 times.append(time.perf_counter() - start)
@@ -116,14 +123,14 @@ def measure_memory(name: str, args) -> float:
     if args.device.startswith('cuda'):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        train_step(model, optimizer, tokens[:-1], tokens[1:], args.vocab)
+        train_step(model, optimizer, tokens[:-1], tokens[1:], args.vocab, args.precision)
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     # CPU (Linux): reset the peak resident size, then compare it with the resident size before the step.
     # A first tiny step creates the optimizer state beforehand.
-    train_step(model, optimizer, tokens[:2], tokens[1:3], args.vocab)
+    train_step(model, optimizer, tokens[:2], tokens[1:3], args.vocab, args.precision)
     Path('/proc/self/clear_refs').write_text('5')
     base = _proc_status_kb('VmRSS')
-    train_step(model, optimizer, tokens[:-1], tokens[1:], args.vocab)
+    train_step(model, optimizer, tokens[:-1], tokens[1:], args.vocab, args.precision)
     return (_proc_status_kb('VmHWM') - base) / 1024
 
 
@@ -152,6 +159,8 @@ def parse(argv=None):
     p.add_argument('--dropout', type=float, default=0.0)
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--device', default='cpu')
+    p.add_argument('--precision', choices=sorted(PRECISIONS), default='fp32',
+                   help='matrix products under torch.autocast in bf16 or fp16 (fp32: no autocast)')
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--steps', type=int, default=8)
     p.add_argument('--only', choices=MODELS, action='append', help='measure only these models')
@@ -178,7 +187,7 @@ def main(argv=None):
     base = next((r for r in results if r['model'] == 'parallel' and 'tokens_per_s' in r), None)
     print(f"d_model={args.d_model} heads={args.heads} d_ff={args.d_ff} n_layers={args.n_layers} "
           f"seq_len={args.seq_len} batch={args.batch} threads={args.threads} device={args.device} "
-          f"torch={torch.__version__}")
+          f"precision={args.precision} torch={torch.__version__}")
     print(f"{'model':<26}{'tokens/s':>12}{'step ms':>10}{'slowdown':>10}{'peak MB':>10}")
     for r in results:
         if base is not None and 'tokens_per_s' in r:

@@ -89,6 +89,13 @@ def test_comment_block_above_a_definition_joins_its_docstring():
     assert section.code == ["@staticmethod", "def f():", "    return 1"]
 
 
+def test_an_example_marked_beside_goes_to_the_code_column():
+    doc = parse_python('"""\n# Title\n\nIntro.\n\n## Using it\n\nHow.\n\n```python beside\nx = f(1)\ny = g(x)\n```\n\n'
+                       'After.\n"""\nimport os\n')
+    assert [(s.note, s.code) for s in doc.sections] == [
+        ("# Title\n\nIntro.", ["import os"]), ("## Using it\n\nHow.", ["x = f(1)", "y = g(x)"]), ("After.", [])]
+
+
 def test_repository_url_comes_from_the_config_or_setup_py(tmp_path: Path):
     project = copy_fixture(tmp_path)
     config = load_config(project / "config.yaml")
@@ -105,7 +112,24 @@ def test_repository_url_comes_from_the_config_or_setup_py(tmp_path: Path):
 def test_one_line_definitions_keep_their_code():
     doc = parse_python('def f(): "Doc on the header line."\n\n\nclass A: pass\n')
     assert [line for section in doc.sections for line in section.code] == \
-        ['def f(): "Doc on the header line."', "", "", "class A: pass"]
+        ['def f(): "Doc on the header line."', "class A: pass"]
+    assert [section.names for section in doc.sections] == [["f"], ["A"]]
+
+
+def test_undocumented_definitions_get_their_own_section_and_key():
+    # `g` has neither docstring nor comment: it still starts a section, so its anchor is its own code, and the
+    # keys of the sections after it do not change when code is added above it
+    source = '"""Module."""\nx = 1\n\n\n# Note of f\ndef f():\n    return 1\n\n\ndef g():\n    return 2\n\n\n' \
+             '# After g\ny = g()\n'
+    doc = parse_python(source)
+    g = next(section for section in doc.sections if "g" in section.names)
+    assert g.names == ["g"] and g.code[0] == "def g():" and g.note == ""
+    f = next(section for section in doc.sections if "f" in section.names)
+    assert f.note == "Note of f" and f.code == ["def f():", "    return 1"]
+    keys = section_keys(doc.sections)
+    assert keys == ["module+0", "f", "g", "g+1"]
+    more = parse_python(source.replace("x = 1\n", "x = 1\nz = 2\n\n\ndef h():\n    return 3\n"))
+    assert section_keys(more.sections)[-3:] == ["f", "g", "g+1"]
 
 
 # Generated pages.
@@ -170,6 +194,22 @@ def test_korean_page(site: Path):
 @needs_katex
 def test_built_site_passes_the_link_and_asset_checks(site: Path):
     assert check_site(site) == []
+
+
+@needs_katex
+def test_contents_follow_the_reading_order_and_code_free_pages_are_prose(site: Path):
+    # `sub/__init__.py` lists readme.md before model.py (alphabetically model.py comes first)
+    index = (site / "sub" / "index.html").read_text(encoding="utf-8")
+    assert index.index('href="readme.html"') < index.index('href="model.html"')
+    # A package page with no code is one readable column, like a markdown page
+    assert 'class="prose"' in (site / "index.html").read_text(encoding="utf-8")
+    assert 'class="annotated"' in (site / "sub" / "model.html").read_text(encoding="utf-8")
+
+
+def test_empty_meta_description_fails_the_check(tmp_path: Path):
+    page = tmp_path / "page.html"
+    page.write_text('<html><head><meta name="description" content=""></head><body></body></html>', encoding="utf-8")
+    assert any("empty meta description" in problem for problem in check_site(tmp_path))
 
 
 # Check mode.

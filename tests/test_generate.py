@@ -42,9 +42,9 @@ def greedy_by_recomputation(model: AutoregressiveModel, prompt: torch.Tensor, n:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("memory_span, memory_norm", [(None, False), (5, False), (5, True)])
-def test_greedy_equals_recomputation(variant, memory_span, memory_norm):
-    model = make_model(variant, memory_span=memory_span, memory_norm=memory_norm)
-    prompt = torch.randint(N_VOCAB, (4, 3))
+def test_greedy_equals_recomputation(variant, memory_span, memory_norm, device):
+    model = make_model(variant, memory_span=memory_span, memory_norm=memory_norm).to(device)
+    prompt = torch.randint(N_VOCAB, (4, 3), device=device)
     # 20 new tokens: distances beyond the position table (6) and the memory span (5)
     expected = greedy_by_recomputation(model, prompt, 20)
     got = model.generate(prompt, 20, temperature=0)

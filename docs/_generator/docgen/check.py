@@ -24,9 +24,12 @@ class _PageParser(HTMLParser):
         self.links: list[str] = []
         self.assets: list[str] = []
         self.styles: list[str] = []
+        self.description: str | None = None
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         values = {name: value or "" for name, value in attrs}
+        if tag == "meta" and values.get("name") == "description":
+            self.description = values.get("content", "")
         if "id" in values:
             self.ids.append(values["id"])
         if tag == "a" and "name" in values:
@@ -53,6 +56,8 @@ def check_site(site: Path) -> list[str]:
              if "_generator" not in path.relative_to(site).parts}
     parsed = {rel: _parse(path) for rel, path in pages.items()}
     for rel, page in parsed.items():
+        if page.description is not None and not page.description.strip():
+            problems.append(f"{rel}: empty meta description (give the source a `summary` in its front matter)")
         duplicates = sorted({i for i in page.ids if page.ids.count(i) > 1})
         if duplicates:
             problems.append(f"{rel}: duplicate ids {duplicates}")

@@ -153,10 +153,11 @@ class Site:
         return "\n".join(links)
 
     def listing(self, page: Page, folder: str) -> str:
-        """Nested list of the pages under `folder` (English pages, or their translations where they exist)."""
+        """Nested list of the pages under `folder` (English pages, or their translations where they exist), in the
+        reading order that the folder's `__init__.py` gives in its front matter (`contents:`), the rest after."""
         english = [p for p in self.pages if p.lang == "en"]
-        items = [self._item(page, other) for other in english
-                 if other.folder == folder and other.out != posixpath.join(folder, "index.html")]
+        entries = {posixpath.basename(other.source): self._item(page, other) for other in english
+                   if other.folder == folder and other.out != posixpath.join(folder, "index.html")}
         prefix = folder + "/" if folder else ""
         subfolders = sorted({p.folder[len(prefix):].split("/")[0] for p in english
                              if p.folder != folder and p.folder.startswith(prefix)})
@@ -164,7 +165,14 @@ class Site:
             sub = prefix + name
             index = self.by_out.get(sub + "/index.html")
             head = self._item(page, index).removesuffix("</li>") if index else f"<li><span>{escape(name)}/</span>"
-            items.append(head + self.listing(page, sub) + "</li>")
+            entries[name + "/"] = head + self.listing(page, sub) + "</li>"
+        folder_index = self.by_out.get(posixpath.join(folder, "index.html"))
+        order = list(folder_index.doc.front_matter.get("contents") or []) if folder_index else []
+        unknown = [name for name in order if name not in entries]
+        if unknown:
+            raise ValueError(f"{folder or '.'}/__init__.py lists contents that do not exist: {unknown}")
+        names = order + [name for name in entries if name not in order]
+        items = [entries[name] for name in names]
         return f"<ul>{''.join(items)}</ul>" if items else ""
 
     def _item(self, page: Page, other: Page) -> str:
@@ -187,7 +195,8 @@ class Site:
     def render(self, page: Page) -> str:
         words = labels(page.lang)
         notes = self.translations.get(page.out, ([None] * len(page.doc.sections),))[0]
-        prose = page.doc.language == "markdown"
+        # Markdown pages, and sources without code (a package's `__init__.py` that only explains), read as prose
+        prose = page.doc.language == "markdown" or not any(section.has_code() for section in page.doc.sections)
         rows = []
         for number, (section, note) in enumerate(zip(page.doc.sections, notes)):
             where = f"{page.out}#section-{number}"

@@ -8,6 +8,10 @@ Rules for Python files, all read from the source text (nothing is imported):
 * A block of whole-line `#` comments is the note for the code below it. Inside a block, a bare `#` line is a
   paragraph break; a bare `#` line on its own starts a new section with no note.
 * Trailing comments stay in the code.
+* Every class or function starts a section (with or without a note), so its name anchor points at its own code.
+* A fenced block in a note whose info string is `python beside` (an example, in a module docstring) goes to the
+  code column: the note is cut at the heading above the block, and that part becomes a section of its own whose
+  code is the block.
 
 A markdown file (such as `readme.md`) is one note with no code.
 """
@@ -205,6 +209,12 @@ def parse_python(text: str) -> Document:
                 sections.append(Section())
         else:
             if number in definitions:
+                # A definition without a docstring starts a section of its own (unless it starts the current one,
+                # below its comment block), so that its anchor is exactly its code and its translation key does
+                # not depend on what comes before it
+                section = sections[-1]
+                if section.has_code() or any(section is s for s in module_note):
+                    sections.append(Section())
                 sections[-1].names.append(definitions[number])
             sections[-1].code.append(lines[number - 1])
             number += 1
@@ -215,7 +225,25 @@ def parse_python(text: str) -> Document:
         while section.code and not section.code[-1].strip():
             section.code.pop()
     sections = [s for s in sections if s.note or s.code]
+    sections = [part for section in sections for part in _code_beside(section)]
     return Document(front_matter, sections, "python")
+
+
+_BESIDE = re.compile(r"^```python beside[ \t]*\n(.*?)^```[ \t]*$\n?", re.M | re.S)
+
+
+def _code_beside(section: Section) -> list[Section]:
+    """`section`, with each `python beside` block of its note moved into a section of its own (see above)."""
+    match = _BESIDE.search(section.note)
+    if match is None:
+        return [section]
+    before = section.note[:match.start()]
+    # The part moves from the last heading before the block (or from the block itself)
+    heading = max((m.start() for m in re.finditer(r"^#{1,3}\s", before, re.M)), default=len(before))
+    first = Section(note=before[:heading].strip(), code=section.code, names=section.names)
+    moved = Section(note=before[heading:].strip(), code=match.group(1).rstrip("\n").splitlines())
+    rest = Section(note=section.note[match.end():].strip())
+    return [first] + _code_beside(moved) + ([rest] if rest.note else [])
 
 
 def section_keys(sections: list[Section]) -> list[str]:

@@ -3,6 +3,8 @@ r"""
 title: Feedback Transformer
 summary: An annotated, fast PyTorch implementation of the Feedback Transformer (Fan et al., 2020), with cached
   keys and values, a state API for continuing sequences, and a shared key/value variant.
+contents: [readme.md, transformer.py, attention.py, stack.py, state.py, fast_paths.py, fused.py, fused_backward.py,
+  autoregressive.py, build.py, generate.py, experiment.py, init_from.py]
 ---
 
 # Feedback Transformer
@@ -47,10 +49,15 @@ other, in training too. This implementation keeps that loop as small as it can:
   function, fast: the training loop as one autograd function with a hand-written backward pass.
 * [autoregressive.py](autoregressive.html): `AutoregressiveModel`, the language model around a transformer.
 * [build.py](build.html): `ModelConfig` and `build_model`, the one recipe that assembles any of the models.
+* [generate.py](generate.html): sampling text from a trained checkpoint.
+* [experiment.py](experiment.html): training on Tiny Shakespeare, with the paper's accelerators
+  ([init_from.py](init_from.html): starting from a trained parallel transformer).
 
 ## Using it
 
-```python
+A small model, a sequence through it in one call and in two, the second continuing the first from its state.
+
+```python beside
 import torch
 from labml_nn.transformers.feedback import (FeedbackAttention, FeedbackTransformer, FeedbackTransformerLayer,
                                             FeedForward)

@@ -34,6 +34,20 @@ $n, n-1, \dots, 1$: the position terms depend only on how many vectors are visib
 This is the same parametrization as labml_nn's [multi-head attention](../mha.html) with
 [Transformer-XL](https://arxiv.org/abs/1901.02860)'s relative positions, cut down to one query per step.
 
+## Starting with a preference for recent memory
+
+The position table starts at zero (labml_nn's initialization): at first every head attends evenly to all the
+memory it sees. With `recency_init=True` the position bias starts as in ALiBi
+([Press et al., 2021](https://arxiv.org/abs/2108.12409)): head $h$ of $H$ prefers recent slots with its own
+slope $m_h = 2^{-8h/H}$,
+
+$$s_\Delta = -\sqrt{d_k}\; m_h\, (\Delta - 1),$$
+
+(the $\sqrt{d_k}$ because our scores are divided by it after $s_\Delta$ is added), and learns from there. This
+matters when a step sees a wide memory that carries no gradient: memory carried across training batches. With
+even attention over 64 carried memory vectors a small model settles into using their average and stops improving
+(see the README's measurements); a recency preference at the start lets it find the recent tokens first.
+
 ## Biases
 
 The key and value projections have no bias: a key bias adds the same $q^\top b$ to every score
@@ -57,10 +71,11 @@ class FeedbackAttention(nn.Module):
     * `is_kv_precomputed`: the keys and values arrive already projected (`FeedbackTransformerKV`
       shares one projection between all layers), so this module has no `key` / `value` layers.
     * `max_distance`: size $P$ of the relative position table; longer distances are clipped to $P$.
+    * `recency_init`: start the position bias $s_\Delta$ with ALiBi's recency slopes instead of zeros.
     """
 
-    def __init__(self, heads: int, d_model: int, dropout_prob: float = 0.1, *, is_kv_precomputed: bool = False,
-                 max_distance: int = 128):
+    def __init__(self, heads: int, d_model: int, dropout_prob: float = 0.1, *,
+                 is_kv_precomputed: bool = False, max_distance: int = 128, recency_init: bool = False):
         super().__init__()
         if not isinstance(heads, int) or heads < 1 or not isinstance(d_model, int) or d_model % heads != 0:
             raise ValueError(f"d_model ({d_model!r}) must be a positive multiple of heads ({heads!r})")
@@ -91,12 +106,15 @@ class FeedbackAttention(nn.Module):
         self.key_pos_embeddings = nn.Parameter(torch.zeros(max_distance, heads, self.d_k))
         # $s_\Delta$ for $\Delta = 1 \dots P$, `[P, heads]`
         self.key_pos_bias = nn.Parameter(torch.zeros(max_distance, heads))
+        if recency_init:
+            with torch.no_grad():
+                self.key_pos_bias.copy_(recency_bias(max_distance, heads, self.d_k))
 
     def project_memory(self, memory: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Keys and values `[..., heads, d_k]` of memory vectors `[..., d_model]`."""
         if self.is_kv_precomputed:
-            raise RuntimeError("this FeedbackAttention was built with is_kv_precomputed=True: it has no key/value "
-                               "projections; the transformer projects the memory")
+            raise RuntimeError("this FeedbackAttention was built with is_kv_precomputed=True: it has no "
+                               "key/value projections; the transformer projects the memory")
         return self.key(memory), self.value(memory)
 
     def relative_terms(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +128,8 @@ class FeedbackAttention(nn.Module):
         return self.key_pos_embeddings[rows], self.key_pos_bias[rows]
 
     def forward(self, *, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                pos_emb: Optional[torch.Tensor] = None, pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                pos_emb: Optional[torch.Tensor] = None,
+                pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         r"""
         * `query`: the normalised input of this step, `[batch_size, d_model]`.
         * `key`, `value`: the visible memory, oldest first, either projected, `[n, batch_size, heads, d_k]`,
@@ -124,9 +143,11 @@ class FeedbackAttention(nn.Module):
         if key.dim() == 3:
             # Raw memory: project it (the transformers pass cached projections instead)
             key, value = self.project_memory(key)[0], self.project_memory(value)[1]
+        # The number of visible memory slots
         n = key.shape[0]
         if pos_emb is None or pos_bias is None:
             pos_emb, pos_bias = self.relative_terms(n)
+        # The last `n` rows: distances $n \dots 1$, oldest slot first, as the memory is ordered
         pos_emb, pos_bias = pos_emb[-n:], pos_bias[-n:]
         batch_size = query.shape[0]
         # $q$, `[batch_size, heads, d_k]`
@@ -146,3 +167,15 @@ class FeedbackAttention(nn.Module):
         out = torch.matmul(attn.unsqueeze(-2), value).squeeze(-2)
         # Concatenate the heads and apply $W_o, b_o$
         return self.output(out.reshape(batch_size, self.d_model))
+
+
+def recency_bias(max_distance: int, heads: int, d_k: int) -> torch.Tensor:
+    r"""
+    ALiBi's recency bias as a starting point for $s_\Delta$, `[max_distance, heads]`: row $\Delta - 1$, head $h$
+    holds $-\sqrt{d_k}\, m_h (\Delta - 1)$ with $m_h = 2^{-8h/H}$, $h = 1 \dots H$.
+    """
+    # $m_h$, `[heads]`: a geometric sequence from $2^{-8/H}$ down to $2^{-8}$
+    slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads)
+    # $\Delta - 1$ for the table's rows, `[max_distance, 1]`
+    offsets = torch.arange(max_distance, dtype=torch.float32)[:, None]
+    return -math.sqrt(d_k) * offsets * slopes[None, :]

@@ -58,6 +58,7 @@ class ModelConfig:
     * `memory_span`: feedback models attend to at most this many latest memory vectors (`None`: all)
     * `memory_norm`: feedback models normalize the memory before projecting it (the authors' pre-norm memory)
     * `max_distance`: size of the relative position tables
+    * `recency_init`: feedback models start their position biases with ALiBi's recency slopes (attention.py)
     * `fused`: feedback models train with the fused loop (`False`: autograd over the modules)
     """
     model: str = 'feedback_transformer'
@@ -70,6 +71,7 @@ class ModelConfig:
     memory_span: Optional[int] = None
     memory_norm: bool = False
     max_distance: int = 128
+    recency_init: bool = False
     fused: bool = True
 
     @property
@@ -91,8 +93,9 @@ class ModelConfig:
         if self.memory_span is not None and (not isinstance(self.memory_span, int)
                                              or isinstance(self.memory_span, bool) or self.memory_span < 1):
             raise ValueError(f"memory_span must be None (unlimited) or an int >= 1, got {self.memory_span!r}")
-        if not self.is_feedback and self.memory_norm:
-            raise ValueError("memory_norm is an option of the feedback models, not of model=transformer")
+        for key in ('memory_norm', 'recency_init'):
+            if not self.is_feedback and getattr(self, key):
+                raise ValueError(f"{key} is an option of the feedback models, not of model=transformer")
 
 
 def build_transformer(config: ModelConfig) -> nn.Module:
@@ -110,8 +113,10 @@ def build_transformer(config: ModelConfig) -> nn.Module:
         return CausalTransformer(layer, c.n_layers)
     # The shared-KV variant's attention receives keys and values projected by the transformer
     is_kv = c.model == 'feedback_transformer_kv'
-    attn = FeedbackAttention(c.heads, c.d_model, c.dropout, is_kv_precomputed=is_kv, max_distance=c.max_distance)
-    layer = FeedbackTransformerLayer(d_model=c.d_model, attn=attn, feed_forward=feed_forward, dropout_prob=c.dropout)
+    attn = FeedbackAttention(c.heads, c.d_model, c.dropout, is_kv_precomputed=is_kv,
+                             max_distance=c.max_distance, recency_init=c.recency_init)
+    layer = FeedbackTransformerLayer(d_model=c.d_model, attn=attn, feed_forward=feed_forward,
+                                     dropout_prob=c.dropout)
     options = dict(memory_span=c.memory_span, fused=c.fused, memory_norm=c.memory_norm)
     if is_kv:
         return FeedbackTransformerKV(layer, c.n_layers, c.d_model, c.heads, **options)

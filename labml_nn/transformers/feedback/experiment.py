@@ -56,6 +56,8 @@ class Configs(AcceleratedConfigs):
     memory_span: int = 0
     # Feedback models normalize each memory vector before projecting it to keys and values (the authors' pre-norm)
     memory_norm: bool = False
+    # Feedback models start their position biases with a preference for recent memory (ALiBi's slopes)
+    recency_init: bool = False
     # A `model=transformer` run (UUID, run folder or checkpoint) whose weights start a feedback model
     init_from: str = ''
 
@@ -81,7 +83,7 @@ class Configs(AcceleratedConfigs):
             raise ValueError(f"memory_span must be an int >= 1 (the latest memory vectors each step attends to), "
                              f"or 0 for no limit, got {self.memory_span!r}")
         if model == 'transformer':
-            for key in ('memory_norm', 'init_from'):
+            for key in ('memory_norm', 'recency_init', 'init_from'):
                 if getattr(self, key):
                     raise ValueError(f"{key} is an option of the feedback models, not of model=transformer")
         if self.carry_memory and self.memory_span == 0:
@@ -127,7 +129,7 @@ class Configs(AcceleratedConfigs):
         """The model `name` with this run's sizes ([build.py](build.html))."""
         return ModelConfig(name, n_vocab=self.n_tokens, d_model=self.d_model, heads=self.heads, d_ff=self.d_ff,
                            n_layers=self.n_layers, dropout=self.dropout, memory_span=self.memory_span or None,
-                           memory_norm=self.memory_norm)
+                           memory_norm=self.memory_norm, recency_init=self.recency_init)
 
 
 def _build(c: Configs, name: str) -> AutoregressiveModel:

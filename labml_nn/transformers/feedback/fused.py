@@ -31,6 +31,15 @@ The keys and values live in a work buffer with [the cache's layout](state.html#l
 `[groups, 2, batch_size, heads, time, d_k]`; the buffer starts with the cache of earlier calls (`prev`), so slot
 0 of the buffer is absolute step `first = n_start - n_prev`.
 
+## Mixed precision
+
+Under `torch.autocast` the loop follows autocast's rules explicitly (autocast itself is switched off inside, so
+nothing is cast twice or per step): matrix products take their operands in autocast's low-precision dtype
+(`cfg.dtype`, e.g. bfloat16), with every weight cast once per call; the residual stream, layer norms, softmax and
+the weighted sum that makes the memory stay in the parameters' precision (float32), as autocast would keep them;
+the cache holds low-precision keys and values, as the module loop's does. The backward pass does the same, and
+accumulates weight gradients in float32.
+
 It supports the standard building blocks (`FeedForward` with ReLU, not gated, with biases; affine layer norms);
 `supports()` says whether a layer qualifies, and other configurations use the module loop. The tests compare both
 loops with a naive reference in float64, and `torch.autograd.gradcheck` checks this backward pass, dropout
@@ -38,7 +47,7 @@ included.
 """
 
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -71,6 +80,21 @@ class LoopConfig(NamedTuple):
     # Whether memory vectors are normalized before their projection, and that norm's $\epsilon$
     memory_norm: bool = False
     memory_eps: float = 0.0
+    # Under `torch.autocast`: the dtype of matrix products (`None`: the inputs' own)
+    dtype: Optional[torch.dtype] = None
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype of matrix products under `torch.autocast` on `device_type` (`'cpu'`, `'cuda'`), else `None`."""
+    try:
+        enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except TypeError:
+        # PyTorch before 2.4 names the two device types' functions apart
+        if device_type == 'cpu':
+            enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        else:
+            enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+    return dtype if enabled else None
 
 
 class LayerWeights(NamedTuple):
@@ -95,6 +119,17 @@ class LayerWeights(NamedTuple):
     b_1: torch.Tensor
     w_2: torch.Tensor
     b_2: torch.Tensor
+
+
+# The tensors of `LayerWeights` that enter matrix products: cast to the products' dtype under autocast
+PRODUCT_WEIGHTS = ('w_q', 'pos_emb', 'pos_bias', 'w_o', 'b_o', 'w_1', 'b_1', 'w_2', 'b_2')
+
+
+def for_products(layer: LayerWeights, dtype: torch.dtype) -> LayerWeights:
+    """`layer` with its matrix-product weights in `dtype` (the same tensors when they already are)."""
+    if layer.w_q.dtype == dtype:
+        return layer
+    return layer._replace(**{k: getattr(layer, k).to(dtype) for k in PRODUCT_WEIGHTS})
 
 
 class LoopShape(NamedTuple):
@@ -157,21 +192,24 @@ class DropoutMasks:
         L = cfg.n_layers
         # On the attention (`[0]`) and feed-forward (`[1]`) residual branches, `[2, L, T, B, D]`
         self.resid = self._draw((2, L, T, B, D), cfg.p_resid, like, gen)
-        # On the hidden units, `[L, T, B, d_ff]`
-        self.hidden = self._draw((L, T, B, d_ff), cfg.p_hidden, like, gen)
+        # On the hidden units, `[L, T, B, d_ff]`, in the products' dtype (the hidden units are a product's output)
+        self.hidden = self._draw((L, T, B, d_ff), cfg.p_hidden, like, gen, cfg.dtype)
         # On the attention probabilities, right-aligned: step `i` uses the last `n` of `n_max` slots
         n_max = max(1, n_visible(cfg.n_start + T - 1, cfg.memory_span))
         self.attn = self._draw((L, T, B, cfg.heads, n_max), cfg.p_attn, like, gen)
 
     @staticmethod
-    def _draw(shape, p: float, like: torch.Tensor, gen: torch.Generator) -> Optional[torch.Tensor]:
+    def _draw(shape, p: float, like: torch.Tensor, gen: torch.Generator,
+              dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
         if p == 0:
             return None
+        # Keep with probability $1 - p$, scaled so that the expectation is unchanged (as `nn.Dropout`)
         keep = torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p, generator=gen)
-        return keep.div_(1 - p)
+        return keep.div_(1 - p).to(dtype or like.dtype)
 
     def attn_probs(self, l: int, i: int, n: int) -> torch.Tensor:
         """The mask of layer `l`'s attention probabilities at step `i`, which sees `n` slots: `[B, H, n]`."""
+        # Right-aligned, like the position terms: the newest slot is always the last column
         return self.attn[l, i, :, :, -n:]
 
 
@@ -216,15 +254,22 @@ class FeedbackLoopFunction(torch.autograd.Function):
                 kv_w: torch.Tensor, kv_b: Optional[torch.Tensor], *flat_layers: torch.Tensor):
         T, B, D = x_seq.shape
         n_prev = prev.shape[4]
+        # The last step's memory is only made when a later call will attend to it
         shape = LoopShape(T, B, D, n_prev, T if cfg.make_last_memory else T - 1, cfg.n_start - n_prev)
-        # The work buffer, `[groups, 2, B, H, time, d_k]`, starting with the cache of earlier calls
-        work = x_seq.new_empty((cfg.groups, 2, B, cfg.heads, n_prev + shape.n_new, cfg.d_k))
+        # The products' dtype (autocast's, or the inputs' own), and the weights cast to it once
+        low = cfg.dtype or x_seq.dtype
+        layers = [for_products(lw, low) for lw in split_layers(cfg.n_layers, flat_layers)]
+        kv_w_low, kv_b_low = kv_w.to(low), None if kv_b is None else kv_b.to(low)
+        # The work buffer, `[groups, 2, B, H, time, d_k]` in the products' dtype, starting with earlier calls' cache
+        work = x_seq.new_empty((cfg.groups, 2, B, cfg.heads, n_prev + shape.n_new, cfg.d_k), dtype=low)
         work[..., :n_prev, :] = prev
-        layers = split_layers(cfg.n_layers, flat_layers)
+        # All dropout masks of the call at once (from `cfg.seed`), and a record per step for the backward pass
         masks = DropoutMasks(cfg, x_seq, T, B, D, layers[0].w_1.shape[0])
         records: List[Optional[StepRecord]] = [None] * T
-        out = run_steps(cfg, x_seq, layers, mem_w, kv_w, kv_b, work, shape.first, masks, records)
+        out = run_steps(cfg, x_seq, layers, mem_w, kv_w_low, kv_b_low, work, shape.first, masks, records)
         ctx.cfg, ctx.shape, ctx.masks, ctx.records = cfg, shape, masks, records
+        # The low-precision copies of the weights are made here from the inputs: kept like the records
+        ctx.low_weights = (layers, kv_w_low)
         ctx.has_kv_b = kv_b is not None
         ctx.save_for_backward(x_seq, mem_w, kv_w, work, *flat_layers)
         return out, work
@@ -232,11 +277,14 @@ class FeedbackLoopFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out: torch.Tensor, d_work: Optional[torch.Tensor]):
+        # `d_out` `[T, B, D]`: the gradient of the outputs; `d_work`: of the returned cache, when a later call (or
+        # the state) used it, else `None`
         # Imported here: the backward pass's module reads this one's structures
         from labml_nn.transformers.feedback.fused_backward import backward_loop
         x_seq, mem_w, kv_w, work, *flat_layers = ctx.saved_tensors
         layers = split_layers(ctx.cfg.n_layers, flat_layers)
         grads = backward_loop(ctx, x_seq, mem_w, kv_w, work, layers, d_out, d_work)
+        # One gradient per input of `forward`, in order: none for `cfg`
         return (None, grads.x_seq, grads.prev, grads.mem_w, grads.kv_w, grads.kv_b if ctx.has_kv_b else None,
                 *flatten_layers(grads.layers))
 
@@ -249,12 +297,26 @@ def run_steps(cfg: LoopConfig, x_seq: torch.Tensor, layers: List[LayerWeights], 
     The step loop, with plain tensor operations. Reads the cache from and writes new memory's keys and values
     into `work` (the cache's layout, slot 0 holding absolute step `first`), keeps what the backward pass needs
     in `records` (if given), and returns the last layer's outputs `[T, B, D]`.
+
+    `layers`, `kv_w` and `kv_b` come with their product weights already in the products' dtype
+    (`for_products`), the work buffer in that dtype too.
     """
+    # Autocast's rules are followed by hand below
+    with torch.autocast(x_seq.device.type, enabled=False):
+        return _steps(cfg, x_seq, layers, mem_w, kv_w, kv_b, work, first, masks or _NO_MASKS, records)
+
+
+def _steps(cfg: LoopConfig, x_seq: torch.Tensor, layers: List[LayerWeights], mem_w: torch.Tensor,
+           kv_w: torch.Tensor, kv_b: Optional[torch.Tensor], work: torch.Tensor, first: int, masks,
+           records: Optional[List[Optional[StepRecord]]]) -> torch.Tensor:
     T, B, D = x_seq.shape
     L, G, H, dk = cfg.n_layers, cfg.groups, cfg.heads, cfg.d_k
     BH = B * H
     n_new = T if cfg.make_last_memory else T - 1
-    masks = masks or _NO_MASKS
+    # Operands of matrix products in the products' dtype (a no-op outside autocast); the residual stream, norms
+    # and softmax stay in `x_seq`'s dtype
+    to_low = _caster(work.dtype, x_seq.dtype)
+    high = x_seq.dtype
     # Each group's keys and values as `[B * H, time, d_k]` views of the work buffer
     keys = [work[g, 0].view(BH, -1, dk) for g in range(G)]
     values = [work[g, 1].view(BH, -1, dk) for g in range(G)]
@@ -280,20 +342,20 @@ def run_steps(cfg: LoopConfig, x_seq: torch.Tensor, layers: List[LayerWeights], 
             if n > 0:
                 # $z = \mathrm{LN}(x)$ and $q = W_q z$
                 z, mean, rstd = torch.native_layer_norm(x, (D,), lw.ln1_w, lw.ln1_b, cfg.eps)
-                q = torch.mm(z, w_q_t)
+                q = torch.mm(to_low(z), w_q_t)
                 # $(q + u)^\top k_j$ for all $j$: `[B * H, 1, n]`
-                qu = (q.view(B, H, dk) + lw.u).view(BH, 1, dk)
+                qu = to_low((q.view(B, H, dk) + lw.u).view(BH, 1, dk))
                 content = torch.bmm(qu, keys[g][:, lo:hi].transpose(1, 2))
                 # $\frac{1}{\sqrt{d_k}}(q^\top p_\Delta + s_\Delta)$, one product per head: `[H, B, n]`
                 position = torch.baddbmm(pos_b[l][:, None, -n:], q.view(B, H, dk).transpose(0, 1),
                                          pos_k[l][:, :, -n:], beta=scale, alpha=scale)
-                # All scores, scaled, and $P = \mathrm{softmax}_j$: `[B, H, n]`
+                # All scores, scaled, and $P = \mathrm{softmax}_j$ (in the high precision): `[B, H, n]`
                 scores = torch.add(position.transpose(0, 1), content.view(B, H, n), alpha=scale)
-                p = torch.softmax(scores, dim=-1)
+                p = torch.softmax(scores, dim=-1, dtype=high)
                 # $\tilde P$: dropout on the probabilities
                 pd = p if masks.attn is None else p * masks.attn_probs(l, i, n)
                 # $o = \sum_j \tilde P_j v_j$, heads concatenated: `[B, D]`
-                o = torch.bmm(pd.view(BH, 1, n), values[g][:, lo:hi]).view(B, D)
+                o = torch.bmm(to_low(pd).view(BH, 1, n), values[g][:, lo:hi]).view(B, D)
                 # $x_1 = x + \mathrm{Drop}(W_o o + b_o)$
                 att = torch.addmm(lw.b_o, o, w_o_t)
                 x1 = x + att if masks.resid is None else torch.addcmul(x, att, masks.resid[0, l, i])
@@ -304,7 +366,7 @@ def run_steps(cfg: LoopConfig, x_seq: torch.Tensor, layers: List[LayerWeights], 
                 attn_saved.append(None)
             # $x \leftarrow x_1 + \mathrm{Drop}(W_2\, \mathrm{Drop}(\mathrm{ReLU}(W_1 \mathrm{LN}(x_1) + b_1)) + b_2)$
             z2, mean2, rstd2 = torch.native_layer_norm(x1, (D,), lw.ln2_w, lw.ln2_b, cfg.eps)
-            hidden = torch.relu_(torch.addmm(lw.b_1, z2, w_1_t))
+            hidden = torch.relu_(torch.addmm(lw.b_1, to_low(z2), w_1_t))
             if masks.hidden is not None:
                 hidden = hidden * masks.hidden[l, i]
             ff = torch.addmm(lw.b_2, hidden, w_2_t)
@@ -314,15 +376,15 @@ def run_steps(cfg: LoopConfig, x_seq: torch.Tensor, layers: List[LayerWeights], 
         record = None if records is None else StepRecord(xs, attn_saved, ffn_saved, lo, hi)
         outputs.append(x)
         if i < n_new:
-            # $m_t = \sum_l \mathrm{softmax}(w)_l x_t^l$, one product over the stacked layer outputs
+            # $m_t = \sum_l \mathrm{softmax}(w)_l x_t^l$, one product over the stacked layer outputs (high precision)
             mem = torch.mm(mem_w.view(1, L + 1), torch.stack(xs).view(L + 1, B * D)).view(B, D)
             if cfg.memory_norm:
                 # $\hat m_t = (m_t - \mu) / \sigma$; the norms' gains and biases are folded into `kv_w`, `kv_b`
                 # ([transformer.py](transformer.html#_FeedbackLoop.kv_projection))
                 mem_hat, mem_mean, mem_rstd = torch.native_layer_norm(mem, (D,), None, None, cfg.memory_eps)
-                kv = torch.addmm(kv_b, mem_hat, kv_w_t)
+                kv = torch.addmm(kv_b, to_low(mem_hat), kv_w_t)
             else:
-                kv = torch.mm(mem, kv_w_t)
+                kv = torch.mm(to_low(mem), kv_w_t)
             # Its keys and values for every group, into slot `hi`: `[B, G, 2, H, d_k]` to the cache's layout
             work[..., hi, :] = kv.view(B, G, 2, H, dk).permute(1, 2, 0, 3, 4)
             if record is not None:
@@ -335,11 +397,21 @@ def run_steps(cfg: LoopConfig, x_seq: torch.Tensor, layers: List[LayerWeights], 
     return torch.stack(outputs)
 
 
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _caster(dtype: torch.dtype, other: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function that casts to `dtype`, or does nothing when `dtype` is `other` (outside autocast)."""
+    return _same if dtype == other else (lambda t: t.to(dtype))
+
+
 def run_loop(cfg: LoopConfig, x_seq: torch.Tensor, prev: Optional[torch.Tensor], mem_w: torch.Tensor,
              kv_w: torch.Tensor, kv_b: Optional[torch.Tensor], layers: List[LayerWeights]):
     """Run `FeedbackLoopFunction`; `prev` may be `None` (empty cache), `kv_b` is `None` without `memory_norm`."""
     if prev is None:
-        prev = x_seq.new_empty((cfg.groups, 2, x_seq.shape[1], cfg.heads, 0, cfg.d_k))
+        prev = x_seq.new_empty((cfg.groups, 2, x_seq.shape[1], cfg.heads, 0, cfg.d_k),
+                               dtype=cfg.dtype or x_seq.dtype)
     return FeedbackLoopFunction.apply(cfg, x_seq, prev, mem_w, kv_w, kv_b, *flatten_layers(layers))
 
 

@@ -17,17 +17,21 @@ last to first. We write $\delta a$ for $\partial \mathcal{L} / \partial a$ and u
 $k_t, v_t$ (in the work buffer's gradient, where gradients from later calls also arrive). So the gradient of
 the step's keys and values, $\delta \kappa_t$ (all groups, `[B, groups * 2 * D]`), is complete, and
 
-$$\delta \hat m_t = \delta \kappa_t\, W_{kv}, \qquad
-  \delta x_t^l \mathrel{+}= \mathrm{softmax}(w)_l\, \delta m_t \quad (l = 0 \dots L),$$
+$$\begin{aligned}
+\delta \hat m_t &= \delta \kappa_t\, W_{kv}, \\
+\delta x_t^l &\mathrel{+}= \mathrm{softmax}(w)_l\, \delta m_t \quad (l = 0 \dots L),
+\end{aligned}$$
 
 where $\hat m_t = m_t$ without `memory_norm`, and with it $\delta m_t$ is the layer-norm backward below (without
 gain and bias: those are folded into $W_{kv}$).
 
 **2. Layer norm.** For $y = \gamma \odot \hat x + \beta$ with $\hat x = (x - \mu)/\sigma$ over the $D$ features,
 
-$$\delta x = \frac{1}{\sigma}\Big(g - \overline{g} - \hat x\, \overline{g \odot \hat x}\Big), \quad
-  g = \gamma \odot \delta y, \qquad
-  \delta \gamma = \textstyle\sum \delta y \odot \hat x, \quad \delta \beta = \textstyle\sum \delta y,$$
+$$\begin{aligned}
+\delta x &= \frac{1}{\sigma}\Big(g - \overline{g} - \hat x\, \overline{g \odot \hat x}\Big),
+  \quad g = \gamma \odot \delta y, \\
+\delta \gamma &= \textstyle\sum \delta y \odot \hat x, \qquad \delta \beta = \textstyle\sum \delta y,
+\end{aligned}$$
 
 where $\overline{\,\cdot\,}$ is the mean over features. ATen's `native_layer_norm_backward` computes $\delta x$ from
 the saved $\mu, 1/\sigma$; the sums over rows wait for the batched weight gradients (4).
@@ -36,34 +40,45 @@ the saved $\mu, 1/\sigma$; the sums over rows wait for the batched weight gradie
 $x \leftarrow x_1 + M_2 \odot f$ with $f = W_2 h + b_2$, $h = M_h \odot \mathrm{ReLU}(a)$,
 $a = W_1 z_2 + b_1$, $z_2 = \mathrm{LN}_2(x_1)$, where the $M$ are the scaled dropout masks:
 
-$$\delta f = M_2 \odot \delta x, \quad \delta h = \delta f\, W_2, \quad
-  \delta a = M_h \odot [a > 0] \odot \delta h, \quad \delta z_2 = \delta a\, W_1,$$
-
-$$\delta x_1 = \delta x + \mathrm{LN}_2\text{-backward}(\delta z_2).$$
+$$\begin{aligned}
+\delta f &= M_2 \odot \delta x, & \delta h &= \delta f\, W_2, \\
+\delta a &= M_h \odot [a > 0] \odot \delta h, & \delta z_2 &= \delta a\, W_1, \\
+\delta x_1 &= \delta x + \mathrm{LN}_2\text{-backward}(\delta z_2). &&
+\end{aligned}$$
 
 The attention block computed $x_1 = x + M_1 \odot (W_o o + b_o)$ with, per head,
 $o = \sum_j \tilde P_j v_j$, $\tilde P = M_P \odot P$, $P = \mathrm{softmax}(S / \sqrt{d_k})$ and the score of
 slot $j$ at distance $\Delta_j = t - j$
 
-$$S_j = (q + u)^\top k_j + q^\top p_{\Delta_j} + s_{\Delta_j}, \qquad q = W_q z, \quad z = \mathrm{LN}_1(x).$$
+$$\begin{aligned}
+S_j &= (q + u)^\top k_j + q^\top p_{\Delta_j} + s_{\Delta_j}, \\
+q &= W_q z, \qquad z = \mathrm{LN}_1(x).
+\end{aligned}$$
 
 Dropout enters $\delta P$ through its mask, and the softmax backward is linear in $\delta P$, so the scale
 $1/\sqrt{d_k}$ can go first:
 
-$$\delta o = (M_1 \odot \delta x_1)\, W_o, \quad \delta \tilde P_j = \delta o^\top v_j, \quad
-  \delta v_j \mathrel{+}= \tilde P_j\, \delta o, \quad \delta P = M_P \odot \delta \tilde P,$$
-
-$$\delta S = \frac{1}{\sqrt{d_k}}\, P \odot \Big(\delta P - \textstyle\sum_i P_i\, \delta P_i\Big).$$
+$$\begin{aligned}
+\delta o &= (M_1 \odot \delta x_1)\, W_o, & \delta \tilde P_j &= \delta o^\top v_j, \\
+\delta v_j &\mathrel{+}= \tilde P_j\, \delta o, & \delta P &= M_P \odot \delta \tilde P, \\
+\delta S &= \tfrac{1}{\sqrt{d_k}}\, P \odot \big(\delta P - \textstyle\sum_i P_i\, \delta P_i\big). &&
+\end{aligned}$$
 
 Then the score's three terms give
 
-$$\delta (q + u) = \textstyle\sum_j \delta S_j\, k_j, \quad \delta k_j \mathrel{+}= \delta S_j\, (q + u),
-  \quad \delta q = \delta (q + u) + \textstyle\sum_j \delta S_j\, p_{\Delta_j},$$
-
-$$\delta z = \delta q\, W_q, \qquad \delta x \mathrel{+}= \mathrm{LN}_1\text{-backward}(\delta z).$$
+$$\begin{aligned}
+\delta (q + u) &= \textstyle\sum_j \delta S_j\, k_j, \qquad \delta k_j \mathrel{+}= \delta S_j\, (q + u), \\
+\delta q &= \delta (q + u) + \textstyle\sum_j \delta S_j\, p_{\Delta_j}, \\
+\delta z &= \delta q\, W_q, \qquad \delta x \mathrel{+}= \mathrm{LN}_1\text{-backward}(\delta z).
+\end{aligned}$$
 
 The $\delta k_j, \delta v_j$ of all layers of the step go into the cache's gradient in one batched product
 (`add_cache_gradient`).
+
+**Mixed precision.** Under autocast the forward pass took matrix products in low precision; here too: each
+product's operands are cast to the products' dtype and its result back where the forward pass had high precision
+(the residual stream, layer norms, softmax, the memory). The cache's gradient and the weight gradients are
+accumulated in float32, so the sums over steps lose nothing to the low precision.
 
 **4. Weight gradients wait.** Each is a sum over steps of an outer product, e.g.
 $\delta W_2 = \sum_t \delta f_t^\top h_t$, so a step only keeps its $\delta$'s (`StepGrads`). Every few steps
@@ -71,15 +86,17 @@ $\delta W_2 = \sum_t \delta f_t^\top h_t$, so a step only keeps its $\delta$'s (
 product per weight. The position tables need care: step $t$ saw $n_t$ slots whose distances are the **last** $n_t$
 rows of the call's table ($N \dots 1$), so its $\delta S$ is right-aligned into a `[steps, B, H, N]` buffer, and
 
-$$\delta p_\Delta = \textstyle\sum_{t, b} \delta S_{t, t - \Delta}\, q_t, \qquad
-  \delta s_\Delta = \textstyle\sum_{t, b} \delta S_{t, t - \Delta}.$$
+$$\begin{aligned}
+\delta p_\Delta &= \textstyle\sum_{t, b} \delta S_{t, t - \Delta}\, q_t, \\
+\delta s_\Delta &= \textstyle\sum_{t, b} \delta S_{t, t - \Delta}.
+\end{aligned}$$
 """
 
-from typing import Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 
-from labml_nn.transformers.feedback.fused import LayerWeights, StepRecord
+from labml_nn.transformers.feedback.fused import LayerWeights, StepRecord, _caster
 
 # ATen kernels called directly, resolved once (their Python lookups cost more than the kernels at these sizes)
 _layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
@@ -129,31 +146,43 @@ class LoopGrads(NamedTuple):
 
 
 def backward_loop(ctx, x_seq: torch.Tensor, mem_w: torch.Tensor, kv_w: torch.Tensor, work: torch.Tensor,
-                  layers: List[LayerWeights], d_out: torch.Tensor, d_cache: Optional[torch.Tensor]) -> LoopGrads:
+                  layers: List[LayerWeights], d_out: torch.Tensor,
+                  d_cache: Optional[torch.Tensor]) -> LoopGrads:
     """
     The gradients of `FeedbackLoopFunction`'s inputs, from `d_out` `[T, B, D]` and `d_cache` (the gradient of
     the returned work buffer, from later calls, or `None`). `ctx` holds the forward pass's `cfg`, `shape`,
-    `masks` and per-step `records`.
+    `masks`, per-step `records` and the weights in the products' dtype.
     """
+    with torch.autocast(x_seq.device.type, enabled=False):
+        return _backward_steps(ctx, x_seq, mem_w, work, layers, d_out, d_cache)
+
+
+def _backward_steps(ctx, x_seq: torch.Tensor, mem_w: torch.Tensor, work: torch.Tensor,
+                    layers: List[LayerWeights], d_out: torch.Tensor,
+                    d_cache: Optional[torch.Tensor]) -> LoopGrads:
     cfg, shape, masks, records = ctx.cfg, ctx.shape, ctx.masks, ctx.records
+    # The weights as the forward pass multiplied by them (the products' dtype)
+    low_layers, kv_w = ctx.low_weights
     T, B, D, n_prev, n_new, first = shape
     L, G, H, dk = cfg.n_layers, cfg.groups, cfg.heads, cfg.d_k
     BH = B * H
     scale = 1 / dk ** 0.5
-    # The cache's gradient (those from later calls arrive in `d_cache`), and the same as
+    high = x_seq.dtype
+    to_low, to_high = _caster(work.dtype, high), _caster(high, work.dtype)
+    # The cache's gradient (those from later calls arrive in `d_cache`), in the high precision, and the same as
     # `[groups * 2 * B * H, time, d_k]` so that one product per step updates every layer's keys and values
-    d_work = torch.zeros_like(work) if d_cache is None else d_cache.clone()
+    d_work = torch.zeros_like(work, dtype=high) if d_cache is None else d_cache.to(high, copy=True)
     d_work_rows = d_work.view(G * 2 * BH, -1, dk)
     keys = [work[g, 0].view(BH, -1, dk) for g in range(G)]
     values = [work[g, 1].view(BH, -1, dk) for g in range(G)]
     # $p_\Delta$ per head, `[H, N, d_k]`
-    pos_k = [lw.pos_emb.permute(1, 0, 2) for lw in layers]
-    acc = WeightGrads(layers)
+    pos_k = [lw.pos_emb.permute(1, 0, 2) for lw in low_layers]
+    acc = WeightGrads(layers, to_low)
     d_x_seq = torch.empty_like(x_seq)
     pending: List[StepGrads] = []
     chunk = max(1, CHUNK_ROWS // B)
     # Stands for `input` in `baddbmm(input, ..., beta=0)`
-    no_input = x_seq.new_zeros(())
+    no_input = work.new_zeros(())
     # $\mathrm{softmax}(w)$ as Python floats, and the masks, as locals of the hot loop
     mem_ws = mem_w.tolist()
     resid, hidden_mask, attn_mask = masks.resid, masks.hidden, masks.attn
@@ -166,52 +195,53 @@ def backward_loop(ctx, x_seq: torch.Tensor, mem_w: torch.Tensor, kv_w: torch.Ten
         d_mem = None
         # 1. The memory: $\delta \kappa_t$ is complete, all later steps are done
         if i < n_new:
-            sg.d_kv = d_work[..., hi, :].permute(2, 0, 1, 3, 4).reshape(B, G * 2 * D)
-            d_mem = torch.mm(sg.d_kv, kv_w)
+            sg.d_kv = to_low(d_work[..., hi, :].permute(2, 0, 1, 3, 4).reshape(B, G * 2 * D))
+            d_mem = to_high(torch.mm(sg.d_kv, kv_w))
             if cfg.memory_norm:
                 # Through $\hat m_t = (m_t - \mu)/\sigma$ (2., without gain and bias)
                 mean, rstd = rec.mem_stats
-                d_mem = _layer_norm_backward(d_mem, rec.mem, (D,), mean, rstd, None, None, (True, False, False))[0]
+                d_mem = _layer_norm_backward(d_mem, rec.mem, (D,), mean, rstd, None, None,
+                                             (True, False, False))[0]
             sg.d_mem = d_mem
         # $\delta x_t^L = \delta y_t + \mathrm{softmax}(w)_L\, \delta m_t$
         dx = d_out[i] if d_mem is None else torch.add(d_out[i], d_mem, alpha=mem_ws[L])
         # Per layer (top first): $\delta S$, $\tilde P$, $q + u$ and $\delta o$, for the cache's gradient
         outer = []
         for l in reversed(range(L)):
-            lw = layers[l]
+            lw, lw_low = layers[l], low_layers[l]
             g = l if G > 1 else 0
             ffn = rec.ffn[l]
             # 3. The feed-forward block: $\delta f$, $\delta h$, $\delta a$, $\delta z_2$, then $\delta x_1$
-            d_f = dx if resid is None else dx * resid[1, l, i]
-            d_h = torch.mm(d_f, lw.w_2)
+            d_f = to_low(dx if resid is None else dx * resid[1, l, i])
+            d_h = torch.mm(d_f, lw_low.w_2)
             d_a = _relu_backward(d_h, ffn.hidden, 0)
             if hidden_mask is not None:
                 d_a = d_a * hidden_mask[l, i]
-            d_z2 = torch.mm(d_a, lw.w_1)
+            d_z2 = to_high(torch.mm(d_a, lw_low.w_1))
             dx = dx + _layer_norm_backward(d_z2, ffn.x1, (D,), ffn.mean2, ffn.rstd2, lw.ln2_w, None,
                                            (True, False, False))[0]
             sg.ffn[l] = FfnGrads(d_f, d_a, d_z2)
             a = rec.attn[l]
             if a is not None:
                 # The attention block: $\delta o$ `[B * H, 1, d_k]`
-                d_att = dx if resid is None else dx * resid[0, l, i]
-                d_o = torch.mm(d_att, lw.w_o).view(BH, 1, dk)
+                d_att = to_low(dx if resid is None else dx * resid[0, l, i])
+                d_o = torch.mm(d_att, lw_low.w_o).view(BH, 1, dk)
                 pd = a.p if attn_mask is None else a.p * masks.attn_probs(l, i, n)
                 # $\frac{1}{\sqrt{d_k}} \delta \tilde P$, then $\delta P$ through the mask, `[B, H, n]`
                 d_pd = torch.baddbmm(no_input, d_o, values[g][:, lo:hi].transpose(1, 2), beta=0, alpha=scale)
-                d_pd = d_pd.view(B, H, n)
+                d_pd = to_high(d_pd.view(B, H, n))
                 if attn_mask is not None:
                     d_pd = d_pd * masks.attn_probs(l, i, n)
-                # $\delta S = P \odot (\cdot - \sum_i P_i\, \cdot)$
-                d_scores = torch._softmax_backward_data(d_pd, a.p, -1, a.p.dtype)
+                # $\delta S = P \odot (\cdot - \sum_i P_i\, \cdot)$, back in the products' dtype
+                d_scores = to_low(torch._softmax_backward_data(d_pd, a.p, -1, a.p.dtype))
                 # $\delta (q + u) = \sum_j \delta S_j k_j$
                 d_qu = torch.bmm(d_scores.view(BH, 1, n), keys[g][:, lo:hi])
-                outer.append((d_scores, pd, a.qu, d_o))
+                outer.append((d_scores, to_low(pd), a.qu, d_o))
                 # $\delta q = \delta (q + u) + \sum_j \delta S_j\, p_{\Delta_j}$ (the last `n` distances)
-                d_q = d_qu.view(B, H, dk) + torch.bmm(d_scores.transpose(0, 1), pos_k[l][:, -n:]).transpose(0, 1)
-                d_q = d_q.reshape(B, D)
+                d_pos = torch.bmm(d_scores.transpose(0, 1), pos_k[l][:, -n:]).transpose(0, 1)
+                d_q = (d_qu.view(B, H, dk) + d_pos).reshape(B, D)
                 # $\delta z = \delta q W_q$ and $\delta x$ through $\mathrm{LN}_1$
-                d_z = torch.mm(d_q, lw.w_q)
+                d_z = to_high(torch.mm(d_q, lw_low.w_q))
                 dx = dx + _layer_norm_backward(d_z, rec.xs[l], (D,), a.mean, a.rstd, lw.ln1_w, None,
                                                (True, False, False))[0]
                 sg.attn[l] = AttnGrads(d_att, d_q, d_qu.view(B, H, dk), d_z, d_scores)
@@ -223,15 +253,16 @@ def backward_loop(ctx, x_seq: torch.Tensor, mem_w: torch.Tensor, kv_w: torch.Ten
         d_x_seq[i] = dx
         pending.append(sg)
         if len(pending) == chunk or i == 0:
-            acc.add(records, pending, layers, cfg.memory_norm)
+            acc.add(records, pending, low_layers, cfg.memory_norm)
             pending = []
 
-    d_prev = d_work[..., :n_prev, :] if n_prev else None
+    d_prev = d_work[..., :n_prev, :].to(work.dtype) if n_prev else None
     d_mem_w = acc.mem_w if acc.mem_w is not None or not ctx.needs_input_grad[3] else torch.zeros_like(mem_w)
     return LoopGrads(d_x_seq, d_prev, d_mem_w, acc.kv_w, acc.kv_b, acc.layer_grads())
 
 
-def add_cache_gradient(d_work_rows: torch.Tensor, outer: list, lo: int, hi: int, G: int, BH: int, dk: int) -> None:
+def add_cache_gradient(d_work_rows: torch.Tensor, outer: list, lo: int, hi: int, G: int, BH: int,
+                       dk: int) -> None:
     r"""
     $\delta k_j \mathrel{+}= \sum_l \delta S^l_{j} (q^l + u^l)$ and
     $\delta v_j \mathrel{+}= \sum_l \tilde P^l_{j}\, \delta o^l$ for the slots $j$ = `lo .. hi - 1` that the step
@@ -258,10 +289,14 @@ def add_cache_gradient(d_work_rows: torch.Tensor, outer: list, lo: int, hi: int,
 class WeightGrads:
     """Weight gradients, accumulated chunk by chunk with one product per weight (4. above)."""
 
-    def __init__(self, layers: List[LayerWeights]):
+    def __init__(self, layers: List[LayerWeights], to_low: Callable[[torch.Tensor], torch.Tensor]):
+        # Products take their operands in the forward pass's products' dtype (`to_low`); sums are in the
+        # parameters' dtype
+        self.to_low = to_low
+        self.high = layers[0].w_q.dtype
         # Per layer, one running sum per `LayerWeights` field
-        self.layers: List[Dict[str, torch.Tensor]] = [{k: torch.zeros_like(t) for k, t in lw._asdict().items()}
-                                                      for lw in layers]
+        self.layers: List[Dict[str, torch.Tensor]] = [
+            {k: torch.zeros_like(t) for k, t in lw._asdict().items()} for lw in layers]
         self.mem_w: Optional[torch.Tensor] = None
         self.kv_w: Optional[torch.Tensor] = None
         self.kv_b: Optional[torch.Tensor] = None
@@ -277,7 +312,7 @@ class WeightGrads:
             memory_norm: bool) -> None:
         """Add the weight gradients of `steps` (kept by the loop, latest first)."""
         steps = steps[::-1]
-        cat = torch.cat
+        cat, to_low, high = torch.cat, self.to_low, self.high
         for l, lw in enumerate(layers):
             g = self.layers[l]
             # The feed-forward block, rows of all steps stacked: $\delta W_2 = \sum \delta f^\top h$,
@@ -288,9 +323,9 @@ class WeightGrads:
             xhat2 = (cat([f.x1 for f in fs]) - cat([f.mean2 for f in fs])) * cat([f.rstd2 for f in fs])
             z2 = torch.addcmul(lw.ln2_b, xhat2, lw.ln2_w)
             g['w_2'] = g['w_2'] + torch.mm(d_f.t(), cat([f.hidden for f in fs]))
-            g['b_2'] = g['b_2'] + d_f.sum(0)
-            g['w_1'] = g['w_1'] + torch.mm(d_a.t(), z2)
-            g['b_1'] = g['b_1'] + d_a.sum(0)
+            g['b_2'] = g['b_2'] + d_f.sum(0, dtype=high)
+            g['w_1'] = g['w_1'] + torch.mm(d_a.t(), to_low(z2))
+            g['b_1'] = g['b_1'] + d_a.sum(0, dtype=high)
             g['ln2_w'] = g['ln2_w'] + (d_z2 * xhat2).sum(0)
             g['ln2_b'] = g['ln2_b'] + d_z2.sum(0)
             # The attention block, at the steps that had memory
@@ -305,10 +340,10 @@ class WeightGrads:
             z = torch.addcmul(lw.ln1_b, xhat, lw.ln1_w)
             # $\delta W_q = \sum \delta q^\top z$, $\delta u = \sum \delta (q + u)$,
             # $\delta W_o = \sum \delta(W_o o)^\top o$, and $\mathrm{LN}_1$'s $\delta \gamma, \delta \beta$
-            g['w_q'] = g['w_q'] + torch.mm(d_q.t(), z)
-            g['u'] = g['u'] + d_qu.sum(0)
+            g['w_q'] = g['w_q'] + torch.mm(d_q.t(), to_low(z))
+            g['u'] = g['u'] + d_qu.sum(0, dtype=high)
             g['w_o'] = g['w_o'] + torch.mm(d_att.t(), cat([a.o for a in sa]))
-            g['b_o'] = g['b_o'] + d_att.sum(0)
+            g['b_o'] = g['b_o'] + d_att.sum(0, dtype=high)
             g['ln1_w'] = g['ln1_w'] + (d_z * xhat).sum(0)
             g['ln1_b'] = g['ln1_b'] + d_z.sum(0)
             # Position tables: each step's $\delta S$ right-aligned by distance into `[steps, B, H, N]`
@@ -320,7 +355,7 @@ class WeightGrads:
             # $\delta p_\Delta = \sum_{t, b} \delta S_{t, t - \Delta}\, q_t$ and
             # $\delta s_\Delta = \sum_{t, b} \delta S_{t, t - \Delta}$
             g['pos_emb'] = g['pos_emb'] + torch.einsum('tbhn,tbhd->nhd', d_scores, q)
-            g['pos_bias'] = g['pos_bias'] + d_scores.sum((0, 1)).t()
+            g['pos_bias'] = g['pos_bias'] + d_scores.sum((0, 1), dtype=high).t()
         # The memory: $\delta\, \mathrm{softmax}(w)_l = \sum_{t, b} \delta m_t \cdot x_t^l$,
         # $\delta W_{kv} = \sum_t \delta \kappa_t^\top \hat m_t$ and, with `memory_norm`,
         # $\delta b_{kv} = \sum_t \delta \kappa_t$
@@ -336,7 +371,7 @@ class WeightGrads:
             # The projection read $\hat m_t$
             mems = (mems - cat([records[sg.i].mem_stats[0] for sg in mem_steps])) \
                 * cat([records[sg.i].mem_stats[1] for sg in mem_steps])
-            self.kv_b = self._add(self.kv_b, d_kv.sum(0))
-        self.kv_w = self._add(self.kv_w, torch.mm(d_kv.t(), mems))
+            self.kv_b = self._add(self.kv_b, d_kv.sum(0, dtype=high))
+        self.kv_w = self._add(self.kv_w, torch.mm(d_kv.t(), to_low(mems)).to(high))
 
 

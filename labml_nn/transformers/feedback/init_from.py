@@ -45,6 +45,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+# How a feedback parameter is made from the checkpoint: a description, the source names, and `make(target)`
+Rule = Tuple[str, List[str], Callable[[torch.Tensor], torch.Tensor]]
+
 # The experiment's default model, for checkpoints whose configuration does not name one
 _DEFAULT_MODEL = 'feedback_transformer'
 
@@ -53,8 +56,8 @@ def check_source_checkpoint(payload: Dict, init_from: str) -> Dict[str, torch.Te
     """The model weights of a `model=transformer` training checkpoint; a `ValueError` for any other model."""
     model = payload.get('config', {}).get('model', _DEFAULT_MODEL)
     if model != 'transformer':
-        raise ValueError(f"init_from={init_from}: the checkpoint was trained with model={model}; init_from takes a "
-                         f"checkpoint of model=transformer (use resume= to continue a feedback run)")
+        raise ValueError(f"init_from={init_from}: the checkpoint was trained with model={model}; init_from "
+                         f"takes a checkpoint of model=transformer (use resume= to continue a feedback run)")
     return payload['model']
 
 
@@ -64,8 +67,7 @@ def _shifted_positions(table: torch.Tensor, rows: int) -> torch.Tensor:
     return table[index]
 
 
-def _source_rule(name: str, source: Dict[str, torch.Tensor],
-                 n_source_layers: int) -> Optional[Tuple[str, List[str], Callable[[torch.Tensor], torch.Tensor]]]:
+def _source_rule(name: str, source: Dict[str, torch.Tensor], n_source_layers: int) -> Optional[Rule]:
     """
     Where feedback parameter `name` comes from: `(description, source names, make)` where `make(target)` returns
     the value, or `None` when the transformer has nothing for it.
@@ -108,8 +110,9 @@ def copy_from_transformer(source: Dict[str, torch.Tensor], target: nn.Module) ->
         description, names, make = rule
         value = make(param)
         if value.shape != param.shape:
-            raise ValueError(f"init_from: incompatible shapes for {name}: the feedback model has {list(param.shape)}, "
-                             f"the transformer checkpoint's {description} has {list(value.shape)}")
+            raise ValueError(f"init_from: incompatible shapes for {name}: the feedback model has "
+                             f"{list(param.shape)}, the transformer checkpoint's {description} has "
+                             f"{list(value.shape)}")
         values[name] = value
         copied.append((name, description))
         used.update(names)

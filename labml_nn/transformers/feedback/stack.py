@@ -82,7 +82,11 @@ class StackFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, value: torch.Tensor, stack: "Stack", n: int) -> torch.Tensor:
+        # Write entry $n$ into the buffer (copying `value`: the buffer owns its rows); `start` is the first entry
+        # this view shows (older ones are outside the memory span)
         start = stack._write(n, value)
+        # The stack is a Python object, not a tensor: it rides on `ctx` as a plain attribute. Nothing is saved with
+        # `save_for_backward`: the backward pass needs no tensor of the forward pass, only indices
         ctx.stack = stack
         ctx.n = n
         ctx.start = start
@@ -152,7 +156,10 @@ class Stack:
             self.requires_grad = True
             self._last = StackFunction.apply(value, self, n)
         else:
-            # No gradient to track: skip the autograd node, same data
+            # No gradient to track (generation, a detached state): the same write and view, without creating an
+            # autograd node. `forward` is a plain static method, so it can be called directly; it stores its three
+            # attributes on whatever `ctx` it gets, here a throwaway stand-in (`_NoCtx`), since no backward will
+            # ever read them
             with torch.no_grad():
                 self._last = StackFunction.forward(_NoCtx(), value.detach(), self, n)
         return self._last
@@ -175,7 +182,10 @@ class Stack:
         # The first entry the next step sees
         first = self._visible_start(self.length - 1) if self.length > 0 else 0
         buf = self._buffer
-        if buf is None or first < buf.first or end > buf.first + buf.data.shape[self.dim] or buf.end != self.length:
+        # A new buffer unless the current one holds entry `first` already, has room up to `end`, and no fork has
+        # written past our last entry (then its rows after `length` are someone else's)
+        capacity = 0 if buf is None else buf.data.shape[self.dim]
+        if buf is None or first < buf.first or end > buf.first + capacity or buf.end != self.length:
             self._buffer = _Buffer.grow(buf, like, self.dim, first=first, end=self.length,
                                         capacity=max(2 * (end - first), self.capacity_hint - first, 16))
         return self._buffer.data, self._buffer.first
@@ -200,11 +210,15 @@ class Stack:
         if not 0 <= n <= self.length:
             raise ValueError(f"fork: n must be in [0, {self.length}], got {n}")
         other = Stack(self.capacity_hint, memory_span=self.memory_span, dim=self.dim)
+        # All `n` entries are constants for the fork: its backward passes stop there
         other.length = other.frozen = n
         if n == 0:
             return other
+        # The entries the fork's next step sees: `start .. n - 1`
         start = self._visible_start(n - 1)
         if self._buffer.first <= start:
+            # Our buffer still holds them: share it (whoever appends first past `n` keeps writing into it; the other
+            # finds `buffer.end != length` and copies, in `_write`)
             other._buffer = self._buffer
         elif visible is not None and visible.shape[self.dim] == n - start:
             other._buffer = _Buffer(visible.detach(), first=start, end=n)
@@ -215,13 +229,15 @@ class Stack:
         return other
 
     @staticmethod
-    def from_rows(rows: torch.Tensor, first: int, *, memory_span: Optional[int] = None, dim: int = 0) -> "Stack":
+    def from_rows(rows: torch.Tensor, first: int, *, memory_span: Optional[int] = None,
+                  dim: int = 0) -> "Stack":
         r"""
         A stack whose entries `first, first + 1, ...` are `rows` (stacked on `dim`, any strides, no copy), all
         constants for autograd: their gradients flow through `rows` itself. The fused loop returns its cache so.
         """
         stack = Stack(memory_span=memory_span, dim=dim)
         end = first + rows.shape[dim]
+        # Constants for the stack's own backward (their gradient is autograd's business, through `rows`)
         stack.length = stack.frozen = end
         stack._buffer = _Buffer(rows.detach(), first=first, end=end)
         stack._last = stack._alias(stack._visible_start(end - 1), end)
@@ -256,11 +272,14 @@ class Stack:
         start = self._visible_start(n)
         # A new buffer when there is none, it is full, or a fork has written past our end (copy on write)
         if buf is None or n >= buf.first + buf.data.shape[self.dim] or buf.end != n:
+            # Room for twice what is visible now, so appends cost amortized $O(1)$ copies; with a memory span at
+            # most twice the span: the buffer then keeps sliding forward, dropping entries nobody sees any more
             capacity = max(2 * (n - start) + 1, self.capacity_hint - start, 16)
             if self.memory_span is not None:
                 capacity = max(min(capacity, 2 * self.memory_span), n - start + 1)
             self._buffer = _Buffer.grow(buf, value, self.dim, first=start, end=n, capacity=capacity)
             buf = self._buffer
+        # Row `n - first` of the buffer is entry `n`
         buf.data.select(self.dim, n - buf.first).copy_(value)
         buf.end = n + 1
         self.length = n + 1
@@ -271,15 +290,19 @@ class Stack:
         data = self._buffer.data
         shape = list(data.shape)
         shape[self.dim] = stop - start
+        # `set_` points a fresh tensor (fresh version counter) at the buffer's storage: unlike a view made with
+        # `narrow`, later writes to other rows of the buffer do not bump this tensor's version, so autograd keeps
+        # accepting it in the backward pass
         out = data.new_empty(0)
-        out.set_(data.untyped_storage(),
-                 data.storage_offset() + (start - self._buffer.first) * data.stride(self.dim), shape, data.stride())
+        offset = data.storage_offset() + (start - self._buffer.first) * data.stride(self.dim)
+        out.set_(data.untyped_storage(), offset, shape, data.stride())
         return out
 
     def _grad_buffer(self, like: torch.Tensor) -> torch.Tensor:
         # Zeros at the start of each backward pass (identified by the autograd engine's graph task id)
         task = torch._C._current_graph_task_id()
         if self._grad is None or task != self._grad_task:
+            # One row per entry that can receive a gradient, `frozen .. length - 1`
             shape = list(like.shape)
             shape[self.dim] = self.length - self.frozen
             self._grad = like.new_zeros(shape)

@@ -99,8 +99,9 @@ class FeedbackState:
         if self.kv.length == self.n_steps:
             return self.kv
         if self.kv.requires_grad and self.kv.frozen < self.n_steps and torch.is_grad_enabled():
-            raise ValueError("state was already continued by an earlier call; continuing it again would mix two "
-                             "graphs' gradients. Use state.detach() (or torch.no_grad()) to branch from a state.")
+            raise ValueError("state was already continued by an earlier call; continuing it again would "
+                             "mix two graphs' gradients. Use state.detach() (or torch.no_grad()) to branch "
+                             "from a state.")
         return self.kv.fork(self.n_steps, self.visible)
 
     @staticmethod
@@ -118,7 +119,8 @@ class FeedbackState:
         return {'kind': 'feedback', 'n_steps': self.n_steps, 'visible': self.visible.detach().cpu().clone()}
 
     @staticmethod
-    def from_payload(payload: Dict[str, Any], device: torch.device, memory_span: Optional[int]) -> "FeedbackState":
+    def from_payload(payload: Dict[str, Any], device: torch.device,
+                     memory_span: Optional[int]) -> "FeedbackState":
         """The state that `to_payload` saved, on `device`, continued by a model with `memory_span`."""
         # Checkpoints written before `to_payload` existed hold the same fields (and the time axis, always 4)
         if payload.get('kind', 'feedback') != 'feedback' or int(payload.get('dim', 4)) != 4:

@@ -75,7 +75,8 @@ class FeedbackTransformerLayer(nn.Module):
     feed-forward network, each in a residual block with dropout.
     """
 
-    def __init__(self, *, d_model: int, attn: FeedbackAttention, feed_forward: nn.Module, dropout_prob: float):
+    def __init__(self, *, d_model: int, attn: FeedbackAttention, feed_forward: nn.Module,
+                 dropout_prob: float):
         super().__init__()
         if not isinstance(attn, FeedbackAttention):
             raise TypeError(f"attn must be a FeedbackAttention, got {type(attn).__name__}")
@@ -89,7 +90,8 @@ class FeedbackTransformerLayer(nn.Module):
         self.norm_ff = nn.LayerNorm([d_model])
 
     def forward(self, *, x: torch.Tensor, key: Optional[torch.Tensor], value: Optional[torch.Tensor],
-                pos_emb: Optional[torch.Tensor] = None, pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                pos_emb: Optional[torch.Tensor] = None,
+                pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """
         * `x`: this step's input to the layer, `[batch_size, d_model]`
         * `key`, `value`: the visible memory's keys and values `[n, batch_size, heads, d_k]`, or `None` at the
@@ -113,8 +115,8 @@ class _FeedbackLoop(FastPaths, nn.Module):
     # Number of key/value groups in the cache (`n_layers`, or 1 when shared)
     groups: int
 
-    def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, memory_span: Optional[int], fused: bool,
-                 memory_norm: bool):
+    def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, memory_span: Optional[int],
+                 fused: bool, memory_norm: bool):
         super().__init__()
         if not isinstance(layer, FeedbackTransformerLayer):
             raise TypeError(f"layer must be a FeedbackTransformerLayer, got {type(layer).__name__}")
@@ -187,6 +189,9 @@ class _FeedbackLoop(FastPaths, nn.Module):
         Returns `[seq_len, batch_size, d_model]`, and the state if asked for.
         """
         self._check_input(x_seq, state)
+        if x_seq.dtype != self.weights.dtype:
+            # Under autocast (checked above): the residual stream keeps the parameters' precision
+            x_seq = x_seq.to(self.weights.dtype)
         if self.fused:
             # The same function, fast ([fast_paths.py](fast_paths.html))
             if torch.is_grad_enabled():
@@ -203,8 +208,9 @@ class _FeedbackLoop(FastPaths, nn.Module):
         else:
             n_start, stack, visible = state.n_steps, state.stack_for_continuation(), state.visible
             if torch.is_grad_enabled() and state.visible.requires_grad and state.kv.frozen >= n_start:
-                raise ValueError("this state was made by the fused training loop and carries gradients: continue it "
-                                 "with the same model settings (model.fused=True) or call state.detach() first")
+                raise ValueError("this state was made by the fused training loop and carries gradients: "
+                                 "continue it with the same model settings (model.fused=True) or call "
+                                 "state.detach() first")
         # Relative position terms for the most memory any step of this call sees (the last step's)
         n_max = n_visible(n_start + seq_len - 1, self.memory_span)
         pos = [layer.attn.relative_terms(n_max) if n_max > 0 else (None, None) for layer in self.layers]
@@ -230,8 +236,9 @@ class _FeedbackLoop(FastPaths, nn.Module):
             # The memory of the last step is only needed by a later call
             if i == seq_len - 1 and not return_state:
                 break
-            # $m_t = \sum_l \mathrm{softmax}(w)_l x_t^l$, `[batch_size, d_model]`
-            mem = torch.einsum('l,lbd->bd', mem_w, torch.stack(layer_outputs))
+            # $m_t = \sum_l \mathrm{softmax}(w)_l x_t^l$, `[batch_size, d_model]` (element-wise, so that autocast
+            # keeps it in the residual stream's precision)
+            mem = (mem_w[:, None, None] * torch.stack(layer_outputs)).sum(0)
             if self.memory_norm:
                 # $\hat m_t$; the groups' gains and biases are folded into `kv_w`, `kv_b`
                 mem = F.layer_norm(mem, (self.d_model,), eps=self.memory_eps())
@@ -260,14 +267,15 @@ class _FeedbackLoop(FastPaths, nn.Module):
             raise TypeError(f"x_seq must be a torch.Tensor of shape [seq_len, batch_size, d_model], "
                             f"got {type(x_seq).__name__}")
         if not x_seq.is_floating_point():
-            raise TypeError(f"x_seq must be a floating point tensor (embedded tokens), got dtype {x_seq.dtype}")
+            raise TypeError(f"x_seq must be a floating point tensor (embedded tokens), "
+                            f"got dtype {x_seq.dtype}")
         if x_seq.dim() != 3 or x_seq.shape[2] != self.d_model or x_seq.shape[0] < 1 or x_seq.shape[1] < 1:
-            raise ValueError(f"x_seq must have shape [seq_len >= 1, batch_size >= 1, d_model={self.d_model}], "
-                             f"got {list(x_seq.shape)}")
+            raise ValueError(f"x_seq must have shape [seq_len >= 1, batch_size >= 1, "
+                             f"d_model={self.d_model}], got {list(x_seq.shape)}")
         param = self.weights
         if x_seq.dtype != param.dtype and not torch.is_autocast_enabled(x_seq.device.type):
-            raise TypeError(f"x_seq is {x_seq.dtype} but the model's parameters are {param.dtype}: convert one to "
-                            f"the other (e.g. model.to({x_seq.dtype})), or run under torch.autocast")
+            raise TypeError(f"x_seq is {x_seq.dtype} but the model's parameters are {param.dtype}: convert "
+                            f"one to the other (e.g. model.to({x_seq.dtype})), or run under torch.autocast")
         if x_seq.device != param.device:
             raise ValueError(f"x_seq is on {x_seq.device} but the model is on {param.device}")
         if state is None:
@@ -283,6 +291,10 @@ class _FeedbackLoop(FastPaths, nn.Module):
                              f"(state batch size {state.batch_size}, x_seq batch size {x_seq.shape[1]})")
         if state.visible.device != x_seq.device:
             raise TypeError(f"state is on {state.visible.device} but x_seq is on {x_seq.device}")
+        if state.visible.dtype != self.cache_dtype(x_seq):
+            raise TypeError(f"state holds {state.visible.dtype} keys and values but this call makes "
+                            f"{self.cache_dtype(x_seq)} ones: continue a state in the precision it was "
+                            f"made in (the same model dtype, under the same torch.autocast)")
         if state.memory_span != self.memory_span:
             raise ValueError(f"state was made with memory_span={state.memory_span}, this model has "
                              f"memory_span={self.memory_span}")
@@ -305,14 +317,16 @@ class FeedbackTransformer(_FeedbackLoop):
     def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, *, memory_span: Optional[int] = None,
                  fused: bool = True, memory_norm: bool = False):
         if isinstance(layer, FeedbackTransformerLayer) and layer.attn.is_kv_precomputed:
-            raise ValueError("FeedbackTransformer projects the memory with each layer's own key/value layers: build "
-                             "its FeedbackAttention with is_kv_precomputed=False (or use FeedbackTransformerKV)")
+            raise ValueError("FeedbackTransformer projects the memory with each layer's own key/value "
+                             "layers: build its FeedbackAttention with is_kv_precomputed=False (or use "
+                             "FeedbackTransformerKV)")
         super().__init__(layer, n_layers, memory_span, fused, memory_norm)
         self.groups = n_layers
 
     def kv_weights(self) -> List[torch.Tensor]:
         # $W_k^1, W_v^1, \dots, W_k^L, W_v^L$
-        return [w for layer in self.layers for w in (layer.attn.key.linear.weight, layer.attn.value.linear.weight)]
+        return [w for layer in self.layers
+                for w in (layer.attn.key.linear.weight, layer.attn.value.linear.weight)]
 
     def memory_norms(self) -> List[nn.LayerNorm]:
         # Layer $l$ normalizes the memory with its own pre-attention norm
@@ -336,8 +350,8 @@ class FeedbackTransformerKV(_FeedbackLoop):
                  memory_span: Optional[int] = None, fused: bool = True, memory_norm: bool = False):
         if isinstance(layer, FeedbackTransformerLayer):
             if not layer.attn.is_kv_precomputed:
-                raise ValueError("FeedbackTransformerKV shares one key/value projection between layers: build the "
-                                 "layer's FeedbackAttention with is_kv_precomputed=True")
+                raise ValueError("FeedbackTransformerKV shares one key/value projection between layers: "
+                                 "build the layer's FeedbackAttention with is_kv_precomputed=True")
             if layer.size != d_model or layer.attn.heads != heads:
                 raise ValueError(f"d_model={d_model}, heads={heads} must match the layer's "
                                  f"(d_model={layer.size}, heads={layer.attn.heads})")

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# GPU check, for one CUDA GPU, in under 10 minutes (about 3 on an H200):
+#   1. the core tests that run on any device, on CUDA (the float64 reference comparisons, state continuation,
+#      memory spans, cached generation, and mixed precision: `pytest -k cuda`);
+#   2. the training benchmark at labml_nn's experiment size (d_model 512, 8 heads, d_ff 2048, 6 layers, seq_len 128,
+#      batch 64) for the parallel transformer and both Feedback Transformers, in fp32 and under bf16 autocast:
+#      one JSON line per model and precision (tokens/s, slowdown versus the parallel model, peak GPU memory).
+# It needs PyTorch with CUDA and pytest, nothing else (no labml): run it from a checkout, `bash experiments/gpu_check.sh`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PYTHON="${PYTHON:-python3}"
+"$PYTHON" - <<'PY'
+import torch
+assert torch.cuda.is_available(), "gpu_check.sh needs a CUDA GPU"
+print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}")
+PY
+"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_feedback.py tests/test_generate.py tests/test_precision.py -k cuda
+for precision in fp32 bf16; do
+    "$PYTHON" experiments/benchmark.py --device cuda --precision "$precision" --d-model 512 --heads 8 --d-ff 2048 \
+        --n-layers 6 --seq-len 128 --batch 64 --warmup 2 --steps 5 | tail -n 1 | "$PYTHON" -c '
+import json, sys
+run = json.load(sys.stdin)
+for result in run["results"]:
+    print(json.dumps({"precision": run["config"]["precision"], "device": "cuda", **result}))'
+done
