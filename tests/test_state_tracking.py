@@ -253,7 +253,7 @@ def test_masked_loss_counts_only_print_positions():
 def test_train_statements():
     assert parse_train_statements('10:0,40:0.5') == [(10, 0.0), (40, 0.5)]
     assert parse_train_statements('20') == [(20, 0.0)]
-    for bad in ('a', '10:0.2', '10:0,20:0,30:0.5', '10:0,20:1', '0:0'):
+    for bad in ('a', '10:0:1', '10:0.2', '10:0,20:0,30:0.5', '10:0,20:1', '0:0'):
         with pytest.raises(ValueError, match='train_statements'):
             parse_train_statements(bad)
 

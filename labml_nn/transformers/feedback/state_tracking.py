@@ -90,8 +90,8 @@ def parse_train_statements(spec: str) -> List[Tuple[int, float]]:
     `[(20, 0.0)]`, `"10:0,40:0.5"` to `[(10, 0.0), (40, 0.5)]`.
     """
     try:
-        stages = [(int(part), 0.0) if ':' not in part else (int(part.split(':')[0]), float(part.split(':')[1]))
-                  for part in spec.split(',')]
+        parts = [part.strip().partition(':') for part in spec.split(',')]
+        stages = [(int(n), float(start) if sep else 0.0) for n, sep, start in parts]
     except ValueError:
         stages = []
     starts = [start for _, start in stages]
