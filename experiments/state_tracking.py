@@ -35,7 +35,7 @@ PRESETS: Dict[str, Dict[str, List[str]]] = {
     # says how this was chosen)
     'cpu': {
         'all': ['variables=1', 'statements=100', 'train_statements=20', 'memory_span=8', 'd_model=64', 'heads=4',
-                'd_ff=256', 'seq_len=64', 'batch_size=32', 'epochs=12', 'epoch_segments=200', 'valid_programs=96',
+                'd_ff=256', 'seq_len=64', 'batch_size=32', 'epochs=16', 'epoch_segments=200', 'valid_programs=96',
                 'test_programs=500', 'optimizer.optimizer=AdamCosine', 'optimizer.warmup=100',
                 'optimizer.learning_rate=3e-3', 'num_threads=1'],
         'feedback': ['n_layers=2', 'memory_norm=true'],

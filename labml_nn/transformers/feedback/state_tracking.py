@@ -166,7 +166,7 @@ class StateTrackingConfigs(Configs):
     carry_memory: bool = True
     seq_len: int = 64
     batch_size: int = 32
-    epochs: int = 12
+    epochs: int = 16
     inner_iterations: int = 1
     sample_tokens: int = 0
     prompt: str = ''
