@@ -43,11 +43,12 @@ PRESETS: Dict[str, Dict[str, List[str]]] = {
     },
     # The authors' scripts (experiments/feedback/algorithmic_3var.sh): d=256, 4 heads, FFN 1024, feedback 4 layers
     # and transformer 8, segments of 64 tokens with carried memory, span 100, dropout 0.2, Adam 1e-4 with 1,000
-    # warm-up steps, gradient clipping 0.1, 10,000 training programs of 100 statements per pass
+    # warm-up steps, gradient clipping 0.1, 50 epochs of 1,000 batches of 512 streams. (They reuse 10,000 training
+    # programs; here every epoch draws fresh ones.)
     'paper': {
-        'all': ['variables=3', 'statements=100', 'memory_span=100', 'd_model=256', 'heads=4', 'd_ff=1024',
-                'dropout=0.2', 'seq_len=64', 'batch_size=512', 'epochs=50', 'epoch_segments=1000',
-                'valid_programs=1000', 'test_programs=1000', 'optimizer.optimizer=AdamWarmup',
+        'all': ['variables=3', 'statements=100', 'train_statements=100', 'memory_span=100', 'd_model=256',
+                'heads=4', 'd_ff=1024', 'dropout=0.2', 'seq_len=64', 'batch_size=512', 'epochs=50',
+                'epoch_segments=1000', 'valid_programs=1000', 'test_programs=1000', 'optimizer.optimizer=AdamWarmup',
                 'optimizer.learning_rate=1e-4', 'optimizer.warmup=1000', 'grad_norm_clip=0.1'],
         'feedback': ['n_layers=4', 'memory_norm=true'],
         'transformer': ['n_layers=8'],
