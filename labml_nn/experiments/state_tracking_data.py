@@ -44,6 +44,8 @@ names and the values, in that order. Programs are drawn from `random.Random` see
 the split, so the same arguments give the same programs on any machine. The test programs come first, then the
 validation programs (skipping any that is a test program), and training programs skip every validation or test
 program: no program is in two splits.
+
+The [state-tracking experiment](../transformers/feedback/state_tracking.html) trains and tests the models on them.
 """
 
 import random
