@@ -166,10 +166,6 @@ class AcceleratedConfigs(NLPAutoRegressionConfigs):
 
     # ## Curriculum
 
-    def total_steps(self) -> int:
-        """The optimizer steps of the whole run, which the curriculum's fractions refer to."""
-        return self.train_steps if self.train_steps > 0 else self.epochs * len(self.train_loader)
-
     def curriculum_length(self, step: int) -> int:
         """The training segment length at optimizer step `step` (counting from 0)."""
         length = self.seq_len
@@ -209,11 +205,11 @@ class AcceleratedConfigs(NLPAutoRegressionConfigs):
             self._carried['train'] = None
         return super().train_part(epoch, end)
 
-    def evaluate(self, start: int, end: int) -> Tuple[float, float]:
+    def evaluate(self, start: int, end: int, loader: Optional[Any] = None) -> Tuple[float, float]:
         # Validation reads its streams from batch `start` with an empty memory
         self._carried['valid'] = None
         try:
-            return super().evaluate(start, end)
+            return super().evaluate(start, end, loader)
         finally:
             self._carried['valid'] = None
 

@@ -18,6 +18,9 @@ changed, and not somewhere deep in a training run:
   reject an unknown option value with a clear message and to record the values that a checkpoint stores;
 * attributes whose names start with `_` (`_overrides`, `_dist`, ...) are plain attributes that labml's configs
   leave alone, and a configs class attribute holds a `ConfigItem` whose `has_value` / `value` is its default;
+* while a configs object is made, labml 0.5.3 writes a subclass's defaults into the `ConfigItem`s of its base
+  classes; `base_defaults_kept()` puts them back, so that a task's configs class (the state-tracking task's) leaves
+  the text experiment's defaults alone in the same process;
 * `labml.internal.experiment.experiment_singleton().run.checkpoint_path` is the run's checkpoint folder (and
   `has_experiment()` whether there is a run);
 * `labml.internal.lab.lab_singleton().app_configs` says whether a labml app is configured;
@@ -34,8 +37,10 @@ has), so a command-line run does not pay for importing IPython.
 """
 
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import labml
 from labml.configs import BaseConfigs
@@ -124,6 +129,24 @@ def set_values(conf: BaseConfigs, values: Dict[str, Any]) -> None:
     conf._set_values(values)
 
 
+@contextmanager
+def base_defaults_kept(cls: type) -> Iterator[None]:
+    """
+    Make a configs object of `cls` inside this block and the config items of `cls`'s base classes keep their
+    defaults. Options that `cls` registers again for a base's key replace the base's on purpose: labml's warning
+    about that is silenced.
+    """
+    items = [(item, dict(vars(item))) for base in cls.__mro__[1:]
+             for item in vars(base).values() if type(item).__name__ == 'ConfigItem']
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='Overriding option')
+            yield
+    finally:
+        for item, saved in items:
+            vars(item).update(saved)
+
+
 # ## Runs and the lab
 
 def checkpoint_folder() -> Optional[Path]:
@@ -170,6 +193,12 @@ def check_labml() -> List[str]:
             problems.append('BaseConfigs._to_json() no longer lists the options of a key')
         if config_default(Probe, 'size') != 3:
             problems.append('a BaseConfigs class attribute is no longer a ConfigItem with has_value / value')
+        class Sub(Probe):
+            size: int = 4
+        with base_defaults_kept(Sub):
+            Sub()
+        if config_default(Probe, 'size') != 3:
+            problems.append("base_defaults_kept() no longer keeps a base class's defaults")
         set_values(probe, {'size': 5})
         if probe.size != 5 or probe._overrides != {'size': 5}:
             problems.append('BaseConfigs._set_values() no longer sets the values experiment.configs() passes')

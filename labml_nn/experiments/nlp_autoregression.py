@@ -57,8 +57,10 @@ from labml_nn.transformers.feedback.autoregressive import greedy_continuation
 
 class NLPAutoRegressionConfigs(RunControlConfigs):
     """Configurations of character-level autoregressive training. `model` is left to the experiment."""
-    # The model, `[seq_len, batch_size]` token ids to `[seq_len, batch_size, n_tokens]` logits
+    # The model, `[seq_len, batch_size]` token ids to `[seq_len, batch_size, n_tokens]` logits, and its width (the
+    # Noam schedule's $d_{model}$)
     model: nn.Module
+    d_model: int = 512
     # Train on CUDA when available
     use_cuda: bool = True
     device: torch.device
@@ -190,7 +192,7 @@ class NLPAutoRegressionConfigs(RunControlConfigs):
             self.optimizer_step(self.optimizer)
         # Every rank has the same number of tokens
         loss_value = loss_sum / self._dist.world_size
-        accuracy = correct_sum / (target.numel() * self._dist.world_size)
+        accuracy = correct_sum / max(self.count_targets(target) * self._dist.world_size, 1)
         tracker.add({'loss.train': loss_value, 'accuracy.train': accuracy})
         return loss_value
 
@@ -226,20 +228,28 @@ class NLPAutoRegressionConfigs(RunControlConfigs):
                     return 'train_steps'
         return None
 
+    def count_targets(self, target: torch.Tensor) -> int:
+        """How many positions of `target` the loss and the accuracy count (a task may leave some out)."""
+        return target.numel()
+
     @torch.no_grad()
-    def evaluate(self, start: int, end: int) -> Tuple[float, float]:
-        """Mean loss and accuracy over validation batches `start .. end - 1` (the same batches every time)."""
+    def evaluate(self, start: int, end: int, loader: Optional[Any] = None) -> Tuple[float, float]:
+        """
+        Mean loss and accuracy over validation batches `start .. end - 1` (the same batches every time), or over
+        the batches of another `loader`.
+        """
         self._ddp_model.eval()
         totals = torch.zeros(3, dtype=torch.float64)
         with torch.random.fork_rng(devices=[]):
-            for _, data, target in self.valid_loader.iterate(0, start, end):
+            for _, data, target in (self.valid_loader if loader is None else loader).iterate(0, start, end):
                 data, target = data.to(self.device), target.to(self.device)
                 with self.autocast():
                     loss, correct = self.forward_loss(data, target)
-                totals += torch.tensor([loss.item() * target.numel(), correct.item(), target.numel()])
+                count = self.count_targets(target)
+                totals += torch.tensor([loss.item() * count, correct.item(), count])
         # Sums over all ranks' rows
         loss_sum, correct, count = all_reduce_sum(self._dist, totals).tolist()
-        return loss_sum / count, correct / count
+        return loss_sum / max(count, 1), correct / max(count, 1)
 
     def valid_part(self, start: int, end: int) -> None:
         """Validate on a share of the validation set, for the progress line."""
@@ -265,6 +275,10 @@ class NLPAutoRegressionConfigs(RunControlConfigs):
     def make_loader(self, text: str, is_train: bool) -> SequenceBatches:
         """The batches of the training (`is_train`) or validation text; a variant may read it differently."""
         return shuffled_batches(self, text, is_train)
+
+    def total_steps(self) -> int:
+        """The optimizer steps of the whole run: `train_steps`, else every batch of every epoch."""
+        return self.train_steps if self.train_steps > 0 else self.epochs * len(self.train_loader)
 
     def n_valid_batches(self) -> int:
         n = len(self.valid_loader)
@@ -363,9 +377,11 @@ def _cross_entropy(c: NLPAutoRegressionConfigs) -> nn.Module:
 def _optimizer(c: NLPAutoRegressionConfigs) -> OptimizerConfigs:
     conf = OptimizerConfigs()
     conf.parameters = c.model.parameters()
-    conf.d_model = getattr(c, 'd_model', 512)
+    conf.d_model = c.d_model
     for key, value in c._optimizer_defaults.items():
         setattr(conf, key, value)
+    # The length of the run, for `optimizer.optimizer=AdamCosine`
+    conf.total_steps = c.total_steps()
     return conf
 
 

@@ -6,7 +6,7 @@ summary: Adam, optionally with the warm-up-then-decay schedule of "Attention Is 
 
 # Optimizer configurations
 
-Set from the command line with labml-style keys: `optimizer.optimizer=Noam` (or `Adam`),
+Set from the command line with labml-style keys: `optimizer.optimizer=Noam` (or `Adam`, `AdamWarmup`),
 `optimizer.learning_rate=1.0`, `optimizer.warmup=2000`, `optimizer.weight_decay=0`.
 
 ## The Noam schedule
@@ -18,6 +18,19 @@ $$\eta_s = \eta \cdot d_{model}^{-1/2} \cdot \min\big(s^{-1/2},\; s \cdot \mathi
 
 With `learning_rate` $\eta = 1$, $d_{model} = 128$ and 2,000 warm-up steps the rate peaks at about $2 \cdot 10^{-3}$.
 It is PyTorch's own `LambdaLR` over Adam, so its step count is saved and restored with `state_dict()`.
+
+## Warm-up, then constant
+
+`AdamWarmup` (the Feedback Transformer authors' schedule) raises the rate linearly to `learning_rate` over
+`warmup` steps and keeps it there: $\eta_s = \eta \cdot \min(1, s / \mathit{warmup})$.
+
+## Warm-up, then cosine decay
+
+`AdamCosine` warms up the same way and then lowers the rate along a half cosine to zero at the last step $T$
+(`total_steps`, which the experiment sets from its length):
+
+$$\eta_s = \eta \cdot \frac{1}{2}\Big(1 + \cos\big(\pi \cdot \frac{s - \mathit{warmup}}{T - \mathit{warmup}}\big)\Big)
+  \quad (s > \mathit{warmup}).$$
 """
 
 import math
@@ -40,6 +53,31 @@ class NoamFactor:
     def __call__(self, i: int) -> float:
         s = i + 1
         return self.d_model ** -0.5 * min(s ** -0.5, s * self.warmup ** -1.5)
+
+
+class WarmupFactor:
+    r"""The multiplier $\min(1, s / \mathit{warmup})$ at scheduler step `i` (optimizer step $s = i + 1$)."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+
+    def __call__(self, i: int) -> float:
+        return min(1.0, (i + 1) / self.warmup)
+
+
+class CosineFactor(WarmupFactor):
+    r"""Linear warm-up, then $\frac{1}{2}(1 + \cos(\pi\, p))$ with $p$ the fraction of the steps after it."""
+
+    def __init__(self, warmup: int, total_steps: int):
+        super().__init__(warmup)
+        self.total_steps = total_steps
+
+    def __call__(self, i: int) -> float:
+        s = i + 1
+        if s <= self.warmup:
+            return super().__call__(i)
+        progress = min(1.0, (s - self.warmup) / max(1, self.total_steps - self.warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class ScheduledOptimizer:
@@ -78,9 +116,11 @@ class ScheduledOptimizer:
 
 class OptimizerConfigs(CheckedConfigs):
     """
-    * `optimizer`: `Adam` (constant `learning_rate`) or `Noam` (Adam with the Noam schedule)
+    * `optimizer`: `Adam` (constant `learning_rate`), `Noam` (Adam with the Noam schedule), `AdamWarmup`
+      (linear warm-up over `warmup` steps, then constant) or `AdamCosine` (warm-up, then cosine decay to zero)
     * `learning_rate`: the constant rate, or $\\eta$ of the Noam schedule
-    * `warmup`, `d_model`: of the Noam schedule
+    * `warmup`, `d_model`: of the Noam schedule (`warmup` also of `AdamWarmup` and `AdamCosine`)
+    * `total_steps`: the optimizer steps of the whole run, for `AdamCosine` (set by the experiment)
     """
     optimizer: ScheduledOptimizer
     learning_rate: float = 1e-3
@@ -89,6 +129,7 @@ class OptimizerConfigs(CheckedConfigs):
     weight_decay: float = 0.0
     warmup: int = 2000
     d_model: int = 512
+    total_steps: int = 0
     parameters: Any
 
     def __init__(self):
@@ -129,7 +170,23 @@ def _adam_optimizer(c: OptimizerConfigs) -> ScheduledOptimizer:
     return ScheduledOptimizer(_adam(c, c.learning_rate))
 
 
+def _scheduled_adam(c: OptimizerConfigs, factor: Any) -> ScheduledOptimizer:
+    optimizer = _adam(c, c.learning_rate)
+    return ScheduledOptimizer(optimizer, LambdaLR(optimizer, factor))
+
+
 @option(OptimizerConfigs.optimizer, 'Noam')
 def _noam_optimizer(c: OptimizerConfigs) -> ScheduledOptimizer:
-    optimizer = _adam(c, c.learning_rate)
-    return ScheduledOptimizer(optimizer, LambdaLR(optimizer, NoamFactor(c.d_model, c.warmup)))
+    return _scheduled_adam(c, NoamFactor(c.d_model, c.warmup))
+
+
+@option(OptimizerConfigs.optimizer, 'AdamWarmup')
+def _adam_warmup_optimizer(c: OptimizerConfigs) -> ScheduledOptimizer:
+    return _scheduled_adam(c, WarmupFactor(c.warmup))
+
+
+@option(OptimizerConfigs.optimizer, 'AdamCosine')
+def _adam_cosine_optimizer(c: OptimizerConfigs) -> ScheduledOptimizer:
+    if c.total_steps < 1:
+        raise ValueError(f"optimizer.optimizer=AdamCosine needs the run's total_steps >= 1, got {c.total_steps}")
+    return _scheduled_adam(c, CosineFactor(c.warmup, c.total_steps))

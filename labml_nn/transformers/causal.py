@@ -32,11 +32,29 @@ $$A_{ij} = \frac{(q_i + u)^\top k_j + q_i^\top p_{\Delta} + s_{\Delta}}{\sqrt{d_
 change once computed, so the state keeps, for every layer, the keys and values of all earlier tokens, and the
 number of tokens seen (the position offset). Running $T$ tokens in one call equals any chunking of them;
 generating one token at a time costs one new row of keys/values per layer instead of re-running the prefix.
+
+## A local window: `memory_span`
+
+With `memory_span` $= S$ a query at position $t$ attends to the keys of positions $t - S \dots t$ only: itself and
+the $S$ positions before it (distances $\Delta = 0 \dots S$). The past positions it sees are exactly those whose
+memory vectors a Feedback Transformer with the same `memory_span` attends to at step $t$ ($m_{t-S} \dots m_{t-1}$);
+the causal query also sees its own position, as any causal transformer does. What each model can know of the
+past differs:
+
+* a Feedback Transformer's memory vector $m_{t-1}$ was itself computed from $m_{t-1-S} \dots m_{t-2}$, and so on
+  back: through the recurrence, step $t$ can depend on **every** earlier token;
+* in the causal transformer layer $l$ at $t$ reads layer $l - 1$ at $t - S \dots t$, so $L$ layers see the tokens
+  $t - LS \dots t$ and nothing older, however the sequence is chunked.
+
+No later query needs a key older than the last $S$ positions, so the cache keeps only those: the state stays
+bounded (at most $S$ keys and values per layer) however long a sequence is fed through it, which is what memory
+carried across training segments (Transformer-XL style, the state detached between segments) needs.
+`memory_span=None` is the unlimited causal transformer.
 """
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -64,18 +82,27 @@ class CausalState:
         """A copy that keeps the cached values but cuts the autograd graph (for memory carried across batches)."""
         return CausalState([k.detach() for k in self.keys], [v.detach() for v in self.values], self.offset)
 
+    def to_payload(self) -> Dict[str, Any]:
+        """The state as plain tensors and numbers, for a `weights_only` checkpoint (a copy, on the CPU)."""
+        return {'kind': 'causal', 'offset': self.offset, 'keys': [k.detach().cpu().clone() for k in self.keys],
+                'values': [v.detach().cpu().clone() for v in self.values]}
+
 
 class CausalAttention(nn.Module):
     """
     Multi-head causal self-attention with relative positions and a key/value cache.
     """
 
-    def __init__(self, heads: int, d_model: int, dropout_prob: float = 0.1, max_distance: int = 128):
+    def __init__(self, heads: int, d_model: int, dropout_prob: float = 0.1, max_distance: int = 128, *,
+                 memory_span: Optional[int] = None):
         super().__init__()
         if not isinstance(heads, int) or heads < 1 or d_model % heads != 0:
             raise ValueError(f"heads must be a positive int dividing d_model={d_model}, got {heads!r}")
         if not isinstance(max_distance, int) or max_distance < 1:
             raise ValueError(f"max_distance must be a positive int, got {max_distance!r}")
+        check_memory_span(memory_span)
+        # Attend to the last `memory_span` positions before the query and the query's own (`None`: all)
+        self.memory_span = memory_span
         self.heads = heads
         self.d_k = d_model // heads
         self.max_distance = max_distance
@@ -98,7 +125,8 @@ class CausalAttention(nn.Module):
         """
         `x`: `[seq_len, batch_size, d_model]` (already normalized);
         `past_key`, `past_value`: `[mem_len, batch_size, heads, d_k]` or `None`.
-        Returns the attention output `[seq_len, batch_size, d_model]` and the keys/values of all tokens so far.
+        Returns the attention output `[seq_len, batch_size, d_model]` and the keys/values later tokens can see: all
+        tokens so far, or with a `memory_span` $S$ the last $S$.
         """
         seq_len, batch_size, _ = x.shape
         # $q$, $k$, $v$: `[seq_len, batch_size, heads, d_k]`
@@ -114,17 +142,23 @@ class CausalAttention(nn.Module):
         q_pos = torch.arange(mem_len, mem_len + seq_len, device=x.device)
         k_pos = torch.arange(mem_len + seq_len, device=x.device)
         dist = q_pos[:, None] - k_pos[None, :]
-        # Keys after the query are masked; distances beyond the table use its last entry
-        future = dist < 0
-        dist = dist.clamp(0, self.max_distance - 1)
-        # $q_i^\top p_\Delta$ for every table entry, `[batch_size, heads, seq_len, max_distance]`,
+        # Keys after the query, or further back than the window, are masked; distances beyond the table use its
+        # last entry
+        hidden = dist < 0
+        # The table rows any visible key uses: all, or with a window only distances $0 \dots S$
+        rows = self.max_distance
+        if self.memory_span is not None:
+            hidden = hidden | (dist > self.memory_span)
+            rows = min(rows, self.memory_span + 1)
+        dist = dist.clamp(0, rows - 1)
+        # $q_i^\top p_\Delta$ for those table entries, `[batch_size, heads, seq_len, rows]`,
         # then picked out by distance: `[batch_size, heads, seq_len, mem_len + seq_len]`
-        q_p = torch.einsum('ibhd,phd->bhip', q, self.key_pos_embeddings)
+        q_p = torch.einsum('ibhd,phd->bhip', q, self.key_pos_embeddings[:rows])
         q_p = q_p.gather(-1, dist.expand(batch_size, self.heads, seq_len, -1))
         # $s_\Delta$: `[heads, seq_len, mem_len + seq_len]`
         s = self.key_pos_bias[dist].permute(2, 0, 1)
         # The position terms, scaled, with $-\infty$ on future keys: an additive mask for attention
-        bias = ((q_p + s) * self.scale).masked_fill(future, float('-inf'))
+        bias = ((q_p + s) * self.scale).masked_fill(hidden, float('-inf'))
         # $\mathrm{softmax}\big(((q + u)^\top k + q^\top p_\Delta + s_\Delta) / \sqrt{d_k}\big)\, v$,
         # in `[batch_size, heads, seq, d_k]` layout
         out = F.scaled_dot_product_attention((q + self.query_pos_bias).permute(1, 2, 0, 3), k.permute(1, 2, 0, 3),
@@ -132,6 +166,9 @@ class CausalAttention(nn.Module):
                                              dropout_p=self.dropout_prob if self.training else 0.0)
         # Back to `[seq_len, batch_size, d_model]`, then $W_o$
         out = out.permute(2, 0, 1, 3).reshape(seq_len, batch_size, -1)
+        if self.memory_span is not None:
+            # Only the last $S$ keys and values can be seen by a later token
+            k, v = k[-self.memory_span:], v[-self.memory_span:]
         return self.output(out), k, v
 
 
@@ -162,12 +199,38 @@ class CausalTransformer(nn.Module):
     """
     A stack of `n_layers` copies of `layer` and a final layer norm.
     Same call signature as the feedback transformers: `forward(x, state=None, return_state=False)`.
+
+    * `memory_span`: every layer attends to its own position and the `memory_span` positions before it, and the
+      state keeps that many keys and values per layer (`None`: the layer's own setting, by default unlimited)
     """
 
-    def __init__(self, layer: CausalTransformerLayer, n_layers: int):
+    def __init__(self, layer: CausalTransformerLayer, n_layers: int, *, memory_span: Optional[int] = None):
         super().__init__()
+        check_memory_span(memory_span)
         self.layers = clone_module_list(layer, n_layers)
+        if memory_span is not None:
+            for copy in self.layers:
+                copy.attn.memory_span = memory_span
         self.norm = nn.LayerNorm([layer.size])
+
+    @property
+    def memory_span(self) -> Optional[int]:
+        """The attention window (`None`: unlimited)."""
+        return self.layers[0].attn.memory_span
+
+    def state_from_payload(self, payload: Dict[str, Any], device: torch.device) -> CausalState:
+        """The state that `CausalState.to_payload()` saved (in a checkpoint), for this model, on `device`."""
+        if payload.get('kind') != 'causal':
+            raise ValueError("the carried state in the checkpoint is not a causal transformer's")
+        keys = [k.to(device) for k in payload['keys']]
+        values = [v.to(device) for v in payload['values']]
+        attn = self.layers[0].attn
+        if len(keys) != len(self.layers) or any(k.shape[2:] != (attn.heads, attn.d_k) for k in keys):
+            raise ValueError(f"the carried state holds {len(keys)} layers of keys {[list(k.shape) for k in keys[:1]]}; "
+                             f"this model has {len(self.layers)} layers of [n, batch_size, {attn.heads}, {attn.d_k}]")
+        if self.memory_span is not None and any(k.shape[0] > self.memory_span for k in keys):
+            raise ValueError(f"the carried state holds more keys than this model's memory_span={self.memory_span}")
+        return CausalState(keys, values, int(payload['offset']))
 
     def forward(self, x: torch.Tensor, state: Optional[CausalState] = None,
                 return_state: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, CausalState]]:
@@ -194,3 +257,10 @@ class CausalTransformer(nn.Module):
             return out
         offset = (state.offset if state is not None else 0) + x.shape[0]
         return out, CausalState(keys, values, offset)
+
+
+def check_memory_span(memory_span: Optional[int]) -> None:
+    """A `ValueError` unless `memory_span` is `None` (unlimited) or an int >= 1."""
+    if memory_span is not None and (not isinstance(memory_span, int) or isinstance(memory_span, bool)
+                                    or memory_span < 1):
+        raise ValueError(f"memory_span must be None (unlimited) or an int >= 1, got {memory_span!r}")

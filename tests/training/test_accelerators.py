@@ -109,6 +109,9 @@ def test_memory_span_reaches_both_models():
     for model in ('feedback_transformer', 'feedback_transformer_kv'):
         assert _configs(model=model, memory_span=8).model.transformer.memory_span == 8
     assert _configs(model='feedback_transformer').model.transformer.memory_span is None
+    # The parallel transformer: a local window of the same span
+    assert _configs(model='transformer', memory_span=8).model.transformer.memory_span == 8
+    assert _configs(model='transformer').model.transformer.memory_span is None
 
 
 def test_carried_validation_equals_whole_streams():
@@ -272,8 +275,9 @@ def test_init_from_in_the_experiment(tmp_path, monkeypatch, capsys):
 BAD = [
     (['memory_span=-1'], 'memory_span must be an int >= 1 (the latest memory vectors each step attends to), or 0'),
     (['carry_memory=true'], 'carry_memory=True needs a memory_span >= 1'),
-    (['model=transformer', 'memory_span=8'], 'memory_span is an option of the feedback models, not of model=transf'),
-    (['model=transformer', 'carry_memory=true'], 'carry_memory is an option of the feedback models'),
+    (['model=transformer', 'carry_memory=true'], 'carry_memory=True needs a memory_span >= 1'),
+    (['model=transformer', 'init_from=some_run'], 'init_from is an option of the feedback models, not of model=trans'),
+    (['model=transformer', 'memory_norm=true'], 'memory_norm is an option of the feedback models'),
     (['seq_len=64', 'seq_len_curriculum=32:0,128:0.5'], 'stage length 128 must be in [1, seq_len=64]'),
     (['seq_len_curriculum=32:0', 'carry_memory=true', 'memory_span=8'], 'cannot be combined with carry_memory'),
     (['init_from=no_such_run'], 'init_from=no_such_run: not a checkpoint file, a run folder, or the UUID'),

@@ -71,7 +71,8 @@ BAD_CONFIGS = [
     (['no_such_key=1'], "Unknown config key 'no_such_key'"),
     (['d_model=30', 'heads=4'], 'd_model=30 must be divisible by heads=4'),
     (['dropout=1.5'], 'dropout must be in [0, 1), got 1.5'),
-    (['optimizer.optimizer=SGD'], "optimizer.optimizer='SGD' is not an option; choose one of Adam, Noam"),
+    (['optimizer.optimizer=SGD'],
+     "optimizer.optimizer='SGD' is not an option; choose one of Adam, Noam, AdamWarmup, AdamCosine"),
     (['resume=0123456789abcdef'], 'resume=0123456789abcdef: not a checkpoint file, a run folder, or the UUID'),
     # Found before the run starts (they used to crash it after the start)
     (['optimizer.learning_rate=-1'], 'optimizer.learning_rate must be a finite number > 0, got -1.0'),

@@ -153,7 +153,8 @@ def test_labml_nn_experiment_configuration_runs_unchanged(tmp_path):
      "train_loader='sequential_train_loader' is not an option; choose one of shuffled_train_loader"),
     ({'model': 'lstm'},
      "model='lstm' is not an option; choose one of feedback_transformer, feedback_transformer_kv, transformer"),
-    ({'optimizer.optimizer': 'SGD'}, "optimizer.optimizer='SGD' is not an option; choose one of Adam, Noam"),
+    ({'optimizer.optimizer': 'SGD'},
+     "optimizer.optimizer='SGD' is not an option; choose one of Adam, Noam, AdamWarmup, AdamCosine"),
 ])
 def test_an_unknown_option_from_python_is_a_clear_error(values, message):
     experiment.evaluate()

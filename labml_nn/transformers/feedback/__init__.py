@@ -4,7 +4,7 @@ title: Feedback Transformer
 summary: An annotated, fast PyTorch implementation of the Feedback Transformer (Fan et al., 2020), with cached
   keys and values, a state API for continuing sequences, and a shared key/value variant.
 contents: [readme.md, transformer.py, attention.py, stack.py, state.py, fast_paths.py, fused.py, fused_backward.py,
-  autoregressive.py, build.py, generate.py, experiment.py, init_from.py]
+  autoregressive.py, build.py, generate.py, experiment.py, state_tracking.py, init_from.py]
 ---
 
 # Feedback Transformer
@@ -52,6 +52,8 @@ other, in training too. This implementation keeps that loop as small as it can:
 * [generate.py](generate.html): sampling text from a trained checkpoint.
 * [experiment.py](experiment.html): training on Tiny Shakespeare, with the paper's accelerators
   ([init_from.py](init_from.html): starting from a trained parallel transformer).
+* [state_tracking.py](state_tracking.html): the paper's algorithmic task, reading programs and saying the printed
+  values, where the feedback memory beats a parallel transformer with the same attention span.
 
 ## Using it
 

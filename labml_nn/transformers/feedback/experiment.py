@@ -52,7 +52,8 @@ class Configs(AcceleratedConfigs):
     d_ff: int = ModelConfig.d_ff
     n_layers: int = ModelConfig.n_layers
     dropout: float = ModelConfig.dropout
-    # Feedback models attend to at most this many latest memory vectors (0: all of them)
+    # Feedback models attend to at most this many latest memory vectors, the parallel transformer to this many
+    # positions before each query (and the query's own); 0: no limit
     memory_span: int = 0
     # Feedback models normalize each memory vector before projecting it to keys and values (the authors' pre-norm)
     memory_norm: bool = ModelConfig.memory_norm
@@ -84,7 +85,7 @@ class Configs(AcceleratedConfigs):
                              f"or 0 for no limit, got {self.memory_span!r}")
         if model == 'transformer':
             # (`memory_norm` and `recency_init` are on by default: only asking for them is an error)
-            for key in ('memory_span', 'memory_norm', 'recency_init', 'carry_memory', 'init_from'):
+            for key in ('memory_norm', 'recency_init', 'init_from'):
                 if getattr(self, key) and (key in self._overrides or key not in ('memory_norm', 'recency_init')):
                     raise ValueError(f"{key} is an option of the feedback models, not of model=transformer")
         if self.carry_memory and self.memory_span == 0:
