@@ -62,6 +62,7 @@ from torch import nn
 
 from labml_nn.transformers.feed_forward import FeedForward
 from labml_nn.transformers.mha import PrepareForMultiHeadAttention
+from labml_nn.transformers.pre_norm import PreNormLayer
 from labml_nn.utils import clone_module_list
 
 
@@ -172,27 +173,21 @@ class CausalAttention(nn.Module):
         return self.output(out), k, v
 
 
-class CausalTransformerLayer(nn.Module):
+class CausalTransformerLayer(PreNormLayer):
     r"""
     One pre-norm layer: $x \leftarrow x + \mathrm{Drop}(\mathrm{Attn}(\mathrm{LN}(x)))$,
     then $x \leftarrow x + \mathrm{Drop}(\mathrm{FFN}(\mathrm{LN}(x)))$.
     """
 
     def __init__(self, *, d_model: int, attn: CausalAttention, feed_forward: FeedForward, dropout_prob: float):
-        super().__init__()
-        self.size = d_model
-        self.attn = attn
-        self.feed_forward = feed_forward
-        self.dropout = nn.Dropout(dropout_prob)
-        self.norm_self_attn = nn.LayerNorm([d_model])
-        self.norm_ff = nn.LayerNorm([d_model])
+        # The parts and their names: [the pre-norm layer](pre_norm.html)
+        super().__init__(d_model=d_model, attn=attn, feed_forward=feed_forward, dropout_prob=dropout_prob)
 
     def forward(self, x: torch.Tensor, past_key: Optional[torch.Tensor] = None,
                 past_value: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attn, k, v = self.attn(self.norm_self_attn(x), past_key, past_value)
         x = x + self.dropout(attn)
-        x = x + self.dropout(self.feed_forward(self.norm_ff(x)))
-        return x, k, v
+        return self.feed_forward_block(x), k, v
 
 
 class CausalTransformer(nn.Module):

@@ -66,10 +66,11 @@ from labml_nn.transformers.feedback.attention import FeedbackAttention
 from labml_nn.transformers.feedback.fast_paths import FastPaths
 from labml_nn.transformers.feedback.stack import Stack, n_visible
 from labml_nn.transformers.feedback.state import FeedbackState
+from labml_nn.transformers.pre_norm import PreNormLayer
 from labml_nn.utils import clone_module_list
 
 
-class FeedbackTransformerLayer(nn.Module):
+class FeedbackTransformerLayer(PreNormLayer):
     """
     One pre-norm layer: attention over the memory (skipped at the first step, when there is none), then the
     feed-forward network, each in a residual block with dropout.
@@ -77,17 +78,12 @@ class FeedbackTransformerLayer(nn.Module):
 
     def __init__(self, *, d_model: int, attn: FeedbackAttention, feed_forward: nn.Module,
                  dropout_prob: float):
-        super().__init__()
         if not isinstance(attn, FeedbackAttention):
             raise TypeError(f"attn must be a FeedbackAttention, got {type(attn).__name__}")
         if attn.d_model != d_model:
             raise ValueError(f"attn.d_model ({attn.d_model}) must equal d_model ({d_model})")
-        self.size = d_model
-        self.attn = attn
-        self.feed_forward = feed_forward
-        self.dropout = nn.Dropout(dropout_prob)
-        self.norm_self_attn = nn.LayerNorm([d_model])
-        self.norm_ff = nn.LayerNorm([d_model])
+        # The parts and their names: [the pre-norm layer](../pre_norm.html)
+        super().__init__(d_model=d_model, attn=attn, feed_forward=feed_forward, dropout_prob=dropout_prob)
 
     def forward(self, *, x: torch.Tensor, key: Optional[torch.Tensor], value: Optional[torch.Tensor],
                 pos_emb: Optional[torch.Tensor] = None,
@@ -103,7 +99,7 @@ class FeedbackTransformerLayer(nn.Module):
             z = self.norm_self_attn(x)
             x = x + self.dropout(self.attn(query=z, key=key, value=value, pos_emb=pos_emb, pos_bias=pos_bias))
         # $x + \mathrm{Drop}(\mathrm{FFN}(\mathrm{LN}(x)))$
-        return x + self.dropout(self.feed_forward(self.norm_ff(x)))
+        return self.feed_forward_block(x)
 
 
 class _FeedbackLoop(FastPaths, nn.Module):
