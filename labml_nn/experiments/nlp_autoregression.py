@@ -291,13 +291,9 @@ class NLPAutoRegressionConfigs(RunControlConfigs):
             return
         self.model.eval()
         prompt = self._sample_prompt.to(self.device)
+        # Cached generation, greedy: one step per new token
         with monit.section('Sample'), torch.random.fork_rng(devices=[]), self.autocast():
-            if hasattr(self.model, 'generate'):
-                # Cached generation, greedy (temperature 0)
-                out = self.model.generate(prompt[:, None], self.sample_tokens, temperature=0.0)
-                tokens = out[len(prompt):, 0].tolist()
-            else:
-                tokens = greedy_continuation(self.model, prompt, self.sample_tokens)
+            tokens = greedy_continuation(self.model, prompt, self.sample_tokens)
         text = self.prompt_separator.join(self.text.itos[t] for t in tokens)
         logger.log([(self.prompt, Text.subtle), (self.prompt_separator + text, Text.value)])
 
@@ -334,7 +330,6 @@ class NLPAutoRegressionConfigs(RunControlConfigs):
                 self._progress.update(epoch=epoch + 1, batch=0)
                 self.save_checkpoint()
             self.log_summary()
-
 
 
 @option(NLPAutoRegressionConfigs.device)

@@ -7,7 +7,7 @@ from reference import reference_forward
 from torch.func import functional_call
 
 from labml_nn.transformers.feedback import FeedbackState
-from labml_nn.transformers.feedback.fused import DropoutMasks
+from labml_nn.transformers.feedback.fused_records import DropoutMasks
 
 
 def _loss(out):

@@ -3,8 +3,8 @@ r"""
 title: Feedback Transformer
 summary: An annotated, fast PyTorch implementation of the Feedback Transformer (Fan et al., 2020), with cached
   keys and values, a state API for continuing sequences, and a shared key/value variant.
-contents: [readme.md, transformer.py, attention.py, stack.py, state.py, fast_paths.py, fused.py, fused_backward.py,
-  autoregressive.py, build.py, generate.py, experiment.py, state_tracking.py, init_from.py]
+contents: [readme.md, transformer.py, attention.py, stack.py, state.py, fast_paths.py, fused.py, fused_records.py,
+  fused_backward.py, autoregressive.py, build.py, generate.py, experiment.py, state_tracking.py, init_from.py]
 ---
 
 # Feedback Transformer
@@ -45,8 +45,9 @@ other, in training too. This implementation keeps that loop as small as it can:
 * [stack.py](stack.html): `Stack` and `StackFunction`, the cache.
 * [state.py](state.html): `FeedbackState`, to continue a sequence across calls (cached generation, memory
   carried across training batches), and the cache's layout.
-* [fast_paths.py](fast_paths.html), [fused.py](fused.html), [fused_backward.py](fused_backward.html): the same
-  function, fast: the training loop as one autograd function with a hand-written backward pass.
+* [fast_paths.py](fast_paths.html), [fused.py](fused.html), [fused_records.py](fused_records.html),
+  [fused_backward.py](fused_backward.html): the same function, fast: the training loop as one autograd function
+  with a hand-written backward pass, and the named records they share.
 * [autoregressive.py](autoregressive.html): `AutoregressiveModel`, the language model around a transformer.
 * [build.py](build.html): `ModelConfig` and `build_model`, the one recipe that assembles any of the models.
 * [generate.py](generate.html): sampling text from a trained checkpoint.

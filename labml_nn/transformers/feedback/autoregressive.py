@@ -197,8 +197,10 @@ def greedy_continuation(model: nn.Module, prompt: torch.Tensor, n_tokens: int) -
     """
     Continue the 1-D token tensor `prompt` greedily by `n_tokens` tokens, feeding one token at a time through the
     model's state (a key/value or memory cache), so each new token costs one step and not a re-run of the prefix.
-    For models without a `generate()` of their own.
+    A model with a `generate()` of its own (the autoregressive model) continues with it, at temperature 0.
     """
+    if hasattr(model, 'generate'):
+        return model.generate(prompt[:, None], n_tokens, temperature=0.0)[len(prompt):, 0].tolist()
     logits, state = model(prompt[:, None], return_state=True)
     out = []
     for _ in range(n_tokens):

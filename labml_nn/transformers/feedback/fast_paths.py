@@ -38,7 +38,7 @@ from torch.nn.modules.module import (
 )
 
 from labml_nn.transformers.feedback import fused as fused_loop
-from labml_nn.transformers.feedback.fused import LayerWeights, LoopConfig, for_products
+from labml_nn.transformers.feedback.fused_records import LayerWeights, LoopConfig, for_products
 from labml_nn.transformers.feedback.stack import Stack, first_visible, n_visible
 from labml_nn.transformers.feedback.state import FeedbackState
 

@@ -96,7 +96,8 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 
-from labml_nn.transformers.feedback.fused import LayerWeights, StepRecord, _caster
+from labml_nn.transformers.feedback.fused import _caster
+from labml_nn.transformers.feedback.fused_records import LayerWeights, StepRecord
 
 # ATen kernels called directly, resolved once (their Python lookups cost more than the kernels at these sizes)
 _layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
