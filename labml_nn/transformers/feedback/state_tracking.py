@@ -12,9 +12,12 @@ The paper's algorithmic task (section 4.1.2; programs from
 the `;` of every `print x ;`, predict the value of `x`. Loss and accuracy count only those positions.
 
 ```
-python -m labml_nn.transformers.feedback.state_tracking model=feedback_transformer_kv memory_norm=true
-python -m labml_nn.transformers.feedback.state_tracking model=transformer n_layers=4
-python -m labml_nn.transformers.feedback.state_tracking variables=3 statements=100 train_statements=100 ...
+python -m labml_nn.transformers.feedback.state_tracking \
+    model=feedback_transformer_kv
+python -m labml_nn.transformers.feedback.state_tracking \
+    model=transformer n_layers=4
+python -m labml_nn.transformers.feedback.state_tracking \
+    variables=3 train_statements=100
 ```
 
 The defaults are the CPU setting of the README: one variable, training programs of 20 statements, validation and
