@@ -71,7 +71,8 @@ class ContiguousStreams:
     Batches are `(data, target)`, both `[seq_len, batch_size / world_size]`; the same in every epoch.
     """
 
-    def __init__(self, data: torch.Tensor, *, seq_len: int, batch_size: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, data: torch.Tensor, *, seq_len: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1):
         check_batch_args(data, seq_len, batch_size, world_size)
         self.data = data
         self.seq_len = seq_len
@@ -80,8 +81,8 @@ class ContiguousStreams:
         # $L$: tokens per stream (its last one is only a target)
         self.stream_len = (data.shape[0] - 1) // batch_size
         if len(self) == 0:
-            raise ValueError(f"The text ({data.shape[0]:,} tokens) is too short for {batch_size} contiguous streams "
-                             f"of at least seq_len={seq_len} tokens each")
+            raise ValueError(f"The text ({data.shape[0]:,} tokens) is too short for {batch_size} "
+                             f"contiguous streams of at least seq_len={seq_len} tokens each")
         # The first token of this rank's streams, `[local_batch_size]`
         first = rank * self.local_batch_size
         self.starts = torch.arange(first, first + self.local_batch_size) * self.stream_len
@@ -113,16 +114,18 @@ def parse_curriculum(spec: str, seq_len: int) -> List[Tuple[int, float]]:
         except ValueError:
             stage = None
         if not sep or stage is None:
-            raise ValueError(f"seq_len_curriculum={spec!r}: stages are length:start_fraction separated by commas "
-                             f"(e.g. 16:0,32:0.25,{seq_len}:0.5), got {part!r}")
+            raise ValueError(f"seq_len_curriculum={spec!r}: stages are length:start_fraction separated by "
+                             f"commas (e.g. 16:0,32:0.25,{seq_len}:0.5), got {part!r}")
         length_, start_ = stage
         if not 1 <= length_ <= seq_len:
-            raise ValueError(f"seq_len_curriculum={spec!r}: stage length {length_} must be in [1, seq_len={seq_len}]")
+            raise ValueError(f"seq_len_curriculum={spec!r}: stage length {length_} must be in "
+                             f"[1, seq_len={seq_len}]")
         if seq_len % length_ != 0:
-            raise ValueError(f"seq_len_curriculum={spec!r}: stage length {length_} must divide seq_len={seq_len} "
-                             f"(each batch is cut into seq_len / length pieces)")
+            raise ValueError(f"seq_len_curriculum={spec!r}: stage length {length_} must divide "
+                             f"seq_len={seq_len} (each batch is cut into seq_len / length pieces)")
         if not 0.0 <= start_ < 1.0 or (stages and start_ <= stages[-1][1]):
-            raise ValueError(f"seq_len_curriculum={spec!r}: start fractions must increase, in [0, 1), got {start_}")
+            raise ValueError(f"seq_len_curriculum={spec!r}: start fractions must increase, in [0, 1), "
+                             f"got {start_}")
         stages.append(stage)
     if stages[0][1] != 0.0:
         raise ValueError(f"seq_len_curriculum={spec!r}: the first stage must start at 0")
@@ -155,12 +158,13 @@ class AcceleratedConfigs(NLPAutoRegressionConfigs):
         if self.seq_len_curriculum:
             parse_curriculum(self.seq_len_curriculum, self.seq_len)
             if self.carry_memory:
-                raise ValueError("seq_len_curriculum cannot be combined with carry_memory=True (a curriculum cuts "
-                                 "the contiguous segments that the memory is carried along)")
+                raise ValueError("seq_len_curriculum cannot be combined with carry_memory=True (a curriculum "
+                                 "cuts the contiguous segments that the memory is carried along)")
 
     def init(self) -> None:
         self._carried: Dict[str, Any] = {'train': None, 'valid': None}
-        self._stages = parse_curriculum(self.seq_len_curriculum, self.seq_len) if self.seq_len_curriculum else []
+        self._stages = (parse_curriculum(self.seq_len_curriculum, self.seq_len)
+                        if self.seq_len_curriculum else [])
         self._stage_length = self.seq_len
         super().init()
 

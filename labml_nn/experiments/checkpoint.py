@@ -67,7 +67,8 @@ def load_checkpoint(path: Path) -> Dict[str, Any]:
         raise ValueError(f"{path} is not a readable checkpoint: {e}") from e
     missing = {'model', 'optimizer', 'progress', 'rng', 'config'} - set(payload)
     if missing:
-        raise ValueError(f"{path} is not a training checkpoint of this experiment (missing {sorted(missing)})")
+        raise ValueError(f"{path} is not a training checkpoint of this experiment "
+                         f"(missing {sorted(missing)})")
     return payload
 
 
@@ -86,12 +87,13 @@ def find_checkpoint(resume: str, experiments_path: Optional[Path], key: str = 'r
         raise FileNotFoundError(f"{key}={resume}: no {CHECKPOINT_NAME} in that folder or its checkpoints/")
     if experiments_path is not None and experiments_path.is_dir() and '/' not in resume:
         # A distributed run's rank-0 folder is `<uuid>.0`
-        for run in sorted(experiments_path.glob(f'*/{resume}')) + sorted(experiments_path.glob(f'*/{resume}.0')):
+        for run in (sorted(experiments_path.glob(f'*/{resume}'))
+                    + sorted(experiments_path.glob(f'*/{resume}.0'))):
             candidate = run / 'checkpoints' / CHECKPOINT_NAME
             if candidate.is_file():
                 return candidate
-    raise FileNotFoundError(f"{key}={resume}: not a checkpoint file, a run folder, or the UUID of a run with a "
-                            f"checkpoint under {experiments_path}")
+    raise FileNotFoundError(f"{key}={resume}: not a checkpoint file, a run folder, or the UUID of a run "
+                            f"with a checkpoint under {experiments_path}")
 
 
 def get_rng_state() -> Dict[str, Any]:

@@ -88,7 +88,8 @@ def _convert(key: str, raw: str, kind: Any, options: List[str]) -> Any:
         try:
             return kind(raw)
         except ValueError:
-            raise ValueError(f"{key} must be {'an int' if kind is int else 'a number'}, got {raw!r}") from None
+            raise ValueError(f"{key} must be {'an int' if kind is int else 'a number'}, "
+                             f"got {raw!r}") from None
     if kind is str:
         return raw
     raise ValueError(f"{key} cannot be set from the command line (it is computed)")
@@ -109,7 +110,8 @@ def parse_overrides(conf_class: Type[NLPAutoRegressionConfigs], argv: List[str])
             sub_class = sub_configs[prefix]
             sub_known = _annotations(sub_class)
             if sub_key not in sub_known:
-                raise ValueError(f"Unknown config key {key!r}; {prefix}.* keys are {', '.join(sorted(sub_known))}")
+                raise ValueError(f"Unknown config key {key!r}; "
+                                 f"{prefix}.* keys are {', '.join(sorted(sub_known))}")
             overrides[key] = _convert(key, raw, sub_known[sub_key], config_options(sub_class())[sub_key])
         elif key in known:
             overrides[key] = _convert(key, raw, known[key], top_options.get(key, []))
@@ -128,7 +130,8 @@ def usage(conf_class: Type[NLPAutoRegressionConfigs]) -> str:
             options = public_options(conf, key)
             default = experiment_defaults.get(key, config_default(cls, key))
             if options:
-                lines.append(f"  {prefix}{key}: one of {', '.join(options)} (default {default or options[0]})")
+                lines.append(f"  {prefix}{key}: one of {', '.join(options)} "
+                             f"(default {default or options[0]})")
             elif kind in (int, float, str, bool):
                 lines.append(f"  {prefix}{key}: {kind.__name__} (default {default!r})")
     return '\n'.join(lines)
@@ -173,7 +176,8 @@ def _prepare(conf_class: Type[NLPAutoRegressionConfigs], overrides: Dict[str, An
     return {'overrides': overrides, 'payload': payload, 'uuid': uuid, 'name': probe.experiment_name()}
 
 
-def _setup(conf_class: Type[NLPAutoRegressionConfigs], argv: List[str], ctx: DistributedContext) -> Dict[str, Any]:
+def _setup(conf_class: Type[NLPAutoRegressionConfigs], argv: List[str],
+           ctx: DistributedContext) -> Dict[str, Any]:
     """Parse and check on the main rank, and hand every rank the result (or the error)."""
     overrides = parse_overrides(conf_class, argv)
     configure_lab()
@@ -229,7 +233,8 @@ def _error(ctx: DistributedContext, error: Exception, status: int) -> int:
     return status
 
 
-def _train(conf_class: Type[NLPAutoRegressionConfigs], ctx: DistributedContext, setup: Dict[str, Any]) -> None:
+def _train(conf_class: Type[NLPAutoRegressionConfigs], ctx: DistributedContext,
+           setup: Dict[str, Any]) -> None:
     conf = conf_class()
     conf._dist = ctx
     conf._resume_payload = setup['payload']
@@ -237,7 +242,8 @@ def _train(conf_class: Type[NLPAutoRegressionConfigs], ctx: DistributedContext, 
     if ctx.is_main and app_configured():
         writers.add('app')
     experiment.create(uuid=setup['uuid'], name=setup['name'], writers=writers,
-                      distributed_rank=ctx.rank, distributed_world_size=ctx.world_size if ctx.is_distributed else 0,
+                      distributed_rank=ctx.rank,
+                      distributed_world_size=ctx.world_size if ctx.is_distributed else 0,
                       disable_screen=not ctx.is_main)
     experiment.configs(conf, dict(setup['overrides']))
     with experiment.start():

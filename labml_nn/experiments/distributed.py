@@ -47,7 +47,8 @@ def init_distributed() -> DistributedContext:
     if world_size <= 1:
         return DistributedContext()
     if dist.is_initialized():
-        return DistributedContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', '0')))
+        return DistributedContext(dist.get_rank(), dist.get_world_size(),
+                                  int(os.environ.get('LOCAL_RANK', '0')))
     rank = int(os.environ['RANK'])
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     if torch.cuda.is_available():

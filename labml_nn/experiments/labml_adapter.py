@@ -235,8 +235,8 @@ def _check_on_import() -> None:
     problems = check_labml()
     if problems:
         raise RuntimeError(f"labml {labml.__version__} changed private APIs that labml_nn uses "
-                           f"(labml_nn/experiments/labml_adapter.py): {'; '.join(problems)}. labml_nn is tested with "
-                           f"labml{TESTED_LABML}: pip install 'labml{TESTED_LABML}'")
+                           f"(labml_nn/experiments/labml_adapter.py): {'; '.join(problems)}. "
+                           f"labml_nn is tested with labml{TESTED_LABML}: pip install 'labml{TESTED_LABML}'")
 
 
 _check_on_import()

@@ -51,7 +51,13 @@ from torch import nn
 from labml_nn.experiments.distributed import DistributedContext, all_reduce_sum, wrap_ddp
 from labml_nn.experiments.optimizer import OptimizerConfigs, ScheduledOptimizer, check_optimizer_values
 from labml_nn.experiments.run_control import RunControlConfigs, StopSignals, check_int
-from labml_nn.experiments.text_data import SequenceBatches, character_tokenizer, load_text, read_utf8, resolve_text_path
+from labml_nn.experiments.text_data import (
+    SequenceBatches,
+    character_tokenizer,
+    load_text,
+    read_utf8,
+    resolve_text_path,
+)
 from labml_nn.transformers.feedback.autoregressive import greedy_continuation
 
 
@@ -134,7 +140,8 @@ class NLPAutoRegressionConfigs(RunControlConfigs):
             raise ValueError(f"inner_iterations={self.inner_iterations} is more than the {n_train} training "
                              f"batches of an epoch")
         if self.sample_tokens > 0 and len(self.text.text_to_i(self.prompt)) == 0:
-            raise ValueError(f"prompt={self.prompt!r} has no characters of the text's vocabulary to start a sample")
+            raise ValueError(f"prompt={self.prompt!r} has no characters of the text's vocabulary "
+                             f"to start a sample")
 
     def init(self) -> None:
         """Build everything, wrap the model for data-parallel training, and restore a checkpoint if resuming."""
@@ -146,7 +153,8 @@ class NLPAutoRegressionConfigs(RunControlConfigs):
         self._ddp_model = wrap_ddp(self._dist, self.model, self.device)
         self.start_precision(self.device)
         torch.manual_seed(self.seed + 7919 * self._dist.rank)
-        self._progress = {'epoch': 0, 'batch': 0, 'step': 0, 'tokens': 0, 'train_seconds': 0.0, 'skipped_steps': 0}
+        self._progress = {'epoch': 0, 'batch': 0, 'step': 0, 'tokens': 0, 'train_seconds': 0.0,
+                          'skipped_steps': 0}
         self._history: Dict[str, List[Dict[str, float]]] = {'train': [], 'valid': [], 'evaluations': []}
         _ = self.optimizer
         self.check_data()
@@ -186,7 +194,8 @@ class NLPAutoRegressionConfigs(RunControlConfigs):
         max_norm = self.grad_norm_clip if self.grad_norm_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=max_norm)
         # One all-reduce: the sums of the loss and the correct predictions over ranks, and the flags
-        local = torch.cat([torch.stack([loss.detach(), correct.to(loss.dtype)]), self.local_flags(loss, grad_norm)])
+        local = torch.cat([torch.stack([loss.detach(), correct.to(loss.dtype)]),
+                           self.local_flags(loss, grad_norm)])
         loss_sum, correct_sum, *self._step_flags = all_reduce_sum(self._dist, local).tolist()
         if self._step_flags[0] == 0:
             self.optimizer_step(self.optimizer)
@@ -269,8 +278,8 @@ class NLPAutoRegressionConfigs(RunControlConfigs):
         self._history['evaluations'].append({'epoch': p['epoch'], 'step': p['step'], 'tokens': p['tokens'],
                                              'train_seconds': p['train_seconds'], 'valid_loss': loss,
                                              'valid_accuracy': accuracy})
-        self.log([(f"Step {p['step']:,}: ", Text.key), ('valid loss ', Text.subtle), (f'{loss:.4f}', Text.value),
-                  (', accuracy ', Text.subtle), (f'{accuracy:.4f}', Text.value)])
+        self.log([(f"Step {p['step']:,}: ", Text.key), ('valid loss ', Text.subtle),
+                  (f'{loss:.4f}', Text.value), (', accuracy ', Text.subtle), (f'{accuracy:.4f}', Text.value)])
 
     def make_loader(self, text: str, is_train: bool) -> SequenceBatches:
         """The batches of the training (`is_train`) or validation text; a variant may read it differently."""

@@ -146,7 +146,8 @@ class OptimizerConfigs(CheckedConfigs):
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optimizer.betas must be two numbers in [0, 1), got {self.betas!r}")
         if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 1:
-            raise ValueError(f"optimizer.warmup must be an int >= 1 (steps of the Noam warm-up), got {self.warmup!r}")
+            raise ValueError(f"optimizer.warmup must be an int >= 1 (steps of the Noam warm-up), "
+                             f"got {self.warmup!r}")
 
 
 meta_config(OptimizerConfigs.parameters)
@@ -188,5 +189,6 @@ def _adam_warmup_optimizer(c: OptimizerConfigs) -> ScheduledOptimizer:
 @option(OptimizerConfigs.optimizer, 'AdamCosine')
 def _adam_cosine_optimizer(c: OptimizerConfigs) -> ScheduledOptimizer:
     if c.total_steps < 1:
-        raise ValueError(f"optimizer.optimizer=AdamCosine needs the run's total_steps >= 1, got {c.total_steps}")
+        raise ValueError(f"optimizer.optimizer=AdamCosine needs the run's total_steps >= 1, "
+                         f"got {c.total_steps}")
     return _scheduled_adam(c, CosineFactor(c.warmup, c.total_steps))

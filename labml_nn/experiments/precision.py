@@ -90,7 +90,8 @@ class PrecisionConfigs(CheckedConfigs):
 
     def precision_state(self) -> Dict[str, Any]:
         """What a checkpoint keeps: the scaler's state (fp16)."""
-        return {'precision': self.precision, 'scaler': None if self._scaler is None else self._scaler.state_dict()}
+        return {'precision': self.precision,
+                'scaler': None if self._scaler is None else self._scaler.state_dict()}
 
     def load_precision_state(self, state: Optional[Dict[str, Any]]) -> None:
         if self._scaler is not None and state and state.get('scaler'):

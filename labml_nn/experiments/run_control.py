@@ -106,7 +106,8 @@ class StopSignals:
 
 def check_int(key: str, value: Any, minimum: int, maximum: Optional[int] = None) -> None:
     """A `ValueError` naming config `key` unless `value` is an int in `[minimum, maximum]`."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum or (maximum and value > maximum):
+    if (not isinstance(value, int) or isinstance(value, bool) or value < minimum
+            or (maximum and value > maximum)):
         bounds = f'in [{minimum}, {maximum}]' if maximum else f'>= {minimum}'
         raise ValueError(f"{key} must be an int {bounds}, got {value!r}")
 
@@ -117,7 +118,8 @@ def _first_mismatch(error: str) -> str:
     if not details:
         return head
     first = details[0]
-    size = re.match(r'size mismatch for (\S+): copying a param with shape torch.Size\((.*?)\) from checkpoint, '
+    size = re.match(r'size mismatch for (\S+): copying a param with shape '
+                    r'torch.Size\((.*?)\) from checkpoint, '
                     r'the shape in current model is torch.Size\((.*?)\)', first)
     if size:
         first = f'{size[1]} is {size[2]} in the checkpoint and {size[3]} in this configuration'
@@ -171,7 +173,8 @@ class RunControlConfigs(PrecisionConfigs):
         nonfinite = ~(torch.isfinite(loss.detach()) & grad_ok)
         stop = self._signals.received is not None
         save = self._dist.is_main and 0 < self.checkpoint_minutes * 60 <= time.monotonic() - self._last_save
-        return torch.stack([nonfinite.to(loss.dtype), loss.new_tensor(float(stop)), loss.new_tensor(float(save))])
+        return torch.stack([nonfinite.to(loss.dtype), loss.new_tensor(float(stop)),
+                            loss.new_tensor(float(save))])
 
     def after_step(self, flags: List[float]) -> bool:
         """
@@ -183,16 +186,16 @@ class RunControlConfigs(PrecisionConfigs):
         if nonfinite:
             self._nonfinite_in_a_row += 1
             self._progress['skipped_steps'] += 1
-            self.log([(f'Step {step:,}: ', Text.key), ('non-finite loss or gradient norm; optimizer step skipped ',
-                                                       Text.warning),
+            self.log([(f'Step {step:,}: ', Text.key),
+                      ('non-finite loss or gradient norm; optimizer step skipped ', Text.warning),
                       (f'({self._nonfinite_in_a_row} in a row, {self._progress["skipped_steps"]} in all)',
                        Text.subtle)])
             if self._nonfinite_in_a_row >= self.max_nonfinite_steps:
                 raise TrainingDiverged(
                     f"training diverged: {self._nonfinite_in_a_row} consecutive steps (steps "
-                    f"{step - self._nonfinite_in_a_row + 1:,} to {step:,}) had a non-finite loss or gradient norm "
-                    f"(max_nonfinite_steps={self.max_nonfinite_steps}); their optimizer steps were skipped. "
-                    f"{self.last_checkpoint()}")
+                    f"{step - self._nonfinite_in_a_row + 1:,} to {step:,}) had a non-finite loss or gradient "
+                    f"norm (max_nonfinite_steps={self.max_nonfinite_steps}); their optimizer steps were "
+                    f"skipped. {self.last_checkpoint()}")
         else:
             self._nonfinite_in_a_row = 0
         if self._progress['skipped_steps']:
@@ -212,11 +215,13 @@ class RunControlConfigs(PrecisionConfigs):
     def state(self, rng_states: List[Dict[str, Any]]) -> Dict[str, Any]:
         """Everything needed to continue training exactly."""
         text = self.text
-        data = {'path': str(getattr(text, 'path', '')), 'sha256': getattr(text, 'sha256', ''), 'itos': list(text.itos)}
+        data = {'path': str(getattr(text, 'path', '')), 'sha256': getattr(text, 'sha256', ''),
+                'itos': list(text.itos)}
         config = {k: v for k, v in self._overrides.items() if k != 'allow_text_change'}
         return {'version': 2, 'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-                'progress': dict(self._progress), 'rng': rng_states, 'config': config, 'history': self._history,
-                'experiment': self.experiment_name(), 'data': data, 'precision': self.precision_state()}
+                'progress': dict(self._progress), 'rng': rng_states, 'config': config,
+                'history': self._history, 'experiment': self.experiment_name(), 'data': data,
+                'precision': self.precision_state()}
 
     def load_weights(self, payload: Dict[str, Any]) -> None:
         """Load the model and the optimizer of a checkpoint; a one-line `ValueError` when they do not fit."""
@@ -231,17 +236,18 @@ class RunControlConfigs(PrecisionConfigs):
         """Before a run starts: the checkpoint is of this model and its weights and optimizer state fit."""
         theirs, ours = payload.get('experiment'), self.experiment_name()
         if theirs is not None and theirs != ours:
-            raise ValueError(f"resume={self.resume}: the checkpoint was trained as {theirs}; it cannot continue as "
-                             f"{ours} (a checkpoint continues as the model it was trained as)")
+            raise ValueError(f"resume={self.resume}: the checkpoint was trained as {theirs}; "
+                             f"it cannot continue as {ours} (a checkpoint continues as the model it was "
+                             f"trained as)")
         self.load_weights(payload)
 
     def check_same_text(self, data: Dict[str, Any], path: Path, sha256: str) -> None:
         """A `ValueError` when resuming on a text other than the checkpoint's without `allow_text_change`."""
         if data.get('sha256') and data['sha256'] != sha256 and not self.allow_text_change:
             raise ValueError(f"resume={self.resume}: the checkpoint was trained on {data['path']} (sha256 "
-                             f"{data['sha256'][:12]}...), this run reads {path} (sha256 {sha256[:12]}...); set "
-                             f"allow_text_change=true to continue training on this text with the checkpoint's "
-                             f"vocabulary")
+                             f"{data['sha256'][:12]}...), this run reads {path} (sha256 {sha256[:12]}...); "
+                             f"set allow_text_change=true to continue training on this text with the "
+                             f"checkpoint's vocabulary")
 
     def load_state(self, payload: Dict[str, Any]) -> None:
         """Continue from a checkpoint: weights, optimizer, position, history and (same rank count) random states."""
@@ -273,7 +279,8 @@ class RunControlConfigs(PrecisionConfigs):
         if self._dist.is_main:
             folder = checkpoint_folder()
             if folder is None:
-                raise RuntimeError("save_checkpoint() needs a labml experiment (experiment.create) to write into")
+                raise RuntimeError("save_checkpoint() needs a labml experiment (experiment.create) "
+                                   "to write into")
             path = folder / ckpt.CHECKPOINT_NAME
             ckpt.save_atomic(self.state(rng_states), path)
             logger.log([('Checkpoint: ', Text.subtle), (str(path), Text.meta),
@@ -297,7 +304,8 @@ class RunControlConfigs(PrecisionConfigs):
         signum = self._signals.received or signal.SIGINT
         self.save_checkpoint()
         self.log([(f'Stopped by {signal.Signals(signum).name} ', Text.warning),
-                  (f"at step {self._progress['step']:,}. ", Text.subtle), (self.last_checkpoint(), Text.meta)])
+                  (f"at step {self._progress['step']:,}. ", Text.subtle),
+                  (self.last_checkpoint(), Text.meta)])
         self.log([('Resume with: ', Text.key), (self.resume_command(), Text.value)])
         raise KeyboardInterrupt(signum)
 
@@ -329,7 +337,8 @@ class RunControlConfigs(PrecisionConfigs):
                   (f"{p['tokens']:,}", Text.value), (' tokens in ', Text.subtle),
                   (f"{p['train_seconds']:.1f}s", Text.value), (' (', Text.subtle),
                   (f'{tokens_per_second:,.0f}', Text.value), (' tokens/s', Text.subtle),
-                  (f", {p['skipped_steps']} skipped" if p['skipped_steps'] else '', Text.warning), (')', Text.subtle)])
+                  (f", {p['skipped_steps']} skipped" if p['skipped_steps'] else '', Text.warning),
+                  (')', Text.subtle)])
 
     def log(self, message: Any, *args: Any) -> None:
         """`labml.logger.log`, on the main rank only."""

@@ -79,7 +79,8 @@ class ProgramSpec:
 
     def __post_init__(self):
         if not isinstance(self.variables, int) or not 1 <= self.variables <= len(VARIABLE_NAMES):
-            raise ValueError(f"variables must be an int in [1, {len(VARIABLE_NAMES)}], got {self.variables!r}")
+            raise ValueError(f"variables must be an int in [1, {len(VARIABLE_NAMES)}], "
+                             f"got {self.variables!r}")
         if not isinstance(self.statements, int) or self.statements < 1:
             raise ValueError(f"statements must be an int >= 1, got {self.statements!r}")
         if not isinstance(self.min_value, int) or not isinstance(self.max_value, int) or \
@@ -184,8 +185,8 @@ def generate_programs(spec: ProgramSpec, n: int, key: str, exclude: Iterable[Pro
         if program.tokens in excluded:
             rejected += 1
             if rejected > MAX_REJECTIONS:
-                raise ValueError(f"{spec} has too few distinct programs: {rejected} drawn in a row were in another "
-                                 f"split; use longer programs or more variables")
+                raise ValueError(f"{spec} has too few distinct programs: {rejected} drawn in a row were in "
+                                 f"another split; use longer programs or more variables")
             continue
         rejected = 0
         programs.append(program)
@@ -245,8 +246,8 @@ class LabeledStreams:
 
     def __init__(self, streams: torch.Tensor, labels: torch.Tensor, seq_len: int):
         if streams.dim() != 2 or streams.shape != labels.shape:
-            raise ValueError(f"streams and labels must both be [n_streams, stream_len], got {list(streams.shape)} "
-                             f"and {list(labels.shape)}")
+            raise ValueError(f"streams and labels must both be [n_streams, stream_len], "
+                             f"got {list(streams.shape)} and {list(labels.shape)}")
         if seq_len < 1 or streams.shape[1] < seq_len:
             raise ValueError(f"seq_len must be in [1, stream_len={streams.shape[1]}], got {seq_len}")
         self.streams, self.labels, self.seq_len = streams, labels, seq_len
@@ -265,13 +266,15 @@ class LabeledStreams:
             yield (idx, *self.batch(epoch, idx))
 
 
-def held_out_streams(programs: List[Program], vocab: List[str], n_streams: int, seq_len: int) -> LabeledStreams:
+def held_out_streams(programs: List[Program], vocab: List[str], n_streams: int,
+                     seq_len: int) -> LabeledStreams:
     """
     Whole `programs` dealt to `n_streams` streams (each program to the stream with the fewest tokens so far), every
     stream padded with `END` (label `_`) to the same multiple of `seq_len`.
     """
     if n_streams < 1 or len(programs) < n_streams:
-        raise ValueError(f"need at least one program per stream: {len(programs)} programs, {n_streams} streams")
+        raise ValueError(f"need at least one program per stream: {len(programs)} programs, "
+                         f"{n_streams} streams")
     dealt: List[List[Program]] = [[] for _ in range(n_streams)]
     sizes = [0] * n_streams
     for program in programs:
@@ -292,5 +295,6 @@ def training_streams(splits: ProgramSplits, spec: ProgramSpec, vocab: List[str],
     length = n_segments * seq_len
     # A program has at least 3 words per statement and `END`: enough programs to fill the stream
     n = -(-length // (3 * spec.statements + 1))
-    pairs = [encode_stream(splits.train(n, f'{epoch}/{r}/{spec.statements}', spec), vocab, length) for r in rows]
+    pairs = [encode_stream(splits.train(n, f'{epoch}/{r}/{spec.statements}', spec), vocab, length)
+             for r in rows]
     return LabeledStreams(torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]), seq_len)

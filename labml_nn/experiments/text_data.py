@@ -46,7 +46,8 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 import torch
 from labml_helpers.datasets.text import TextDataset
 
-TINY_SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
+TINY_SHAKESPEARE_URL = ('https://raw.githubusercontent.com/karpathy/char-rnn/master/'
+                        'data/tinyshakespeare/input.txt')
 TINY_SHAKESPEARE_ENV = 'TINY_SHAKESPEARE_PATH'
 
 _HOW_TO_PROVIDE = (f"Provide the file with text_path=/path/to/tiny_shakespeare.txt on the command line, "
@@ -61,7 +62,8 @@ def character_tokenizer(text: str) -> List[str]:
 
 def _check_text_file(path: Path, origin: str) -> Path:
     if not path.is_file():
-        raise FileNotFoundError(f"Tiny Shakespeare file not found at {path} (from {origin}). {_HOW_TO_PROVIDE}")
+        raise FileNotFoundError(f"Tiny Shakespeare file not found at {path} (from {origin}). "
+                                f"{_HOW_TO_PROVIDE}")
     if path.stat().st_size == 0:
         raise ValueError(f"Tiny Shakespeare file {path} (from {origin}) is empty. {_HOW_TO_PROVIDE}")
     return path
@@ -83,8 +85,8 @@ def read_utf8(path: Path, key: str = 'text_path') -> Tuple[str, str]:
     try:
         text = data.decode('utf-8')
     except UnicodeDecodeError as e:
-        raise ValueError(f"{key}={path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start:,} is not "
-                         f"valid UTF-8); train on a UTF-8 text file") from None
+        raise ValueError(f"{key}={path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                         f"{e.start:,} is not valid UTF-8); train on a UTF-8 text file") from None
     return text, hashlib.sha256(data).hexdigest()
 
 
@@ -103,8 +105,8 @@ def load_text(path: Path, tokenizer: Callable, itos: Optional[Sequence[str]] = N
     else:
         unknown = sorted(set(tokenizer(text)) - set(itos))
         if unknown:
-            raise ValueError(f"text_path={path} has {len(unknown)} characters that are not in the checkpoint's "
-                             f"vocabulary of {len(itos)}: {''.join(unknown[:20])!r}")
+            raise ValueError(f"text_path={path} has {len(unknown)} characters that are not in the "
+                             f"checkpoint's vocabulary of {len(itos)}: {''.join(unknown[:20])!r}")
         vocabulary = Vocabulary.of(itos)
         dataset = TextDataset(path, tokenizer, text[:split], text[split:], '', n_tokens=len(itos),
                               stoi=vocabulary.stoi, itos=vocabulary.itos)

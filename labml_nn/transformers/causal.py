@@ -85,7 +85,8 @@ class CausalState:
 
     def to_payload(self) -> Dict[str, Any]:
         """The state as plain tensors and numbers, for a `weights_only` checkpoint (a copy, on the CPU)."""
-        return {'kind': 'causal', 'offset': self.offset, 'keys': [k.detach().cpu().clone() for k in self.keys],
+        return {'kind': 'causal', 'offset': self.offset,
+                'keys': [k.detach().cpu().clone() for k in self.keys],
                 'values': [v.detach().cpu().clone() for v in self.values]}
 
 
@@ -162,8 +163,8 @@ class CausalAttention(nn.Module):
         bias = ((q_p + s) * self.scale).masked_fill(hidden, float('-inf'))
         # $\mathrm{softmax}\big(((q + u)^\top k + q^\top p_\Delta + s_\Delta) / \sqrt{d_k}\big)\, v$,
         # in `[batch_size, heads, seq, d_k]` layout
-        out = F.scaled_dot_product_attention((q + self.query_pos_bias).permute(1, 2, 0, 3), k.permute(1, 2, 0, 3),
-                                             v.permute(1, 2, 0, 3), attn_mask=bias,
+        out = F.scaled_dot_product_attention((q + self.query_pos_bias).permute(1, 2, 0, 3),
+                                             k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), attn_mask=bias,
                                              dropout_p=self.dropout_prob if self.training else 0.0)
         # Back to `[seq_len, batch_size, d_model]`, then $W_o$
         out = out.permute(2, 0, 1, 3).reshape(seq_len, batch_size, -1)
@@ -179,7 +180,8 @@ class CausalTransformerLayer(PreNormLayer):
     then $x \leftarrow x + \mathrm{Drop}(\mathrm{FFN}(\mathrm{LN}(x)))$.
     """
 
-    def __init__(self, *, d_model: int, attn: CausalAttention, feed_forward: FeedForward, dropout_prob: float):
+    def __init__(self, *, d_model: int, attn: CausalAttention, feed_forward: FeedForward,
+                 dropout_prob: float):
         # The parts and their names: [the pre-norm layer](pre_norm.html)
         super().__init__(d_model=d_model, attn=attn, feed_forward=feed_forward, dropout_prob=dropout_prob)
 
@@ -221,10 +223,12 @@ class CausalTransformer(nn.Module):
         values = [v.to(device) for v in payload['values']]
         attn = self.layers[0].attn
         if len(keys) != len(self.layers) or any(k.shape[2:] != (attn.heads, attn.d_k) for k in keys):
-            raise ValueError(f"the carried state holds {len(keys)} layers of keys {[list(k.shape) for k in keys[:1]]}; "
-                             f"this model has {len(self.layers)} layers of [n, batch_size, {attn.heads}, {attn.d_k}]")
+            raise ValueError(f"the carried state holds {len(keys)} layers of keys "
+                             f"{[list(k.shape) for k in keys[:1]]}; this model has {len(self.layers)} "
+                             f"layers of [n, batch_size, {attn.heads}, {attn.d_k}]")
         if self.memory_span is not None and any(k.shape[0] > self.memory_span for k in keys):
-            raise ValueError(f"the carried state holds more keys than this model's memory_span={self.memory_span}")
+            raise ValueError(f"the carried state holds more keys than this model's "
+                             f"memory_span={self.memory_span}")
         return CausalState(keys, values, int(payload['offset']))
 
     def forward(self, x: torch.Tensor, state: Optional[CausalState] = None,
@@ -233,13 +237,15 @@ class CausalTransformer(nn.Module):
         `x`: `[seq_len, batch_size, d_model]`; returns `[seq_len, batch_size, d_model]` (and the new state).
         """
         if x.dim() != 3 or x.shape[-1] != self.norm.normalized_shape[0]:
-            raise ValueError(f"x must be [seq_len, batch_size, {self.norm.normalized_shape[0]}], got {list(x.shape)}")
+            raise ValueError(f"x must be [seq_len, batch_size, {self.norm.normalized_shape[0]}], "
+                             f"got {list(x.shape)}")
         if state is not None:
             if not isinstance(state, CausalState):
                 raise TypeError(f"state must be a CausalState, got {type(state).__name__}")
             if state.keys and (len(state.keys) != len(self.layers) or state.keys[0].shape[1] != x.shape[1]):
-                raise ValueError(f"state holds {len(state.keys)} layers of batch size {state.keys[0].shape[1]}; "
-                                 f"expected {len(self.layers)} layers of batch size {x.shape[1]}")
+                raise ValueError(f"state holds {len(state.keys)} layers of batch size "
+                                 f"{state.keys[0].shape[1]}; expected {len(self.layers)} layers of batch "
+                                 f"size {x.shape[1]}")
         keys, values = [], []
         for i, layer in enumerate(self.layers):
             past_k = state.keys[i] if state is not None and state.keys else None

@@ -92,7 +92,8 @@ class AutoregressiveModel(nn.Module):
             raise ValueError(f"{name} must have shape [seq_len >= 1, batch_size >= 1], got {list(x.shape)}")
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi >= self.n_vocab:
-            raise ValueError(f"{name} holds token ids in [{lo}, {hi}], outside the vocabulary [0, {self.n_vocab - 1}]")
+            raise ValueError(f"{name} holds token ids in [{lo}, {hi}], "
+                             f"outside the vocabulary [0, {self.n_vocab - 1}]")
 
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -117,7 +118,8 @@ class AutoregressiveModel(nn.Module):
         self.check_tokens(prompt, "prompt")
         _check_sampling_args(max_new_tokens, temperature, top_k, generator, self.src_embed.weight.device)
         if prompt.device != self.src_embed.weight.device:
-            raise ValueError(f"prompt is on {prompt.device} but the model is on {self.src_embed.weight.device}")
+            raise ValueError(f"prompt is on {prompt.device} but the model is on "
+                             f"{self.src_embed.weight.device}")
         prompt_len, batch_size = prompt.shape
         # Eval mode for every submodule, remembering each one's own flag
         modes: Dict[nn.Module, bool] = {m: m.training for m in self.modules()}

@@ -80,17 +80,19 @@ class Configs(AcceleratedConfigs):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         model = self.model_name()
-        if not isinstance(self.memory_span, int) or isinstance(self.memory_span, bool) or self.memory_span < 0:
-            raise ValueError(f"memory_span must be an int >= 1 (the latest memory vectors each step attends to), "
-                             f"or 0 for no limit, got {self.memory_span!r}")
+        if (not isinstance(self.memory_span, int) or isinstance(self.memory_span, bool)
+                or self.memory_span < 0):
+            raise ValueError(f"memory_span must be an int >= 1 (the latest memory vectors each step attends "
+                             f"to), or 0 for no limit, got {self.memory_span!r}")
         if model == 'transformer':
             # (`memory_norm` and `recency_init` are on by default: only asking for them is an error)
             for key in ('memory_norm', 'recency_init', 'init_from'):
-                if getattr(self, key) and (key in self._overrides or key not in ('memory_norm', 'recency_init')):
+                if getattr(self, key) and (key in self._overrides
+                                           or key not in ('memory_norm', 'recency_init')):
                     raise ValueError(f"{key} is an option of the feedback models, not of model=transformer")
         if self.carry_memory and self.memory_span == 0:
-            raise ValueError("carry_memory=True needs a memory_span >= 1: the carried memory would otherwise grow "
-                             "with every batch of the epoch")
+            raise ValueError("carry_memory=True needs a memory_span >= 1: the carried memory would otherwise "
+                             "grow with every batch of the epoch")
         if self.init_from and not self.resume:
             # The source run must exist and be a parallel transformer; shapes are checked when copying
             check_source_checkpoint(self.source_checkpoint(), self.init_from)
@@ -100,7 +102,8 @@ class Configs(AcceleratedConfigs):
 
     def source_checkpoint(self) -> dict:
         """The checkpoint `init_from` names."""
-        return ckpt.load_checkpoint(ckpt.find_checkpoint(self.init_from, lab.get_experiments_path(), 'init_from'))
+        path = ckpt.find_checkpoint(self.init_from, lab.get_experiments_path(), 'init_from')
+        return ckpt.load_checkpoint(path)
 
     def init(self) -> None:
         resuming = self._resume_payload is not None
@@ -129,8 +132,9 @@ class Configs(AcceleratedConfigs):
 
     def model_config(self, name: str) -> ModelConfig:
         """The model `name` with this run's sizes ([build.py](build.html))."""
-        return ModelConfig(name, n_vocab=self.n_tokens, d_model=self.d_model, heads=self.heads, d_ff=self.d_ff,
-                           n_layers=self.n_layers, dropout=self.dropout, memory_span=self.memory_span or None,
+        return ModelConfig(name, n_vocab=self.n_tokens, d_model=self.d_model, heads=self.heads,
+                           d_ff=self.d_ff, n_layers=self.n_layers, dropout=self.dropout,
+                           memory_span=self.memory_span or None,
                            memory_norm=self.memory_norm, recency_init=self.recency_init)
 
 

@@ -73,13 +73,15 @@ def parse_arguments(argv: List[str]) -> Dict[str, Any]:
         try:
             values[key] = kind(raw)
         except ValueError:
-            raise ValueError(f"{key} must be {'an int' if kind is int else 'a number'}, got {raw!r}") from None
+            raise ValueError(f"{key} must be {'an int' if kind is int else 'a number'}, "
+                             f"got {raw!r}") from None
     if values['checkpoint'] is None:
         raise ValueError("checkpoint= is required: a checkpoint file, a run folder or a run UUID")
     if values['tokens'] < 0:
         raise ValueError(f"tokens must be an int >= 0, got {values['tokens']}")
     if not math.isfinite(values['temperature']) or values['temperature'] < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {values['temperature']}")
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), "
+                         f"got {values['temperature']}")
     if values['top_k'] is not None and values['top_k'] < 1:
         raise ValueError(f"top_k must be an int >= 1, got {values['top_k']}")
     if values['samples'] < 1:
@@ -139,8 +141,9 @@ def encode_prompt(prompt: str, stoi: Dict[str, int]) -> torch.Tensor:
     return torch.tensor([stoi[c] for c in prompt], dtype=torch.long)
 
 
-def sample_text(model: AutoregressiveModel, itos: List[str], stoi: Dict[str, int], *, prompt: str, tokens: int,
-                temperature: float, top_k: Optional[int], seed: int, samples: int) -> List[str]:
+def sample_text(model: AutoregressiveModel, itos: List[str], stoi: Dict[str, int], *, prompt: str,
+                tokens: int, temperature: float, top_k: Optional[int], seed: int,
+                samples: int) -> List[str]:
     """`samples` continuations of `prompt` (each including the prompt) by cached generation."""
     device = model.src_embed.weight.device
     # `[prompt_len, samples]`: the same prompt in every column

@@ -72,7 +72,8 @@ from labml_nn.transformers.feedback.experiment import Configs
 NO_LABEL_ID = 0
 
 
-def masked_loss(logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def masked_loss(logits: torch.Tensor,
+                labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """
     Cross entropy over the positions whose label is not `_` (the prints), and how many of them the argmax gets
     right. `logits`: `[seq_len, batch_size, n_tokens]`, `labels`: `[seq_len, batch_size]`. Returns the mean loss
@@ -98,8 +99,9 @@ def parse_train_statements(spec: str) -> List[Tuple[int, float]]:
     starts = [start for _, start in stages]
     if not stages or starts[0] != 0 or starts != sorted(set(starts)) or starts[-1] >= 1 or \
             min(n for n, _ in stages) < 1:
-        raise ValueError(f"train_statements={spec!r}: give statements per training program (e.g. 20), or stages "
-                         f"statements:start_fraction with fractions increasing from 0 below 1 (e.g. 10:0,40:0.5)")
+        raise ValueError(f"train_statements={spec!r}: give statements per training program (e.g. 20), "
+                         f"or stages statements:start_fraction with fractions increasing from 0 below 1 "
+                         f"(e.g. 10:0,40:0.5)")
     return stages
 
 
