@@ -13,6 +13,9 @@ process group here (gloo on CPU, nccl when CUDA is available), wraps the model i
 gradients over the ranks during `backward()`, so every rank takes the same optimizer step and the parameters
 stay identical.
 
+`batch_size` is the **global** batch: each of the $N$ ranks trains on `batch_size / N` rows of every batch, so
+the loss, its gradients and the hyper-parameters mean the same as on one process.
+
 Without `torchrun` (`WORLD_SIZE` unset or 1) nothing here starts a process group and the helpers are no-ops.
 """
 
@@ -57,6 +60,13 @@ def init_distributed() -> DistributedContext:
     else:
         dist.init_process_group('gloo')
     return DistributedContext(rank, world_size, local_rank)
+
+
+def process_device(ctx: DistributedContext, use_cuda: bool) -> torch.device:
+    """This process's device: its local GPU when `use_cuda` and CUDA is available, else the CPU."""
+    if use_cuda and torch.cuda.is_available():
+        return torch.device('cuda', ctx.local_rank)
+    return torch.device('cpu')
 
 
 def wrap_ddp(ctx: DistributedContext, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -29,12 +29,8 @@ What can be checked before a run starts is: `validate()` checks the plain values
 the resume checks) before it creates a run; `init()` runs them again for runs started from Python.
 
 `train_step` and `forward_loss` are small methods on purpose: variants (memory carried across batches,
-curricula, initialization from another run) override them.
-
-## Data parallel
-
-Under `torchrun` `batch_size` is the **global** batch: each of $N$ ranks trains on `batch_size / N` rows of
-every batch, and the loss, its gradients and the hyper-parameters mean the same as on one process.
+curricula, initialization from another run) override them. Under `torchrun`, `batch_size` is the **global**
+batch ([data-parallel training](distributed.html)).
 """
 
 import math
@@ -48,8 +44,13 @@ from labml.logger import Text
 from labml_helpers.datasets.text import TextDataset
 from torch import nn
 
-from labml_nn.experiments.distributed import DistributedContext, all_reduce_sum, wrap_ddp
-from labml_nn.experiments.optimizer import OptimizerConfigs, ScheduledOptimizer, check_optimizer_values
+from labml_nn.experiments.distributed import DistributedContext, all_reduce_sum, process_device, wrap_ddp
+from labml_nn.experiments.optimizer import (
+    OptimizerConfigs,
+    ScheduledOptimizer,
+    check_optimizer_values,
+    optimizer_configs,
+)
 from labml_nn.experiments.run_control import RunControlConfigs, StopSignals, check_int
 from labml_nn.experiments.text_data import (
     SequenceBatches,
@@ -343,9 +344,7 @@ class NLPAutoRegressionConfigs(RunControlConfigs):
 
 @option(NLPAutoRegressionConfigs.device)
 def _device(c: NLPAutoRegressionConfigs) -> torch.device:
-    if c.use_cuda and torch.cuda.is_available():
-        return torch.device('cuda', c._dist.local_rank)
-    return torch.device('cpu')
+    return process_device(c._dist, c.use_cuda)
 
 
 @option(NLPAutoRegressionConfigs.tokenizer, 'character')
@@ -379,14 +378,8 @@ def _cross_entropy(c: NLPAutoRegressionConfigs) -> nn.Module:
 
 @option(NLPAutoRegressionConfigs.optimizer)
 def _optimizer(c: NLPAutoRegressionConfigs) -> OptimizerConfigs:
-    conf = OptimizerConfigs()
-    conf.parameters = c.model.parameters()
-    conf.d_model = c.d_model
-    for key, value in c._optimizer_defaults.items():
-        setattr(conf, key, value)
-    # The length of the run, for `optimizer.optimizer=AdamCosine`
-    conf.total_steps = c.total_steps()
-    return conf
+    # The run's length is for `optimizer.optimizer=AdamCosine`
+    return optimizer_configs(c.model.parameters(), c.d_model, c._optimizer_defaults, c.total_steps())
 
 
 def shuffled_batches(c: NLPAutoRegressionConfigs, text: str, is_train: bool) -> SequenceBatches:

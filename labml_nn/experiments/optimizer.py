@@ -153,6 +153,21 @@ class OptimizerConfigs(CheckedConfigs):
 meta_config(OptimizerConfigs.parameters)
 
 
+def optimizer_configs(parameters: Any, d_model: int, defaults: Dict[str, Any],
+                      total_steps: int) -> OptimizerConfigs:
+    """
+    The `optimizer.*` configs of an experiment: its model's `parameters` and width `d_model` (Noam), its `defaults`
+    (the command line overrides them) and the length of its run in steps (`AdamCosine`).
+    """
+    conf = OptimizerConfigs()
+    conf.parameters = parameters
+    conf.d_model = d_model
+    for key, value in defaults.items():
+        setattr(conf, key, value)
+    conf.total_steps = total_steps
+    return conf
+
+
 def check_optimizer_values(defaults: Dict[str, Any], values: Dict[str, Any]) -> None:
     """Check the `optimizer.*` entries of `values` over `defaults`, before the model (its parameters) exists."""
     conf = OptimizerConfigs()
