@@ -43,8 +43,8 @@ __all__ = ['AutoregressiveModel', 'Configs', 'main']
 class Configs(AcceleratedConfigs):
     """
     The model's size on top of the training configs; `model` picks one of the three models. The paper's
-    accelerators: `memory_span`, `carry_memory` and `seq_len_curriculum` (`experiments/accelerators.py`) and
-    `init_from` (`init_from.py`).
+    accelerators: `memory_span`, `carry_memory` and `seq_len_curriculum`
+    ([accelerators.py](../../experiments/accelerators.html)) and `init_from` ([init_from.py](init_from.html)).
     """
     model: AutoregressiveModel
     d_model: int = ModelConfig.d_model
