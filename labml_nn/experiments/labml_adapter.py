@@ -26,6 +26,15 @@ changed, and not somewhere deep in a training run:
 * `labml.internal.lab.lab_singleton().app_configs` says whether a labml app is configured;
 * `labml.internal.util.yaml_load` reads `.labml.yaml` the way labml does.
 
+## Runs started at the same time
+
+Every run registers its project folder in `~/.labml/projects/` (one small file per project), and labml's
+`Computer.get_projects()` reads that folder and deletes duplicate entries. Two runs that start at the same moment
+(two experiments side by side, the state-tracking presets) can both find the same duplicate: the second one's
+`unlink` (or `open`, for a file the first just deleted) raised `FileNotFoundError`, and that run died before its
+first step. `install_concurrent_projects()` replaces that method with one that reads and deletes the same way but
+takes a file that another process removed first as removed.
+
 ## IPython 9
 
 labml's notebook logger does `from IPython.core.display import display, HTML` when it first logs inside a Jupyter
@@ -40,7 +49,7 @@ import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set
 
 import labml
 from labml.configs import BaseConfigs
@@ -147,6 +156,39 @@ def base_defaults_kept(cls: type) -> Iterator[None]:
             vars(item).update(saved)
 
 
+def _get_projects(self: Any) -> Set[str]:
+    """labml's `Computer.get_projects()`, safe against another process deleting the same files at once."""
+    projects: Set[str] = set()
+    to_remove = []
+    for entry in self.projects_folder.iterdir():
+        try:
+            project_path = entry.read_text()
+        except FileNotFoundError:
+            # Another process removed this duplicate a moment ago
+            continue
+        # A duplicate entry, or one for a project folder that is gone
+        if project_path in projects or not Path(project_path).exists():
+            to_remove.append(entry)
+        else:
+            projects.add(project_path)
+    for entry in to_remove:
+        entry.unlink(missing_ok=True)
+    return projects
+
+
+# labml's own `Computer.get_projects`, kept for the tests
+labml_get_projects: Optional[Callable[[Any], Set[str]]] = None
+
+
+def install_concurrent_projects() -> None:
+    """Make labml's project registry safe for runs that start at the same time (see above)."""
+    global labml_get_projects
+    from labml.internal.computer.configs import Computer
+    if Computer.get_projects is not _get_projects:
+        labml_get_projects = Computer.get_projects
+        Computer.get_projects = _get_projects
+
+
 # ## Runs and the lab
 
 def checkpoint_folder() -> Optional[Path]:
@@ -212,6 +254,12 @@ def check_labml() -> List[str]:
         except (ImportError, AttributeError):
             problems.append(f'{module}.{name} is gone')
     try:
+        from labml.internal.computer.configs import Computer
+        if not callable(getattr(Computer, 'get_projects', None)) or not _sets_attribute(Computer, 'projects_folder'):
+            problems.append('labml.internal.computer.configs.Computer no longer has get_projects / projects_folder')
+    except ImportError as e:
+        problems.append(str(e))
+    try:
         from labml.internal.experiment.experiment_run import Run
         from labml.internal.lab import Lab
         for cls, name in ((Run, 'checkpoint_path'), (Lab, 'app_configs')):
@@ -240,4 +288,5 @@ def _check_on_import() -> None:
 
 
 _check_on_import()
+install_concurrent_projects()
 install_ipython_shim()

@@ -168,3 +168,41 @@ def test_values_that_are_not_option_names_still_work():
     conf = Configs()
     labml_adapter.set_values(conf, {'tokenizer': list, 'device': torch.device('cpu'), 'n_tokens': 7})
     assert conf.tokenizer is list and conf.device == torch.device('cpu') and conf.n_tokens == 7
+
+
+class _RacingComputer:
+    """A labml `Computer` whose projects folder loses an entry to another process while it is being read."""
+
+    def __init__(self, folder: Path, lost: str):
+        self.folder, self.lost = folder, lost
+        self.projects_folder = self
+
+    def iterdir(self):
+        for entry in sorted(self.folder.iterdir()):
+            # The other process removes this duplicate just before this one opens it
+            if entry.name == self.lost:
+                entry.unlink()
+            yield entry
+
+
+@pytest.mark.parametrize('lost', ['a.txt', 'b.txt'])
+def test_runs_that_start_together_share_the_project_registry(tmp_path, lost):
+    from labml.internal.computer.configs import Computer
+    assert Computer.get_projects is labml_adapter._get_projects, 'installed when labml_nn.experiments is imported'
+    folder = tmp_path / 'projects'
+    folder.mkdir()
+    project = tmp_path / 'project'
+    project.mkdir()
+
+    def registry():
+        # Two entries for the same project (two runs registered it at once), and one for a folder that is gone
+        for name, path in (('a.txt', project), ('b.txt', project), ('c.txt', tmp_path / 'gone')):
+            (folder / name).write_text(str(path))
+        return _RacingComputer(folder, lost)
+
+    # labml's own method fails this way
+    with pytest.raises(FileNotFoundError):
+        labml_adapter.labml_get_projects(registry())
+    # The adapter's reads the project once and removes the entry of the folder that is gone
+    assert labml_adapter._get_projects(registry()) == {str(project)}
+    assert sorted(p.name for p in folder.iterdir()) == sorted({'a.txt', 'b.txt'} - {lost})
