@@ -16,12 +16,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
+from figure import NO_MATPLOTLIB, can_plot, new_figure, save_figure
 from train_cpu import CPU_RECIPE
 
 MODELS = ['feedback_transformer', 'feedback_transformer_kv', 'transformer']
@@ -65,10 +65,7 @@ def table(results: List[Dict[str, Any]]) -> str:
 
 
 def plot(results: List[Dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = new_figure()
     for r in results:
         steps = torch.tensor([h['step'] for h in r['history']['train']], dtype=torch.float)
         loss = torch.tensor([h['loss'] for h in r['history']['train']])
@@ -84,10 +81,7 @@ def plot(results: List[Dict[str, Any]], path: Path, title: str) -> None:
                 color=line.get_color(), label=f"{r['model']} (whole validation set)")
     ax.set_xlabel('step')
     ax.set_ylabel('cross-entropy loss')
-    ax.set_title('\n'.join(textwrap.wrap(title, 90)), fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, ax, path, title, width=90, fontsize=9)
 
 
 def main() -> None:
@@ -97,6 +91,8 @@ def main() -> None:
     parser.add_argument('--out', type=Path, default=Path('results'))
     parser.add_argument('overrides', nargs='*', help='key=value configs for every run')
     args = parser.parse_args()
+    if not can_plot():
+        print(NO_MATPLOTLIB, flush=True)
     run_args = PRESETS[args.preset] + args.overrides
     results = [run_one(model, run_args, args.preset) for model in args.models]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +103,8 @@ def main() -> None:
     (args.out / f'{args.preset}.md').write_text(header + md + '\n')
     (args.out / f'{args.preset}.json').write_text(json.dumps(
         [{k: v for k, v in r.items() if k != 'history'} for r in results], indent=2))
-    plot(results, args.out / f'{args.preset}.png', f"Tiny Shakespeare, {args.preset}: {' '.join(run_args)}")
+    if can_plot():
+        plot(results, args.out / f'{args.preset}.png', f"Tiny Shakespeare, {args.preset}: {' '.join(run_args)}")
     print(header + md)
 
 

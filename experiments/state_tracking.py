@@ -17,13 +17,13 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
+from figure import NO_MATPLOTLIB, can_plot, new_figure, save_figure
 
 MODELS = ['feedback_transformer_kv', 'transformer', 'feedback_transformer']
 # The authors' test accuracy (Fan et al. 2020, table 3 of v3): variables -> (Transformer, Feedback Transformer)
@@ -94,10 +94,7 @@ def table(results: List[Dict[str, Any]], variables: int) -> str:
 
 
 def plot(results: List[Dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = new_figure()
     for r in results:
         steps = [0] + [h['step'] for h in r['curve']]
         line, = ax.plot(steps, [float('nan')] + [h['valid_accuracy'] for h in r['curve']], 'o-',
@@ -108,10 +105,7 @@ def plot(results: List[Dict[str, Any]], path: Path, title: str) -> None:
     ax.set_xlabel('training step')
     ax.set_ylabel('accuracy on print positions')
     ax.set_ylim(0, 1)
-    ax.set_title('\n'.join(textwrap.wrap(title, 100)), fontsize=8)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, ax, path, title)
 
 
 def main() -> None:
@@ -124,6 +118,8 @@ def main() -> None:
     parser.add_argument('overrides', nargs='*', help='key=value configs for every run')
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if not can_plot():
+        print(NO_MATPLOTLIB, flush=True)
     tag = args.tag or f'state_tracking_{args.preset}'
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -142,7 +138,8 @@ def main() -> None:
     md = table(results, variables)
     (args.out / f'{tag}.md').write_text(header + md + '\n')
     (args.out / f'{tag}.json').write_text(json.dumps({'preset': args.preset, 'results': results}, indent=2))
-    plot(results, args.out / f'{tag}.png', header.strip())
+    if can_plot():
+        plot(results, args.out / f'{tag}.png', header.strip())
     print(header + md, flush=True)
     print(json.dumps({'accuracy': {r['model']: round(r['test_accuracy'], 4) for r in results},
                       'valid_accuracy': {r['model']: round(r['valid_accuracy'], 4) for r in results},
