@@ -34,3 +34,13 @@ def test_ci_installs_into_a_fresh_virtual_environment():
     install = [i for i, line in enumerate(lines) if 'pip install' in line]
     assert venv and activate and install and venv[0] < activate[0] < install[0], lines
     assert 'system-site-packages' not in ci
+
+
+def test_tests_and_files_the_readme_names_exist():
+    """A test (`tests/...py::test_name`) or a repository file the README points at is there."""
+    import re
+    text = (ROOT / 'README.md').read_text(encoding='utf-8')
+    for path, name in re.findall(r'`(tests/[\w/]+\.py)::(\w+)`', text):
+        assert re.search(rf'^def {name}\(', (ROOT / path).read_text(), re.M), f'{path}::{name}'
+    for path in re.findall(r'`((?:labml_nn|experiments|tests)/[\w/]+\.(?:py|md|sh))`', text):
+        assert (ROOT / path).exists(), path
