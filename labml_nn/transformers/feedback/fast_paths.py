@@ -170,7 +170,7 @@ class FastPaths:
         n_new = seq_len if return_state else seq_len - 1
         dtype = self.products_dtype(x_seq)
         entry = x_seq.new_empty((self.groups, 2, batch_size, self.heads, self.d_k),
-                                dtype=self.cache_dtype(x_seq))
+                                dtype=dtype or self.weights.dtype)
         # Room for the new entries in one buffer that also holds every entry they attend to; slot 0 of `cache` is
         # absolute step `first`, as the fused loop's work buffer
         cache, first = stack.reserve(n_new, entry)

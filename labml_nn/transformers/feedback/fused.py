@@ -49,7 +49,7 @@ loops with a naive reference in float64, and `torch.autograd.gradcheck` checks t
 included.
 """
 
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -65,6 +65,7 @@ from labml_nn.transformers.feedback.fused_records import (
     LoopConfig,
     LoopShape,
     StepRecord,
+    caster,
     flatten_layers,
     for_products,
     split_layers,
@@ -168,7 +169,7 @@ def _steps(cfg: LoopConfig, x_seq: torch.Tensor, layers: List[LayerWeights], mem
     n_new = T if cfg.make_last_memory else T - 1
     # Operands of matrix products in the products' dtype (a no-op outside autocast); the residual stream, norms
     # and softmax stay in `x_seq`'s dtype
-    to_low = _caster(work.dtype, x_seq.dtype)
+    to_low = caster(work.dtype, x_seq.dtype)
     high = x_seq.dtype
     # Each group's keys and values as `[B * H, time, d_k]` views of the work buffer
     keys = [work[g, 0].view(BH, -1, dk) for g in range(G)]
@@ -248,15 +249,6 @@ def _steps(cfg: LoopConfig, x_seq: torch.Tensor, layers: List[LayerWeights], mem
             records[i] = record
 
     return torch.stack(outputs)
-
-
-def _same(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-def _caster(dtype: torch.dtype, other: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function that casts to `dtype`, or does nothing when `dtype` is `other` (outside autocast)."""
-    return _same if dtype == other else (lambda t: t.to(dtype))
 
 
 def run_loop(cfg: LoopConfig, x_seq: torch.Tensor, prev: Optional[torch.Tensor], mem_w: torch.Tensor,

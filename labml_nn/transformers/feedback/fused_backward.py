@@ -96,8 +96,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 
-from labml_nn.transformers.feedback.fused import _caster
-from labml_nn.transformers.feedback.fused_records import LayerWeights, StepRecord
+from labml_nn.transformers.feedback.fused_records import LayerWeights, StepRecord, caster
 
 # ATen kernels called directly, resolved once (their Python lookups cost more than the kernels at these sizes)
 _layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
@@ -169,7 +168,7 @@ def _backward_steps(ctx, x_seq: torch.Tensor, mem_w: torch.Tensor, work: torch.T
     BH = B * H
     scale = 1 / dk ** 0.5
     high = x_seq.dtype
-    to_low, to_high = _caster(work.dtype, high), _caster(high, work.dtype)
+    to_low, to_high = caster(work.dtype, high), caster(high, work.dtype)
     # The cache's gradient (those from later calls arrive in `d_cache`), in the high precision, and the same as
     # `[groups * 2 * B * H, time, d_k]` so that one product per step updates every layer's keys and values
     d_work = torch.zeros_like(work, dtype=high) if d_cache is None else d_cache.to(high, copy=True)

@@ -19,7 +19,7 @@ each line of the loop can be checked against the math by name (`layer.w_q`, `sav
 """
 
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -175,6 +175,15 @@ class _NoMasks:
 
 
 NO_MASKS = _NoMasks()
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def caster(dtype: torch.dtype, other: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function that casts to `dtype`, or does nothing when `dtype` is `other` (outside autocast)."""
+    return _same if dtype == other else (lambda t: t.to(dtype))
 
 
 def flatten_layers(layers: List[LayerWeights]) -> List[torch.Tensor]:
