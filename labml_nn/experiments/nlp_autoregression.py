@@ -198,8 +198,7 @@ class NLPAutoRegressionConfigs(RunControlConfigs):
         local = torch.cat([torch.stack([loss.detach(), correct.to(loss.dtype)]),
                            self.local_flags(loss, grad_norm)])
         loss_sum, correct_sum, *self._step_flags = all_reduce_sum(self._dist, local).tolist()
-        if self._step_flags[0] == 0:
-            self.optimizer_step(self.optimizer)
+        self.optimizer_step(self.optimizer, skip=self._step_flags[0] != 0)
         # Every rank has the same number of tokens
         loss_value = loss_sum / self._dist.world_size
         accuracy = correct_sum / max(self.count_targets(target) * self._dist.world_size, 1)

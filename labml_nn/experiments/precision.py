@@ -73,13 +73,20 @@ class PrecisionConfigs(CheckedConfigs):
         """Whether a non-finite gradient norm is the scaler's to handle (fp16), not a failed step."""
         return self._scaler is not None
 
-    def optimizer_step(self, scheduled: Any) -> None:
+    def optimizer_step(self, scheduled: Any, skip: bool = False) -> None:
         """
-        The optimizer step and its schedule's step (`scheduled` is a `ScheduledOptimizer`). With a scaler, the
-        scaler takes the step (or skips it when the gradients overflowed, and then the schedule does not move).
+        The optimizer step and its schedule's step (`scheduled` is a `ScheduledOptimizer`), unless the training
+        loop `skip`s this step (a non-finite loss or gradient norm on some rank). With a scaler, the scaler takes
+        the step (or skips it when the gradients overflowed, and then the schedule does not move), and a skipped
+        step still ends with the scaler's `update()`: it has unscaled this step's gradients, and the next step may
+        only unscale again after an update.
         """
         if self._scaler is None:
-            scheduled.step()
+            if not skip:
+                scheduled.step()
+            return
+        if skip:
+            self._scaler.update()
             return
         scale = self._scaler.get_scale()
         self._scaler.step(scheduled.optimizer)

@@ -82,6 +82,21 @@ def test_a_non_finite_step_is_skipped_and_counted(monkeypatch, capsys):
     assert 'Step 3: non-finite loss or gradient norm; optimizer step skipped (2 in a row, 2 in all)' in out
 
 
+def test_a_non_finite_step_under_fp16_is_skipped_and_training_goes_on(monkeypatch):
+    """The gradient scaler has unscaled the skipped step's gradients: the next step must be able to unscale."""
+    monkeypatch.setattr(NLPAutoRegressionConfigs, 'forward_loss', _nan_at({1}))
+    conf = _configs(train_steps=4, precision='fp16')
+    scale = conf._scaler.get_scale()
+    for step in range(4):
+        before = _params(conf)
+        _train(conf, step + 1)
+        changed = not all(torch.equal(a, b) for a, b in zip(before, _params(conf)))
+        assert changed == (step != 1), step
+    assert conf._progress['step'] == 4 and conf._progress['skipped_steps'] == 1
+    # The scaler saw the overflow of the skipped step
+    assert conf._scaler.get_scale() < scale
+
+
 def test_too_many_non_finite_steps_in_a_row_stop_the_run(monkeypatch):
     monkeypatch.setattr(NLPAutoRegressionConfigs, 'forward_loss', _nan_at({0, 2, 3, 4}))
     conf = _configs(max_nonfinite_steps=3)
