@@ -55,7 +55,6 @@ from labml_nn.experiments.labml_adapter import (
     app_configured,
     check_option,
     config_default,
-    config_options,
     public_options,
     set_values,
     yaml_load,
@@ -99,7 +98,7 @@ def parse_overrides(conf_class: Type[NLPAutoRegressionConfigs], argv: List[str])
     """`key=value` arguments to a dictionary of typed config values."""
     sub_configs = conf_class._sub_configs
     known = _annotations(conf_class)
-    top_options = config_options(conf_class())
+    probe = conf_class()
     overrides: Dict[str, Any] = {}
     for arg in argv:
         key, sep, raw = arg.partition('=')
@@ -112,9 +111,10 @@ def parse_overrides(conf_class: Type[NLPAutoRegressionConfigs], argv: List[str])
             if sub_key not in sub_known:
                 raise ValueError(f"Unknown config key {key!r}; "
                                  f"{prefix}.* keys are {', '.join(sorted(sub_known))}")
-            overrides[key] = _convert(key, raw, sub_known[sub_key], config_options(sub_class())[sub_key])
+            overrides[key] = _convert(key, raw, sub_known[sub_key], public_options(sub_class(), sub_key))
         elif key in known:
-            overrides[key] = _convert(key, raw, known[key], top_options.get(key, []))
+            # Only options a user can choose: a key whose only option computes it (`_name`) is not settable
+            overrides[key] = _convert(key, raw, known[key], public_options(probe, key))
         else:
             raise ValueError(f"Unknown config key {key!r}; see --help for the keys")
     return overrides

@@ -69,6 +69,7 @@ BAD_CONFIGS = [
     (['seq_len=-3'], 'seq_len must be an int >= 1, got -3'),
     (['batch_size=ten'], "batch_size must be an int, got 'ten'"),
     (['no_such_key=1'], "Unknown config key 'no_such_key'"),
+    (['device=cuda'], 'device cannot be set from the command line (it is computed)'),
     (['d_model=30', 'heads=4'], 'd_model=30 must be divisible by heads=4'),
     (['dropout=1.5'], 'dropout must be in [0, 1), got 1.5'),
     (['optimizer.optimizer=SGD'],
