@@ -1,7 +1,7 @@
 """
 ---
 title: Utilities
-summary: Small helpers shared by the models, such as making independent copies of a layer.
+summary: Small helpers shared by the models - independent copies of a layer, and the check of an attention span.
 ---
 
 # Utilities
@@ -11,6 +11,7 @@ It is convenient to build one layer and let the container make the other $L - 1$
 """
 
 import copy
+from typing import Optional
 
 from torch import nn
 
@@ -27,3 +28,14 @@ def clone_module_list(module: nn.Module, n: int) -> nn.ModuleList:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n (the number of copies) must be an int >= 1, got {n!r}")
     return nn.ModuleList([copy.deepcopy(module) for _ in range(n)])
+
+
+def check_memory_span(memory_span: Optional[int]) -> None:
+    """
+    A `ValueError` unless `memory_span` (how many earlier positions or memory vectors attention may see) is
+    `None` (unlimited) or an int >= 1. The Feedback Transformers, their cache and the causal baseline all check it
+    here.
+    """
+    if memory_span is not None and (not isinstance(memory_span, int) or isinstance(memory_span, bool)
+                                    or memory_span < 1):
+        raise ValueError(f"memory_span must be None (unlimited) or an int >= 1, got {memory_span!r}")

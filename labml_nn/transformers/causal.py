@@ -63,7 +63,7 @@ from torch import nn
 from labml_nn.transformers.feed_forward import FeedForward
 from labml_nn.transformers.mha import PrepareForMultiHeadAttention
 from labml_nn.transformers.pre_norm import PreNormLayer
-from labml_nn.utils import clone_module_list
+from labml_nn.utils import check_memory_span, clone_module_list
 
 
 @dataclass
@@ -122,11 +122,35 @@ class CausalAttention(nn.Module):
         self.key_pos_bias = nn.Parameter(torch.zeros(max_distance, heads))
         self.scale = 1 / math.sqrt(self.d_k)
 
+    def positions(self, mem_len: int, seq_len: int,
+                  device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """
+        For `seq_len` queries after `mem_len` cached keys: the distance table row of every (query, key) pair,
+        `[seq_len, mem_len + seq_len]`, which pairs are hidden, and how many table rows are used. They depend only
+        on the sizes, so `CausalTransformer` computes them once per call for all its layers.
+        """
+        # Distances $\Delta = i - j$ from query `i` (at position `mem_len + i`) to key `j`
+        q_pos = torch.arange(mem_len, mem_len + seq_len, device=device)
+        k_pos = torch.arange(mem_len + seq_len, device=device)
+        dist = q_pos[:, None] - k_pos[None, :]
+        # Keys after the query, or further back than the window, are masked; distances beyond the table use its
+        # last entry
+        hidden = dist < 0
+        # The table rows any visible key uses: all, or with a window only distances $0 \dots S$
+        rows = self.max_distance
+        if self.memory_span is not None:
+            hidden = hidden | (dist > self.memory_span)
+            rows = min(rows, self.memory_span + 1)
+        return dist.clamp(0, rows - 1), hidden, rows
+
     def forward(self, x: torch.Tensor, past_key: Optional[torch.Tensor] = None,
-                past_value: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                past_value: Optional[torch.Tensor] = None,
+                positions: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         `x`: `[seq_len, batch_size, d_model]` (already normalized);
-        `past_key`, `past_value`: `[mem_len, batch_size, heads, d_k]` or `None`.
+        `past_key`, `past_value`: `[mem_len, batch_size, heads, d_k]` or `None`;
+        `positions`: `self.positions(mem_len, seq_len, x.device)`, when the caller has them already.
         Returns the attention output `[seq_len, batch_size, d_model]` and the keys/values later tokens can see: all
         tokens so far, or with a `memory_span` $S$ the last $S$.
         """
@@ -138,21 +162,8 @@ class CausalAttention(nn.Module):
         if past_key is not None:
             k = torch.cat([past_key, k], dim=0)
             v = torch.cat([past_value, v], dim=0)
-        mem_len = k.shape[0] - seq_len
-        # Distances $\Delta = i - j$ from query `i` (at position `mem_len + i`) to key `j`,
-        # `[seq_len, mem_len + seq_len]`
-        q_pos = torch.arange(mem_len, mem_len + seq_len, device=x.device)
-        k_pos = torch.arange(mem_len + seq_len, device=x.device)
-        dist = q_pos[:, None] - k_pos[None, :]
-        # Keys after the query, or further back than the window, are masked; distances beyond the table use its
-        # last entry
-        hidden = dist < 0
-        # The table rows any visible key uses: all, or with a window only distances $0 \dots S$
-        rows = self.max_distance
-        if self.memory_span is not None:
-            hidden = hidden | (dist > self.memory_span)
-            rows = min(rows, self.memory_span + 1)
-        dist = dist.clamp(0, rows - 1)
+        # Table rows of the (query, key) distances, `[seq_len, mem_len + seq_len]`, and the hidden pairs
+        dist, hidden, rows = positions or self.positions(k.shape[0] - seq_len, seq_len, x.device)
         # $q_i^\top p_\Delta$ for those table entries, `[batch_size, heads, seq_len, rows]`,
         # then picked out by distance: `[batch_size, heads, seq_len, mem_len + seq_len]`
         q_p = torch.einsum('ibhd,phd->bhip', q, self.key_pos_embeddings[:rows])
@@ -186,8 +197,10 @@ class CausalTransformerLayer(PreNormLayer):
         super().__init__(d_model=d_model, attn=attn, feed_forward=feed_forward, dropout_prob=dropout_prob)
 
     def forward(self, x: torch.Tensor, past_key: Optional[torch.Tensor] = None,
-                past_value: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        attn, k, v = self.attn(self.norm_self_attn(x), past_key, past_value)
+                past_value: Optional[torch.Tensor] = None,
+                positions: Optional[Tuple[torch.Tensor, torch.Tensor, int]] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        attn, k, v = self.attn(self.norm_self_attn(x), past_key, past_value, positions)
         x = x + self.dropout(attn)
         return self.feed_forward_block(x), k, v
 
@@ -246,11 +259,14 @@ class CausalTransformer(nn.Module):
                 raise ValueError(f"state holds {len(state.keys)} layers of batch size "
                                  f"{state.keys[0].shape[1]}; expected {len(self.layers)} layers of batch "
                                  f"size {x.shape[1]}")
+        # Every layer has the same window and cache length: the distances and the mask once for all of them
+        mem_len = state.keys[0].shape[0] if state is not None and state.keys else 0
+        positions = self.layers[0].attn.positions(mem_len, x.shape[0], x.device)
         keys, values = [], []
         for i, layer in enumerate(self.layers):
             past_k = state.keys[i] if state is not None and state.keys else None
             past_v = state.values[i] if state is not None and state.values else None
-            x, k, v = layer(x, past_k, past_v)
+            x, k, v = layer(x, past_k, past_v, positions)
             keys.append(k)
             values.append(v)
         out = self.norm(x)
@@ -259,9 +275,3 @@ class CausalTransformer(nn.Module):
         offset = (state.offset if state is not None else 0) + x.shape[0]
         return out, CausalState(keys, values, offset)
 
-
-def check_memory_span(memory_span: Optional[int]) -> None:
-    """A `ValueError` unless `memory_span` is `None` (unlimited) or an int >= 1."""
-    if memory_span is not None and (not isinstance(memory_span, int) or isinstance(memory_span, bool)
-                                    or memory_span < 1):
-        raise ValueError(f"memory_span must be None (unlimited) or an int >= 1, got {memory_span!r}")

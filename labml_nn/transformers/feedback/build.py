@@ -43,6 +43,7 @@ from labml_nn.transformers.feedback.transformer import (
     FeedbackTransformerKV,
     FeedbackTransformerLayer,
 )
+from labml_nn.utils import check_memory_span
 
 # The model names, as the experiment's `model=` option spells them
 MODELS = ('feedback_transformer', 'feedback_transformer_kv', 'transformer')
@@ -95,9 +96,7 @@ class ModelConfig:
             raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.memory_span is not None and (not isinstance(self.memory_span, int)
-                                             or isinstance(self.memory_span, bool) or self.memory_span < 1):
-            raise ValueError(f"memory_span must be None (unlimited) or an int >= 1, got {self.memory_span!r}")
+        check_memory_span(self.memory_span)
 
 
 def build_transformer(config: ModelConfig) -> nn.Module:

@@ -56,6 +56,8 @@ from typing import Optional, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from labml_nn.utils import check_memory_span
+
 
 def first_visible(step: int, memory_span: Optional[int]) -> int:
     r"""
@@ -127,8 +129,7 @@ class Stack:
     def __init__(self, max_len: int = 0, *, memory_span: Optional[int] = None, dim: int = 0):
         if not isinstance(max_len, int) or max_len < 0:
             raise ValueError(f"max_len must be an int >= 0, got {max_len!r}")
-        if memory_span is not None and (not isinstance(memory_span, int) or memory_span < 1):
-            raise ValueError(f"memory_span must be None or an int >= 1, got {memory_span!r}")
+        check_memory_span(memory_span)
         if not isinstance(dim, int) or dim < 0:
             raise ValueError(f"dim must be an int >= 0, got {dim!r}")
         self.capacity_hint = max_len

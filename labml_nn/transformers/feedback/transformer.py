@@ -67,7 +67,7 @@ from labml_nn.transformers.feedback.fast_paths import FastPaths
 from labml_nn.transformers.feedback.stack import Stack, n_visible
 from labml_nn.transformers.feedback.state import FeedbackState
 from labml_nn.transformers.pre_norm import PreNormLayer
-from labml_nn.utils import clone_module_list
+from labml_nn.utils import check_memory_span, clone_module_list
 
 
 class FeedbackTransformerLayer(PreNormLayer):
@@ -118,9 +118,7 @@ class _FeedbackLoop(FastPaths, nn.Module):
             raise TypeError(f"layer must be a FeedbackTransformerLayer, got {type(layer).__name__}")
         if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers < 1:
             raise ValueError(f"n_layers must be an int >= 1, got {n_layers!r}")
-        if memory_span is not None and (not isinstance(memory_span, int) or isinstance(memory_span, bool)
-                                        or memory_span < 1):
-            raise ValueError(f"memory_span must be None (unlimited) or an int >= 1, got {memory_span!r}")
+        check_memory_span(memory_span)
         self.layers = clone_module_list(layer, n_layers)
         self.n_layers = n_layers
         self.d_model = layer.size
