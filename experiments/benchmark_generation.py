@@ -155,8 +155,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     clock = time.perf_counter if args.clock == "wall" else time.thread_time
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    notes = []
-    variants = list(args.variants)
     result = {"config": {k: v for k, v in vars(args).items()}, "torch": torch.__version__,
               "load_average_before": os.getloadavg()[0], "results": {}}
     print(f"Generation, d_model={args.d_model} heads={args.heads} d_ff={args.d_ff} n_layers={args.n_layers} "
@@ -164,7 +162,7 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"{args.threads} threads, median of {args.repeats}, {args.clock} clock; tokens/s = batch x new tokens / s")
     header = "| model | batch | cached tokens/s | full re-computation tokens/s | speed-up |"
     rows = [header, "|---|---:|---:|---:|---:|"]
-    for variant in variants:
+    for variant in args.variants:
         model = build_variant(variant, args)
         res = result["results"][variant] = {}
         for batch in args.batch:
@@ -181,12 +179,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"\nPer-token cost along one generation of {args.growth_tokens} tokens (batch 1): tokens/s of the "
               f"first and last {args.growth_window} generated tokens")
         print("| model | first | last | last / first |\n|---|---:|---:|---:|")
-        for variant in variants:
+        for variant in args.variants:
             g = result["results"][variant]["growth"]
             print(f"| {VARIANTS[variant]} | {g['first']:,.0f} | {g['last']:,.0f} | {g['last_over_first']:.2f} |")
-    for note in notes:
-        print(f"\nNote: {note}")
-    result["notes"] = notes
     result["load_average_after"] = os.getloadavg()[0]
     print(json.dumps(result))
 

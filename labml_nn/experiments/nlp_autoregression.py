@@ -157,8 +157,9 @@ class NLPAutoRegressionConfigs(RunControlConfigs):
         self._progress = {'epoch': 0, 'batch': 0, 'step': 0, 'tokens': 0, 'train_seconds': 0.0,
                           'skipped_steps': 0}
         self._history: Dict[str, List[Dict[str, float]]] = {'train': [], 'valid': [], 'evaluations': []}
-        _ = self.optimizer
+        # The data first (its checks give the clear errors), then the optimizer, which reads the run's length
         self.check_data()
+        _ = self.optimizer
         self._sample_prompt = self.text.text_to_i(self.prompt)
         if self._resume_payload is not None:
             self.load_state(self._resume_payload)

@@ -162,7 +162,8 @@ class RunControlConfigs(PrecisionConfigs):
         self._signals = getattr(self, '_signals', None) or StopSignals()
         self._last_save = time.monotonic()
         self._nonfinite_in_a_row = 0
-        self._progress.setdefault('skipped_steps', 0)
+        # The step of the last checkpoint this run wrote (none yet)
+        self._saved_step: Optional[int] = None
 
     # ## Every step
 
@@ -292,7 +293,7 @@ class RunControlConfigs(PrecisionConfigs):
         """Where the last good checkpoint of this run is, in words."""
         folder = checkpoint_folder()
         path = folder / ckpt.CHECKPOINT_NAME if folder is not None else None
-        if path is None or not path.is_file() or getattr(self, '_saved_step', None) is None:
+        if path is None or not path.is_file() or self._saved_step is None:
             return "This run has written no checkpoint."
         return f"The last checkpoint is {path} (step {self._saved_step:,})."
 

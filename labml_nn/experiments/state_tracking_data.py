@@ -54,6 +54,8 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 
+from labml_nn.experiments.text_data import SequenceBatches
+
 # The variable names in the order programs use them (the authors' five first)
 VARIABLE_NAMES = ('x', 'y', 'z', 'p', 'r', 'a', 'b', 'c')
 # The label of every position that is not the `;` of a `print`
@@ -260,10 +262,8 @@ class LabeledStreams:
         part = slice(idx * self.seq_len, (idx + 1) * self.seq_len)
         return self.streams[:, part].t(), self.labels[:, part].t()
 
-    def iterate(self, epoch: int, start: int, end: int):
-        """Batches `start .. end - 1` as `(idx, data, target)`."""
-        for idx in range(start, end):
-            yield (idx, *self.batch(epoch, idx))
+    # Batches `start .. end - 1` as `(idx, data, target)`, as the text's batches
+    iterate = SequenceBatches.iterate
 
 
 def held_out_streams(programs: List[Program], vocab: List[str], n_streams: int,
