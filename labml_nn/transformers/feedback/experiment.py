@@ -101,9 +101,12 @@ class Configs(AcceleratedConfigs):
         return self._overrides.get('model') or public_options(self, 'model')[0]
 
     def source_checkpoint(self) -> dict:
-        """The checkpoint `init_from` names."""
-        path = ckpt.find_checkpoint(self.init_from, lab.get_experiments_path(), 'init_from')
-        return ckpt.load_checkpoint(path)
+        """The checkpoint `init_from` names, read once (validation checks it, `init()` copies from it)."""
+        cached = self.__dict__.get('_init_from_source')
+        if cached is None or cached[0] != self.init_from:
+            path = ckpt.find_checkpoint(self.init_from, lab.get_experiments_path(), 'init_from')
+            cached = self._init_from_source = (self.init_from, ckpt.load_checkpoint(path))
+        return cached[1]
 
     def init(self) -> None:
         resuming = self._resume_payload is not None
@@ -117,6 +120,8 @@ class Configs(AcceleratedConfigs):
         """Copy the pretrained transformer's weights into the model and say what was and was not copied."""
         source = check_source_checkpoint(self.source_checkpoint(), self.init_from)
         copied, left, unused = copy_from_transformer(source, self.model)
+        # Not needed any more (it may hold a large optimizer state)
+        self.__dict__.pop('_init_from_source', None)
         self.log([('init_from: ', Text.key), (f'copied {len(copied)} parameters', Text.value),
                   (f' from {self.init_from}', Text.subtle)])
         for name, origin in copied:
