@@ -107,8 +107,8 @@ class StopSignals:
 def check_int(key: str, value: Any, minimum: int, maximum: Optional[int] = None) -> None:
     """A `ValueError` naming config `key` unless `value` is an int in `[minimum, maximum]`."""
     if (not isinstance(value, int) or isinstance(value, bool) or value < minimum
-            or (maximum and value > maximum)):
-        bounds = f'in [{minimum}, {maximum}]' if maximum else f'>= {minimum}'
+            or (maximum is not None and value > maximum)):
+        bounds = f'in [{minimum}, {maximum}]' if maximum is not None else f'>= {minimum}'
         raise ValueError(f"{key} must be an int {bounds}, got {value!r}")
 
 

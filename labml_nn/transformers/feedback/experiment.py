@@ -32,7 +32,6 @@ from labml_nn.experiments import checkpoint as ckpt
 from labml_nn.experiments.accelerators import AcceleratedConfigs
 from labml_nn.experiments.cli import run_experiment
 from labml_nn.experiments.labml_adapter import public_options
-from labml_nn.experiments.run_control import check_int
 from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel
 from labml_nn.transformers.feedback.build import ModelConfig, build_model
 from labml_nn.transformers.feedback.init_from import check_source_checkpoint, copy_from_transformer
@@ -73,17 +72,14 @@ class Configs(AcceleratedConfigs):
 
     def validate(self) -> None:
         super().validate()
-        for key in ('d_model', 'heads', 'd_ff', 'n_layers'):
-            check_int(key, getattr(self, key), 1)
-        if self.d_model % self.heads != 0:
-            raise ValueError(f"d_model={self.d_model} must be divisible by heads={self.heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         model = self.model_name()
+        # Here 0 is no limit (the builder's `None`)
         if (not isinstance(self.memory_span, int) or isinstance(self.memory_span, bool)
                 or self.memory_span < 0):
             raise ValueError(f"memory_span must be an int >= 1 (the latest memory vectors each step attends "
                              f"to), or 0 for no limit, got {self.memory_span!r}")
+        # The model's sizes, by the builder's rules (the vocabulary is not known before the text is read)
+        self.model_config(model, n_vocab=1).validate()
         if model == 'transformer':
             # (`memory_norm` and `recency_init` are on by default: only asking for them is an error)
             for key in ('memory_norm', 'recency_init', 'init_from'):
@@ -135,9 +131,9 @@ class Configs(AcceleratedConfigs):
     def experiment_name(self) -> str:
         return self.model_name()
 
-    def model_config(self, name: str) -> ModelConfig:
-        """The model `name` with this run's sizes ([build.py](build.html))."""
-        return ModelConfig(name, n_vocab=self.n_tokens, d_model=self.d_model, heads=self.heads,
+    def model_config(self, name: str, n_vocab: Optional[int] = None) -> ModelConfig:
+        """The model `name` with this run's sizes ([build.py](build.html)), for the text's vocabulary."""
+        return ModelConfig(name, n_vocab=n_vocab or self.n_tokens, d_model=self.d_model, heads=self.heads,
                            d_ff=self.d_ff, n_layers=self.n_layers, dropout=self.dropout,
                            memory_span=self.memory_span or None,
                            memory_norm=self.memory_norm, recency_init=self.recency_init)
