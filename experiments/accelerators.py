@@ -20,15 +20,13 @@ Training runs are `python -m labml_nn.transformers.feedback.experiment` subproce
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+from runs import commit, run_and_load
 
 OUT = Path('results')
 # A small model and plain Adam: a few minutes per run on a busy 2-core machine
@@ -54,23 +52,13 @@ INIT = [*COMMON, 'model=feedback_transformer_kv', 'seq_len=32', 'train_steps=150
         'valid_batches=40', 'validate_at_start=true']
 
 
-def commit() -> str:
-    return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
-                          cwd=Path(__file__).parent).stdout.strip() or 'unknown'
-
-
 def train(args: List[str], tag: str) -> Dict[str, Any]:
     """One training run in a subprocess; its checkpoint's progress and history."""
     uuid = f'acc_{tag}_{int(time.time())}'
-    command = [sys.executable, '-m', 'labml_nn.transformers.feedback.experiment', *args]
-    print(' '.join(command[1:]), flush=True)
-    start = time.perf_counter()
-    subprocess.run(command, check=True, env={**os.environ, 'RUN_UUID': uuid}, stdout=subprocess.DEVNULL)
     model = next(a.split('=', 1)[1] for a in args if a.startswith('model='))
-    payload = torch.load(Path('logs') / model / uuid / 'checkpoints' / 'checkpoint.pt', map_location='cpu',
-                         weights_only=True)
-    return {'run': uuid, 'args': args, 'wall_seconds': time.perf_counter() - start,
-            'progress': payload['progress'], 'history': payload['history']}
+    payload, wall = run_and_load('labml_nn.transformers.feedback.experiment', args, model, uuid)
+    return {'run': uuid, 'args': args, 'wall_seconds': wall, 'progress': payload['progress'],
+            'history': payload['history']}
 
 
 def generation_cost(memory_span: Optional[int], n_tokens: int = 1040, window: int = 32) -> Dict[str, float]:

@@ -13,15 +13,13 @@ curves `<preset>.png`.
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List
 
 import torch
 from figure import NO_MATPLOTLIB, can_plot, new_figure, save_figure
+from runs import commit, run_and_load
 from train_cpu import CPU_RECIPE
 
 MODELS = ['feedback_transformer', 'feedback_transformer_kv', 'transformer']
@@ -38,13 +36,7 @@ PRESETS = {
 def run_one(model: str, args: List[str], tag: str) -> Dict[str, Any]:
     """Train `model` in a subprocess; return its final validation result, timings and loss history."""
     uuid = f'{tag}_{model}_{int(time.time())}'
-    command = [sys.executable, '-m', 'labml_nn.transformers.feedback.experiment', f'model={model}', *args]
-    print(' '.join(command[1:]), flush=True)
-    start = time.perf_counter()
-    subprocess.run(command, check=True, env={**os.environ, 'RUN_UUID': uuid}, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - start
-    path = Path('logs') / model / uuid / 'checkpoints' / 'checkpoint.pt'
-    payload = torch.load(path, map_location='cpu', weights_only=True)
+    payload, wall = run_and_load('labml_nn.transformers.feedback.experiment', [f'model={model}', *args], model, uuid)
     history, progress = payload['history'], payload['progress']
     # The validation on the whole validation set at the end of the run
     final = history['evaluations'][-1]
@@ -97,9 +89,7 @@ def main() -> None:
     results = [run_one(model, run_args, args.preset) for model in args.models]
     args.out.mkdir(parents=True, exist_ok=True)
     md = table(results)
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    header = f"Configs: {' '.join(run_args)}; commit {commit or 'unknown'}\n\n"
+    header = f"Configs: {' '.join(run_args)}; commit {commit()}\n\n"
     (args.out / f'{args.preset}.md').write_text(header + md + '\n')
     (args.out / f'{args.preset}.json').write_text(json.dumps(
         [{k: v for k, v in r.items() if k != 'history'} for r in results], indent=2))

@@ -14,16 +14,13 @@ against training steps), and prints one JSON line last: test accuracy per model,
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List
 
-import torch
 from figure import NO_MATPLOTLIB, can_plot, new_figure, save_figure
+from runs import commit, run_and_load
 
 MODELS = ['feedback_transformer_kv', 'transformer', 'feedback_transformer']
 # The authors' test accuracy (Fan et al. 2020, table 3 of v3): variables -> (Transformer, Feedback Transformer)
@@ -65,15 +62,8 @@ def model_args(preset: str, model: str, overrides: List[str]) -> List[str]:
 def run_one(model: str, args: List[str], tag: str, out: Path) -> Dict[str, Any]:
     """Train `model` in a subprocess; return its test and validation results, timings and curve."""
     uuid = f'{tag}_{model}_{int(time.time())}'
-    command = [sys.executable, '-m', 'labml_nn.transformers.feedback.state_tracking', *args]
-    print(' '.join(command[1:]), flush=True)
-    start = time.perf_counter()
-    with open(out / f'{uuid}.log', 'w') as log:
-        subprocess.run(command, check=True, env={**os.environ, 'RUN_UUID': uuid, 'OMP_NUM_THREADS': '1'},
-                       stdout=log, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - start
-    path = Path('logs') / f'state_tracking_{model}' / uuid / 'checkpoints' / 'checkpoint.pt'
-    payload = torch.load(path, map_location='cpu', weights_only=True)
+    payload, wall = run_and_load('labml_nn.transformers.feedback.state_tracking', args, f'state_tracking_{model}',
+                                 uuid, log=out / f'{uuid}.log', env={'OMP_NUM_THREADS': '1'})
     history, progress = payload['history'], payload['progress']
     curve = [{'step': h['step'], 'valid_accuracy': h['valid_accuracy'], 'train_seconds': h['train_seconds']}
              for h in history['evaluations']]
@@ -129,11 +119,9 @@ def main() -> None:
     total = time.perf_counter() - start
     settings = dict(a.split('=', 1) for a in PRESETS[args.preset]['all'] + args.overrides)
     variables = int(settings.get('variables', 3))
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
     header = (f"Preset `{args.preset}`: {' '.join(PRESETS[args.preset]['all'] + args.overrides)}; feedback models "
               f"{' '.join(PRESETS[args.preset]['feedback'])}, transformer "
-              f"{' '.join(PRESETS[args.preset]['transformer'])}; commit {commit or 'unknown'}; "
+              f"{' '.join(PRESETS[args.preset]['transformer'])}; commit {commit()}; "
               f"{total / 60:.1f} min in all\n\n")
     md = table(results, variables)
     (args.out / f'{tag}.md').write_text(header + md + '\n')
