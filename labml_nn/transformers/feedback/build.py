@@ -106,11 +106,11 @@ def build_transformer(config: ModelConfig) -> nn.Module:
     # The position-wise network, copied into every layer
     feed_forward = FeedForward(c.d_model, c.d_ff, c.dropout)
     if not c.is_feedback:
-        attn = CausalAttention(c.heads, c.d_model, c.dropout, max_distance=c.max_distance)
+        # A local causal window of `memory_span` positions (`None`: unlimited), in every copy of the layer
+        attn = CausalAttention(c.heads, c.d_model, c.dropout, max_distance=c.max_distance,
+                               memory_span=c.memory_span)
         layer = CausalTransformerLayer(d_model=c.d_model, attn=attn, feed_forward=feed_forward,
                                        dropout_prob=c.dropout)
-        if c.memory_span is not None:
-            return CausalTransformer(layer, c.n_layers, memory_span=c.memory_span)
         return CausalTransformer(layer, c.n_layers)
     # The shared-KV variant's attention receives keys and values projected by the transformer
     is_kv = c.model == 'feedback_transformer_kv'
