@@ -152,6 +152,8 @@ class StateTrackingConfigs(Configs):
     valid_programs: int = 96
     test_programs: int = 500
     epoch_segments: int = 200
+    # Evaluate on the test programs after the last epoch (`false` for runs that choose settings on validation)
+    evaluate_test: bool = True
     splits: ProgramSplits
     test_loader: LabeledStreams
     # Declared again so that the options below belong to this class (labml registers an option with the class
@@ -226,7 +228,8 @@ class StateTrackingConfigs(Configs):
 
     def run(self) -> None:
         super().run()
-        self.test()
+        if self.evaluate_test:
+            self.test()
 
     def test(self) -> None:
         """Evaluate on the test programs; the result goes into the history and the checkpoint."""
