@@ -50,6 +50,14 @@ No later query needs a key older than the last $S$ positions, so the cache keeps
 bounded (at most $S$ keys and values per layer) however long a sequence is fed through it, which is what memory
 carried across training segments (Transformer-XL style, the state detached between segments) needs.
 `memory_span=None` is the unlimited causal transformer.
+
+## Recency at initialization
+
+`recency_init=True` starts the position bias $s_\Delta$ with [ALiBi's slopes](recency.html), as the Feedback
+Transformer's attention does: head $h$ starts with $s_\Delta = -\sqrt{d_k}\, m_h \Delta$ (its own position,
+$\Delta = 0$, has no penalty). With a wide window and zero position terms every head starts by averaging all the
+positions it sees; a transformer that sees whole programs of the state-tracking task stayed at chance that way, and
+learned with the recency slopes.
 """
 
 import math
@@ -63,6 +71,7 @@ from torch import nn
 from labml_nn.transformers.feed_forward import FeedForward
 from labml_nn.transformers.mha import PrepareForMultiHeadAttention
 from labml_nn.transformers.pre_norm import PreNormLayer
+from labml_nn.transformers.recency import recency_bias
 from labml_nn.utils import check_memory_span, clone_module_list
 
 
@@ -96,7 +105,7 @@ class CausalAttention(nn.Module):
     """
 
     def __init__(self, heads: int, d_model: int, dropout_prob: float = 0.1, max_distance: int = 128, *,
-                 memory_span: Optional[int] = None):
+                 memory_span: Optional[int] = None, recency_init: bool = False):
         super().__init__()
         if not isinstance(heads, int) or heads < 1 or d_model % heads != 0:
             raise ValueError(f"heads must be a positive int dividing d_model={d_model}, got {heads!r}")
@@ -121,6 +130,10 @@ class CausalAttention(nn.Module):
         # $s_\Delta$: `[max_distance, heads]`
         self.key_pos_bias = nn.Parameter(torch.zeros(max_distance, heads))
         self.scale = 1 / math.sqrt(self.d_k)
+        if recency_init:
+            # Row $\Delta$ of the table holds distance $\Delta$: ALiBi's $-\sqrt{d_k}\, m_h \Delta$
+            with torch.no_grad():
+                self.key_pos_bias.copy_(recency_bias(max_distance, heads, self.d_k))
 
     def positions(self, mem_len: int, seq_len: int,
                   device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, int]:

@@ -60,11 +60,12 @@ class ModelConfig:
     * `memory_norm`: feedback models normalize the memory before projecting it (the authors' pre-norm memory; on by
       default here, off by default in the constructors, which keep labml_nn's parameters)
     * `max_distance`: size of the relative position tables
-    * `recency_init`: feedback models start their position biases with ALiBi's recency slopes (attention.py; on by
+    * `recency_init`: the models start their position biases with ALiBi's recency slopes (attention.py; on by
       default here)
 
     `memory_norm` and `recency_init` are what makes memory carried across batches train (the README measures
-    it) and cost nothing otherwise; the parallel baseline has neither and ignores them.
+    it) and cost nothing otherwise; the parallel baseline ignores `memory_norm` and starts with the same recency
+    slopes.
     * `fused`: feedback models train with the fused loop (`False`: autograd over the modules)
     """
     model: str = 'feedback_transformer'
@@ -108,7 +109,7 @@ def build_transformer(config: ModelConfig) -> nn.Module:
     if not c.is_feedback:
         # A local causal window of `memory_span` positions (`None`: unlimited), in every copy of the layer
         attn = CausalAttention(c.heads, c.d_model, c.dropout, max_distance=c.max_distance,
-                               memory_span=c.memory_span)
+                               memory_span=c.memory_span, recency_init=c.recency_init)
         layer = CausalTransformerLayer(d_model=c.d_model, attn=attn, feed_forward=feed_forward,
                                        dropout_prob=c.dropout)
         return CausalTransformer(layer, c.n_layers)
