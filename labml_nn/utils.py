@@ -1,7 +1,8 @@
 """
 ---
 title: Utilities
-summary: Small helpers shared by the models - independent copies of a layer, and the check of an attention span.
+summary: Small helpers shared by the models and the experiments - independent copies of a layer, and the checks of
+  an attention span and of an integer setting.
 ---
 
 # Utilities
@@ -11,7 +12,7 @@ It is convenient to build one layer and let the container make the other $L - 1$
 """
 
 import copy
-from typing import Optional
+from typing import Any, Optional
 
 from torch import nn
 
@@ -39,3 +40,11 @@ def check_memory_span(memory_span: Optional[int]) -> None:
     if memory_span is not None and (not isinstance(memory_span, int) or isinstance(memory_span, bool)
                                     or memory_span < 1):
         raise ValueError(f"memory_span must be None (unlimited) or an int >= 1, got {memory_span!r}")
+
+
+def check_int(key: str, value: Any, minimum: int, maximum: Optional[int] = None) -> None:
+    """A `ValueError` naming setting `key` unless `value` is an int (not a bool) in `[minimum, maximum]`."""
+    if (not isinstance(value, int) or isinstance(value, bool) or value < minimum
+            or (maximum is not None and value > maximum)):
+        bounds = f'in [{minimum}, {maximum}]' if maximum is not None else f'>= {minimum}'
+        raise ValueError(f"{key} must be an int {bounds}, got {value!r}")

@@ -1,24 +1,23 @@
 """
 ---
 title: Experiments
-summary: The training infrastructure under the experiments - configs, data, the training loop, run control and
-  checkpoints, the command line, data-parallel training and the paper's training accelerators.
-contents: [nlp_autoregression.py, text_data.py, optimizer.py, run_control.py, checkpoint.py, accelerators.py, cli.py,
-  distributed.py, labml_adapter.py,
-  state_tracking_data.py]
+summary: The training machinery under the experiments - the flat training configs, the trainer and the parts it
+  owns (precision, run control, checkpoints, carried memory, curriculum), the optimizer, the command line,
+  data-parallel training and the one adapter to labml's internals.
+contents: [configs.py, trainer.py, optimizer.py, precision.py, run_control.py, checkpoint.py, carried_memory.py,
+  curriculum.py, cli.py, distributed.py, labml_adapter.py]
 ---
 
 # Experiments
 
-The training loop of [the Feedback Transformer experiment](../transformers/feedback/experiment.html) and everything
-around it, as labml configs: [character-level autoregressive training](nlp_autoregression.html) on
-[text data](text_data.html) with an [optimizer and schedule](optimizer.html); [run control](run_control.html)
-(non-finite steps, periodic and signal checkpoints) and [checkpoints](checkpoint.html); the paper's
-[training accelerators](accelerators.html); the [command line](cli.html), [data-parallel training](distributed.html),
-the one [adapter to labml's private API](labml_adapter.html); and the
-[programs of the state-tracking task](state_tracking_data.html).
-"""
+What trains a model on a task, whichever model and task: the [training configs](configs.html), one flat set of
+labml configs, build a [trainer](trainer.html), which owns the parts of a run and calls them from one training step:
+the [optimizer and its schedule](optimizer.html), [mixed precision](precision.html), [run control](run_control.html)
+(non-finite steps, periodic and signal checkpoints), [checkpoints](checkpoint.html),
+[memory carried across batches](carried_memory.html) and a [sequence-length curriculum](curriculum.html). The
+[command line](cli.html) runs an experiment, also under `torchrun` ([data-parallel training](distributed.html)),
+and [one module](labml_adapter.html) holds every private labml API this uses.
 
-# Importing the experiments loads the labml adapter first: it checks the installed labml and makes labml's notebook
-# logger work with IPython 9, before labml creates that logger
-from labml_nn.experiments import labml_adapter  # noqa: F401
+Nothing here imports a model: an experiment ([the Feedback Transformer's](../transformers/feedback/experiment.html))
+brings its model and its [task](../tasks/index.html) as options of its configs.
+"""

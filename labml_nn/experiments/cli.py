@@ -29,21 +29,36 @@ a probe of the configuration (on the CPU, on the main rank) builds the text, its
 model and the optimizer, and loads the checkpoint into them: a checkpoint of another model, of another size or
 on another text stops here.
 
-## Exit status
+## Every failure ends in one line
 
-0 when training ends; 2 with one line `error: ...` for a bad configuration (or any `ValueError` that a check
-missed); 3 when training diverged (`max_nonfinite_steps`); 130 / 143 when SIGINT / SIGTERM stopped it after
-writing a checkpoint.
+| exit status | when | `error: ...` says |
+|---|---|---|
+| 0 | training ended | |
+| 2 | a bad configuration, found before the run starts | the key and what it must be |
+| 3 | training diverged (`max_nonfinite_steps`) | the steps, the last good checkpoint |
+| 4 | another failure after the run started (a full disk, a crash) | the cause, the last intact checkpoint, `resume=` |
+| 130, 143 | SIGINT, SIGTERM: stopped after writing a checkpoint | (where it is and how to resume) |
+
+A failure after the run started prints no traceback: it goes to `error.log` in the run's folder, and the one line
+says where. A checkpoint is written atomically ([checkpoint.py](checkpoint.html)), so a save that fails partway
+leaves the previous checkpoint intact.
+
+## One parser
+
+`key=value` arguments are parsed in one place, `parse_key_values`, for the experiments (whose keys and types are
+the configs') and for the library's other commands ([sampling](../transformers/feedback/generate.html)).
 """
 
 import os
 import sys
+import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Callable, Dict, List, Optional, Type
 
 from labml import experiment, lab, monit
 
 from labml_nn.experiments import checkpoint as ckpt
+from labml_nn.experiments.configs import TrainingConfigs
 from labml_nn.experiments.distributed import (
     DistributedContext,
     barrier,
@@ -54,13 +69,18 @@ from labml_nn.experiments.distributed import (
 from labml_nn.experiments.labml_adapter import (
     app_configured,
     check_option,
+    checkpoint_folder,
+    computed,
     config_default,
+    prepare_labml,
     public_options,
     set_values,
     yaml_load,
 )
-from labml_nn.experiments.nlp_autoregression import NLPAutoRegressionConfigs
 from labml_nn.experiments.run_control import DIVERGED_EXIT_CODE, TrainingDiverged, exit_status
+
+# Exit status of a run that failed after it started (other than by divergence or a signal)
+FAILED_EXIT_CODE = 4
 
 _TRUE = {'true', '1', 'yes', 'on'}
 _FALSE = {'false', '0', 'no', 'off'}
@@ -74,8 +94,8 @@ def _annotations(cls: type) -> Dict[str, Any]:
     return out
 
 
-def _convert(key: str, raw: str, kind: Any, options: List[str]) -> Any:
-    """Convert the command-line string `raw` for config `key` of type `kind`, or raise a `ValueError`."""
+def convert(key: str, raw: str, kind: Any, options: Optional[List[str]] = None) -> Any:
+    """Convert the command-line string `raw` for `key` of type `kind`, or raise a `ValueError` naming `key`."""
     if options:
         check_option(key, raw, options)
         return raw
@@ -94,16 +114,27 @@ def _convert(key: str, raw: str, kind: Any, options: List[str]) -> Any:
     raise ValueError(f"{key} cannot be set from the command line (it is computed)")
 
 
-def parse_overrides(conf_class: Type[NLPAutoRegressionConfigs], argv: List[str]) -> Dict[str, Any]:
-    """`key=value` arguments to a dictionary of typed config values."""
-    sub_configs = conf_class._sub_configs
-    known = _annotations(conf_class)
-    probe = conf_class()
-    overrides: Dict[str, Any] = {}
+def parse_key_values(argv: List[str], convert_one: Callable[[str, str], Any], keys: str = '--help') -> Dict[str, Any]:
+    """
+    `key=value` arguments to a dictionary: `convert_one(key, raw)` types each value, or raises a `ValueError` for an
+    unknown key; `keys` says where the keys are listed, for the error of an argument without `=`.
+    """
+    values: Dict[str, Any] = {}
     for arg in argv:
         key, sep, raw = arg.partition('=')
         if not sep or not key:
-            raise ValueError(f"Arguments are key=value (e.g. seq_len=64), got {arg!r}")
+            raise ValueError(f"arguments are key=value (e.g. seq_len=64), got {arg!r}; keys: {keys}")
+        values[key] = convert_one(key, raw)
+    return values
+
+
+def parse_overrides(conf_class: Type[TrainingConfigs], argv: List[str]) -> Dict[str, Any]:
+    """The experiment's `key=value` arguments to a dictionary of typed config values."""
+    sub_configs = conf_class._sub_configs
+    known = _annotations(conf_class)
+    probe = conf_class()
+
+    def convert_one(key: str, raw: str) -> Any:
         prefix, _, sub_key = key.partition('.')
         if sub_key and prefix in sub_configs:
             sub_class = sub_configs[prefix]
@@ -111,24 +142,26 @@ def parse_overrides(conf_class: Type[NLPAutoRegressionConfigs], argv: List[str])
             if sub_key not in sub_known:
                 raise ValueError(f"Unknown config key {key!r}; "
                                  f"{prefix}.* keys are {', '.join(sorted(sub_known))}")
-            overrides[key] = _convert(key, raw, sub_known[sub_key], public_options(sub_class(), sub_key))
-        elif key in known:
+            return convert(key, raw, sub_known[sub_key], public_options(sub_class(), sub_key))
+        if key in known:
             # Only options a user can choose: a key whose only option computes it (`_name`) is not settable
-            overrides[key] = _convert(key, raw, known[key], public_options(probe, key))
-        else:
-            raise ValueError(f"Unknown config key {key!r}; see --help for the keys")
-    return overrides
+            return convert(key, raw, known[key], public_options(probe, key))
+        raise ValueError(f"Unknown config key {key!r}; see --help for the keys")
+
+    return parse_key_values(argv, convert_one)
 
 
-def usage(conf_class: Type[NLPAutoRegressionConfigs]) -> str:
-    """The `--help` text: every settable key with its type, default or options."""
-    lines = ["Usage: python -m labml_nn.transformers.feedback.experiment [key=value ...]", "", "Config keys:"]
+def usage(conf_class: Type[TrainingConfigs]) -> str:
+    """The `--help` text: every settable key with its type, and its default or options."""
+    module = conf_class.__module__
+    lines = [f"Usage: python -m {module} [key=value ...]", "", "Config keys:"]
     for prefix, cls in (('', conf_class), *((f'{k}.', c) for k, c in conf_class._sub_configs.items())):
         conf = cls()
-        experiment_defaults = conf_class._optimizer_defaults if prefix == 'optimizer.' else {}
+        defaults = conf_class._defaults if not prefix else {
+            k[len(prefix):]: v for k, v in conf_class._defaults.items() if k.startswith(prefix)}
         for key, kind in sorted(_annotations(cls).items()):
             options = public_options(conf, key)
-            default = experiment_defaults.get(key, config_default(cls, key))
+            default = defaults.get(key, config_default(cls, key))
             if options:
                 lines.append(f"  {prefix}{key}: one of {', '.join(options)} "
                              f"(default {default or options[0]})")
@@ -151,7 +184,7 @@ def configure_lab() -> None:
     lab.configure({'path': str(cwd)})
 
 
-def _prepare(conf_class: Type[NLPAutoRegressionConfigs], overrides: Dict[str, Any],
+def _prepare(conf_class: Type[TrainingConfigs], overrides: Dict[str, Any],
              ctx: DistributedContext) -> Dict[str, Any]:
     """
     On the main rank, before a run exists: merge a resumed run's configuration, check the values, the data and the
@@ -176,7 +209,7 @@ def _prepare(conf_class: Type[NLPAutoRegressionConfigs], overrides: Dict[str, An
     return {'overrides': overrides, 'payload': payload, 'uuid': uuid, 'name': probe.experiment_name()}
 
 
-def _setup(conf_class: Type[NLPAutoRegressionConfigs], argv: List[str],
+def _setup(conf_class: Type[TrainingConfigs], argv: List[str],
            ctx: DistributedContext) -> Dict[str, Any]:
     """Parse and check on the main rank, and hand every rank the result (or the error)."""
     overrides = parse_overrides(conf_class, argv)
@@ -193,12 +226,17 @@ def _setup(conf_class: Type[NLPAutoRegressionConfigs], argv: List[str],
     return setup
 
 
-def run_experiment(conf_class: Type[NLPAutoRegressionConfigs], argv: Optional[List[str]] = None) -> None:
+class RunFailed(Exception):
+    """A run that had started failed; the message is the one line to print."""
+
+
+def run_experiment(conf_class: Type[TrainingConfigs], argv: Optional[List[str]] = None) -> None:
     """Parse `argv`, start a labml experiment (one per rank under torchrun) and train; exits non-zero on failure."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ('-h', '--help') for a in argv):
         print(usage(conf_class))
         return
+    prepare_labml()
     ctx = init_distributed()
     status = 0
     try:
@@ -206,12 +244,14 @@ def run_experiment(conf_class: Type[NLPAutoRegressionConfigs], argv: Optional[Li
         # Every rank finishes (rank 0 may still be writing the checkpoint) before the group is torn down
         barrier(ctx)
     except KeyboardInterrupt as e:
-        # `stop_for_signal` names the signal after every rank stopped at the same step with a checkpoint
+        # The trainer names the signal after every rank stopped at the same step with a checkpoint
         status = exit_status(e.args[0] if e.args else 2)
         if e.args:
             barrier(ctx)
     except TrainingDiverged as e:
         status = _error(ctx, e, DIVERGED_EXIT_CODE)
+    except RunFailed as e:
+        status = _error(ctx, e, FAILED_EXIT_CODE)
     except (ValueError, TypeError, FileNotFoundError) as e:
         status = _error(ctx, e, 2)
     finally:
@@ -233,7 +273,7 @@ def _error(ctx: DistributedContext, error: Exception, status: int) -> int:
     return status
 
 
-def _train(conf_class: Type[NLPAutoRegressionConfigs], ctx: DistributedContext,
+def _train(conf_class: Type[TrainingConfigs], ctx: DistributedContext,
            setup: Dict[str, Any]) -> None:
     conf = conf_class()
     conf._dist = ctx
@@ -247,4 +287,44 @@ def _train(conf_class: Type[NLPAutoRegressionConfigs], ctx: DistributedContext,
                       disable_screen=not ctx.is_main)
     experiment.configs(conf, dict(setup['overrides']))
     with experiment.start():
-        conf.run()
+        try:
+            conf.run()
+        except (KeyboardInterrupt, TrainingDiverged):
+            raise
+        except Exception as e:
+            # The run has started: one line for the user, the traceback in the run's folder
+            raise RunFailed(_failure_line(conf, e, log_traceback(e))) from None
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The first exception of a chain (`raise ... from` or raised while handling another)."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def log_traceback(error: BaseException) -> Optional[Path]:
+    """Write `error`'s traceback to `error.log` in the run's folder; the file, or `None` if it could not be written."""
+    folder = checkpoint_folder()
+    if folder is None:
+        return None
+    path = folder.parent / 'error.log'
+    try:
+        path.write_text(''.join(traceback.format_exception(error)))
+    except OSError:
+        return None
+    return path
+
+
+def _failure_line(conf: TrainingConfigs, error: BaseException, log: Optional[Path]) -> str:
+    """The one line that says why a started run failed, what is intact, and how to go on."""
+    cause = root_cause(error)
+    trainer = computed(conf, 'trainer')
+    where = f"the traceback is in {log}" if log is not None else "no traceback could be written"
+    line = f"{type(cause).__name__}: {cause} ({where})."
+    if trainer is None:
+        return f"the run failed before its first step: {line}"
+    line = f"the run failed at step {trainer.progress['step']:,}: {line} {trainer.checkpoint.describe()}"
+    if trainer.checkpoint.saved_step is None:
+        return line
+    return f"{line} Resume with: {trainer.resume_command()}"

@@ -12,15 +12,19 @@ but the command line, the checkpoints and the notebook need a few things labml k
 this module, so a labml release that changes one of them fails here, at import, with a message that says what
 changed, and not somewhere deep in a training run:
 
+* `BaseConfigs._get_computed(key)` is the value computed for a key so far (`None` before), which the command line
+  reads after a failure (how far the run got) without computing anything;
 * `BaseConfigs._to_json()` lists every config key with its **options** (`--help`, the option checks and the default
   model name come from it);
-* `BaseConfigs._set_values(values)` is what `experiment.configs(conf, values)` calls; `CheckedConfigs` wraps it to
-  reject an unknown option value with a clear message and to record the values that a checkpoint stores;
+* `BaseConfigs._set_values(values)` is what `experiment.configs(conf, values)` calls; the training configs
+  ([configs.py](configs.html)) wrap it to reject an unknown option value with a clear message and to record the
+  values that a checkpoint stores;
 * attributes whose names start with `_` (`_overrides`, `_dist`, ...) are plain attributes that labml's configs
   leave alone, and a configs class attribute holds a `ConfigItem` whose `has_value` / `value` is its default;
-* while a configs object is made, labml 0.5.3 writes a subclass's defaults into the `ConfigItem`s of its base
-  classes; `base_defaults_kept()` puts them back, so that a task's configs class (the state-tracking task's) leaves
-  the text experiment's defaults alone in the same process;
+* `BaseConfigs.set_default(item, value)` gives **one configs object** a default of its own. An experiment sets its
+  defaults this way (`_defaults`), never by declaring a base class's key again with another value: while a configs
+  object is made, labml 0.5.3 writes a subclass's declared defaults into the `ConfigItem`s of its base classes, so
+  a second experiment in the same process would start from the first one's values;
 * `labml.internal.experiment.experiment_singleton().run.checkpoint_path` is the run's checkpoint folder (and
   `has_experiment()` whether there is a run);
 * `labml.internal.lab.lab_singleton().app_configs` says whether a labml app is configured;
@@ -40,16 +44,20 @@ takes a file that another process removed first as removed.
 labml's notebook logger does `from IPython.core.display import display, HTML` when it first logs inside a Jupyter
 kernel. IPython 9 removed `display` from `IPython.core.display` (it lives in `IPython.display`), so with a current
 IPython any labml logging in a notebook raised an `ImportError`. `install_ipython_shim()` gives
-`IPython.core.display` the two names from `IPython.display` before labml creates its logger; importing
-`labml_nn.experiments` installs it. It only acts in a process that has already loaded IPython (a kernel always
-has), so a command-line run does not pay for importing IPython.
+`IPython.core.display` the two names from `IPython.display` before labml creates its logger. It only acts in a
+process that has already loaded IPython (a kernel always has), so a command-line run does not pay for importing
+IPython.
+
+## Nothing happens at import
+
+Importing this module (or anything in `labml_nn`) changes nothing in the user's process. The check of the installed
+labml and both patches run in `prepare_labml()`, once per process, when an experiment is set up: the training
+configs call it when they are made, and the command line before it creates a run.
 """
 
 import sys
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 import labml
 from labml.configs import BaseConfigs
@@ -103,57 +111,19 @@ def check_option(key: str, value: Any, options: List[str]) -> None:
         raise ValueError(f"{key}={value!r} is not an option; choose one of {', '.join(options)}")
 
 
-class CheckedConfigs(BaseConfigs):
-    """
-    labml configs whose values, as `experiment.configs(conf, values)` sets them, are checked and recorded:
-
-    * a string given for a key that has options must be one of them (`text='tiny_shakespear'` is a `ValueError`
-      that lists the choices, instead of a string turning up where a dataset is expected);
-    * every plain value (str, int, float, bool) lands in `self._overrides`, the configuration that checkpoints
-      store and `resume=` restores.
-
-    `_sub_configs` maps a key to the configs class of its dotted keys (`optimizer.learning_rate`), so those are
-    checked at once too.
-    """
-    _sub_configs: Dict[str, type] = {}
-
-    def __init__(self, **kwargs: Any):
-        super().__init__(**kwargs)
-        self._overrides: Dict[str, Any] = {}
-
-    def _set_values(self, values: Dict[str, Any]) -> None:
-        own = config_options(self)
-        for key, value in values.items():
-            prefix, _, sub_key = key.partition('.')
-            if sub_key and prefix in self._sub_configs:
-                check_option(key, value, public_options(self._sub_configs[prefix](), sub_key))
-            elif key in own:
-                check_option(key, value, [o for o in own[key] if not o.startswith('_')])
-        super()._set_values(values)
-        self._overrides.update({k: v for k, v in values.items() if isinstance(v, (str, int, float, bool))})
-
-
 def set_values(conf: BaseConfigs, values: Dict[str, Any]) -> None:
     """What `experiment.configs(conf, values)` does to `conf`, without an experiment."""
     conf._set_values(values)
 
 
-@contextmanager
-def base_defaults_kept(cls: type) -> Iterator[None]:
-    """
-    Make a configs object of `cls` inside this block and the config items of `cls`'s base classes keep their
-    defaults. Options that `cls` registers again for a base's key replace the base's on purpose: labml's warning
-    about that is silenced.
-    """
-    items = [(item, dict(vars(item))) for base in cls.__mro__[1:]
-             for item in vars(base).values() if type(item).__name__ == 'ConfigItem']
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings('ignore', message='Overriding option')
-            yield
-    finally:
-        for item, saved in items:
-            vars(item).update(saved)
+def computed(conf: BaseConfigs, key: str) -> Any:
+    """The value labml computed for `key` of `conf` so far, or `None` (without computing it)."""
+    return conf._get_computed(key)
+
+
+def set_default(conf: BaseConfigs, key: str, value: Any) -> None:
+    """Give `conf` (this one object) the default `value` for `key`; a value set later still takes precedence."""
+    conf.set_default(getattr(type(conf), key), value)
 
 
 def _get_projects(self: Any) -> Set[str]:
@@ -218,7 +188,7 @@ def check_labml() -> List[str]:
     """
     problems: List[str] = []
 
-    class Probe(CheckedConfigs):
+    class Probe(BaseConfigs):
         size: int = 3
         kind: str
 
@@ -235,14 +205,17 @@ def check_labml() -> List[str]:
             problems.append('BaseConfigs._to_json() no longer lists the options of a key')
         if config_default(Probe, 'size') != 3:
             problems.append('a BaseConfigs class attribute is no longer a ConfigItem with has_value / value')
-        class Sub(Probe):
-            size: int = 4
-        with base_defaults_kept(Sub):
-            Sub()
-        if config_default(Probe, 'size') != 3:
-            problems.append("base_defaults_kept() no longer keeps a base class's defaults")
+        own = Probe()
+        set_default(own, 'size', 4)
+        if own.size != 4 or config_default(Probe, 'size') != 3 or Probe().size != 3:
+            problems.append('BaseConfigs.set_default() no longer gives one configs object a default of its own')
+        from labml import monit
+        with monit.section('Check labml', is_silent=True, is_children_silent=True):
+            before, value = computed(probe, 'kind'), probe.kind
+        if before is not None or value != 'a' or computed(probe, 'kind') != 'a':
+            problems.append('BaseConfigs._get_computed() no longer returns what was computed (and only that)')
         set_values(probe, {'size': 5})
-        if probe.size != 5 or probe._overrides != {'size': 5}:
+        if probe.size != 5:
             problems.append('BaseConfigs._set_values() no longer sets the values experiment.configs() passes')
     except Exception as e:
         problems.append(f'labml configs: {type(e).__name__}: {e}')
@@ -279,7 +252,7 @@ def _sets_attribute(cls: type, name: str) -> bool:
     return False
 
 
-def _check_on_import() -> None:
+def check_installed_labml() -> None:
     problems = check_labml()
     if problems:
         raise RuntimeError(f"labml {labml.__version__} changed private APIs that labml_nn uses "
@@ -287,6 +260,18 @@ def _check_on_import() -> None:
                            f"labml_nn is tested with labml{TESTED_LABML}: pip install 'labml{TESTED_LABML}'")
 
 
-_check_on_import()
-install_concurrent_projects()
-install_ipython_shim()
+_prepared = False
+
+
+def prepare_labml() -> None:
+    """
+    Before an experiment is set up: check the installed labml's private APIs and make its project registry safe
+    for runs that start together (once per process), and make its notebook logger work with IPython 9.
+    """
+    global _prepared
+    if not _prepared:
+        check_installed_labml()
+        install_concurrent_projects()
+        _prepared = True
+    # At every call: a notebook may load IPython after the first experiment was set up
+    install_ipython_shim()

@@ -37,10 +37,10 @@ import math
 from typing import Any, Dict, Optional
 
 import torch
-from labml.configs import meta_config, option
+from labml.configs import BaseConfigs, meta_config, option
 from torch.optim.lr_scheduler import LambdaLR
 
-from labml_nn.experiments.labml_adapter import CheckedConfigs, set_values
+from labml_nn.experiments.labml_adapter import set_values
 
 
 class NoamFactor:
@@ -114,7 +114,7 @@ class ScheduledOptimizer:
             self.scheduler.load_state_dict(state['scheduler'])
 
 
-class OptimizerConfigs(CheckedConfigs):
+class OptimizerConfigs(BaseConfigs):
     """
     * `optimizer`: `Adam` (constant `learning_rate`), `Noam` (Adam with the Noam schedule), `AdamWarmup`
       (linear warm-up over `warmup` steps, then constant) or `AdamCosine` (warm-up, then cosine decay to zero)

@@ -7,11 +7,11 @@ summary: The precision option of the training loop - float32, or matrix products
 
 # Mixed precision
 
-`precision=fp32|bf16|fp16` (default `fp32`). With `bf16` or `fp16` the forward pass and the loss run under
-`torch.autocast`: matrix products take low-precision operands, while the residual stream, layer norms, softmax,
-the memory of the Feedback Transformers and the loss stay in float32 (the models follow autocast's rules in their
-own fused loops too). The parameters, their gradients and the optimizer's state stay float32, so checkpoints hold
-float32 weights whatever the precision.
+`precision=fp32|bf16|fp16` (default `fp32`), a `Precision` object that [the trainer](trainer.html) owns. With
+`bf16` or `fp16` the forward pass and the loss run under `torch.autocast`: matrix products take low-precision
+operands, while the residual stream, layer norms, softmax, the memory of the Feedback Transformers and the loss
+stay in float32 (the models follow autocast's rules in their own fused loops too). The parameters, their gradients
+and the optimizer's state stay float32, so checkpoints hold float32 weights whatever the precision.
 
 * **bf16** has float32's range (8 exponent bits) and needs nothing else. On a CPU with `avx512_bf16` (or a recent
   GPU) its products are fast; elsewhere the CPU emulates them.
@@ -32,74 +32,80 @@ from typing import Any, ContextManager, Dict, Optional
 
 import torch
 
-from labml_nn.experiments.labml_adapter import CheckedConfigs
-
 # `precision=` values: the autocast dtype of each (`None`: float32, no autocast)
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
-class PrecisionConfigs(CheckedConfigs):
-    """The `precision` config and what the training loop asks of it."""
-    # Matrix products in `bf16` or `fp16` under torch.autocast, or everything in `fp32`
-    precision: str = 'fp32'
+def check_precision(precision: str) -> None:
+    """A `ValueError` unless `precision` is one of `PRECISIONS`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
-    def validate(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
-    def start_precision(self, device: torch.device) -> None:
-        """Make the gradient scaler (fp16) for `device`; `init()` calls this before a checkpoint is loaded."""
-        self._autocast_device = device.type
-        self._scaler: Optional[torch.amp.GradScaler] = None
-        if self.precision == 'fp16':
-            self._scaler = torch.amp.GradScaler(device.type)
+class Precision:
+    """
+    What the trainer asks of the precision: the autocast context, the backward pass, the optimizer step, and the
+    gradient scaler's state for checkpoints.
+
+    * `precision`: `fp32`, `bf16` or `fp16`
+    * `device`: where the model runs (autocast and the scaler are per device type)
+    """
+
+    def __init__(self, precision: str, device: torch.device):
+        check_precision(precision)
+        self.precision = precision
+        self.dtype = PRECISIONS[precision]
+        self.device_type = device.type
+        # fp16's gradient scaler
+        self.scaler: Optional[torch.amp.GradScaler] = (torch.amp.GradScaler(device.type)
+                                                       if precision == 'fp16' else None)
 
     def autocast(self) -> ContextManager:
         """The autocast context of the forward pass and the loss (nothing for fp32)."""
-        dtype = PRECISIONS[self.precision]
-        if dtype is None:
+        if self.dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self._autocast_device, dtype=dtype)
+        return torch.autocast(self.device_type, dtype=self.dtype)
 
     def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         """`loss.backward()`; with a scaler, of the scaled loss, then the gradients are unscaled for clipping."""
-        if self._scaler is None:
+        if self.scaler is None:
             loss.backward()
             return
-        self._scaler.scale(loss).backward()
-        self._scaler.unscale_(optimizer)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(optimizer)
 
-    def scaler_handles_overflow(self) -> bool:
+    @property
+    def handles_overflow(self) -> bool:
         """Whether a non-finite gradient norm is the scaler's to handle (fp16), not a failed step."""
-        return self._scaler is not None
+        return self.scaler is not None
 
-    def optimizer_step(self, scheduled: Any, skip: bool = False) -> None:
+    def step(self, scheduled: Any, skip: bool = False) -> None:
         """
-        The optimizer step and its schedule's step (`scheduled` is a `ScheduledOptimizer`), unless the training
-        loop `skip`s this step (a non-finite loss or gradient norm on some rank). With a scaler, the scaler takes
-        the step (or skips it when the gradients overflowed, and then the schedule does not move), and a skipped
-        step still ends with the scaler's `update()`: it has unscaled this step's gradients, and the next step may
-        only unscale again after an update.
+        The optimizer step and its schedule's step (`scheduled` is a `ScheduledOptimizer`), unless the trainer
+        `skip`s this step (a non-finite loss or gradient norm on some rank). With a scaler, the scaler takes the
+        step (or skips it when the gradients overflowed, and then the schedule does not move), and a skipped step
+        still ends with the scaler's `update()`: it has unscaled this step's gradients, and the next step may only
+        unscale again after an update.
         """
-        if self._scaler is None:
+        if self.scaler is None:
             if not skip:
                 scheduled.step()
             return
         if skip:
-            self._scaler.update()
+            self.scaler.update()
             return
-        scale = self._scaler.get_scale()
-        self._scaler.step(scheduled.optimizer)
-        self._scaler.update()
+        scale = self.scaler.get_scale()
+        self.scaler.step(scheduled.optimizer)
+        self.scaler.update()
         # A lower scale means the scaler found non-finite gradients and skipped the step
-        if self._scaler.get_scale() >= scale and scheduled.scheduler is not None:
+        if self.scaler.get_scale() >= scale and scheduled.scheduler is not None:
             scheduled.scheduler.step()
 
-    def precision_state(self) -> Dict[str, Any]:
+    def state_dict(self) -> Dict[str, Any]:
         """What a checkpoint keeps: the scaler's state (fp16)."""
         return {'precision': self.precision,
-                'scaler': None if self._scaler is None else self._scaler.state_dict()}
+                'scaler': None if self.scaler is None else self.scaler.state_dict()}
 
-    def load_precision_state(self, state: Optional[Dict[str, Any]]) -> None:
-        if self._scaler is not None and state and state.get('scaler'):
-            self._scaler.load_state_dict(state['scaler'])
+    def load_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
+        if self.scaler is not None and state and state.get('scaler'):
+            self.scaler.load_state_dict(state['scaler'])

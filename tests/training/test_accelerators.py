@@ -10,8 +10,10 @@ from labml import monit
 from support import TEXT, TINY, checkpoint_of, expect_config_error, run_cli, run_torchrun
 
 from labml_nn.experiments import checkpoint as ckpt
-from labml_nn.experiments.accelerators import ContiguousStreams, fold_sequences, parse_curriculum
+from labml_nn.experiments.curriculum import fold_sequences, parse_curriculum
 from labml_nn.experiments.labml_adapter import set_values
+from labml_nn.experiments.trainer import Trainer
+from labml_nn.tasks.text import ContiguousStreams
 from labml_nn.transformers.causal import CausalAttention, CausalTransformer, CausalTransformerLayer
 from labml_nn.transformers.feedback import (
     FeedbackAttention,
@@ -80,25 +82,24 @@ def test_curriculum_errors(spec, message):
     assert message in str(e.value) and 'seq_len_curriculum=' in str(e.value)
 
 
-def _configs(**values) -> Configs:
+def _trainer(**values) -> Trainer:
     conf = Configs()
     set_values(conf, {'d_model': 16, 'heads': 2, 'd_ff': 32, 'n_layers': 1, 'seq_len': 16, 'batch_size': 4,
                       'epochs': 1, 'sample_tokens': 0, 'text_path': str(TEXT), 'use_cuda': False,
                       'optimizer.optimizer': 'Adam', 'optimizer.learning_rate': 1e-3, **values})
     conf.validate()
-    conf.init()
-    return conf
+    return conf.trainer
 
 
-def test_curriculum_stages_follow_the_steps(monkeypatch):
-    conf = _configs(seq_len_curriculum='4:0,8:0.25,16:0.5', train_steps=100)
-    assert [conf.curriculum_length(s) for s in (0, 24, 25, 49, 50, 99)] == [4, 4, 8, 8, 16, 16]
+def test_curriculum_stages_follow_the_steps():
+    trainer = _trainer(seq_len_curriculum='4:0,8:0.25,16:0.5', train_steps=100)
+    assert [trainer.curriculum.length(s) for s in (0, 24, 25, 49, 50, 99)] == [4, 4, 8, 8, 16, 16]
     seen = []
-    monkeypatch.setattr(Configs, 'model_output',
-                        lambda self, data: seen.append(tuple(data.shape)) or self._ddp_model(data))
+    model = trainer.ddp_model
+    trainer.ddp_model = lambda data: seen.append(tuple(data.shape)) or model(data)
     for step in (0, 30, 60):
-        conf._progress['step'] = step
-        conf.train_step(*conf.train_loader.batch(0, 0))
+        trainer.progress['step'] = step
+        trainer.train_step(*trainer.task.train.batch(0, 0))
     # The same 64 tokens per step, cut into shorter sequences side by side
     assert seen == [(4, 16), (8, 8), (16, 4)]
 
@@ -107,49 +108,50 @@ def test_curriculum_stages_follow_the_steps(monkeypatch):
 
 def test_memory_span_reaches_both_models():
     for model in ('feedback_transformer', 'feedback_transformer_kv'):
-        assert _configs(model=model, memory_span=8).model.transformer.memory_span == 8
-    assert _configs(model='feedback_transformer').model.transformer.memory_span is None
+        assert _trainer(model=model, memory_span=8).model.transformer.memory_span == 8
+    assert _trainer(model='feedback_transformer').model.transformer.memory_span is None
     # The parallel transformer: a local window of the same span
-    assert _configs(model='transformer', memory_span=8).model.transformer.memory_span == 8
-    assert _configs(model='transformer').model.transformer.memory_span is None
+    assert _trainer(model='transformer', memory_span=8).model.transformer.memory_span == 8
+    assert _trainer(model='transformer').model.transformer.memory_span is None
 
 
 def test_carried_validation_equals_whole_streams():
     """Validation with carried memory equals running every validation stream through the model in one call."""
-    conf = _configs(model='feedback_transformer_kv', carry_memory=True, memory_span=5)
+    trainer = _trainer(model='feedback_transformer_kv', carry_memory=True, memory_span=5)
     n_batches, seq_len, batch_size = 3, 16, 4
-    loss, accuracy = conf.evaluate(0, n_batches)
+    loss, accuracy = trainer.evaluate(trainer.task.valid, 0, n_batches)
     # Independently: the validation text cut into 4 streams, each read in one call
-    data = conf.text.text_to_i(conf.text.valid)
+    text = trainer.task.text
+    data = text.text_to_i(text.valid)
     stream_len = (data.shape[0] - 1) // batch_size
     starts = torch.arange(batch_size) * stream_len
     index = starts[None, :] + torch.arange(n_batches * seq_len + 1)[:, None]
     tokens = data[index]
-    conf.model.eval()
+    trainer.model.eval()
     with torch.no_grad():
-        logits = conf.model(tokens[:-1])
+        logits = trainer.model(tokens[:-1])
     expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[1:].reshape(-1))
     assert loss == pytest.approx(expected.item(), abs=1e-5)
     assert accuracy == pytest.approx((logits.argmax(-1) == tokens[1:]).float().mean().item(), abs=1e-6)
     # A fresh memory at every batch gives another loss: the memory really is carried
     with torch.no_grad():
-        pieces = [conf.model(tokens[i * seq_len:(i + 1) * seq_len]) for i in range(n_batches)]
+        pieces = [trainer.model(tokens[i * seq_len:(i + 1) * seq_len]) for i in range(n_batches)]
     fresh = F.cross_entropy(torch.cat(pieces).reshape(-1, logits.shape[-1]), tokens[1:].reshape(-1))
     assert abs(fresh.item() - loss) > 1e-4
 
 
 def test_carried_training_state_grows_and_resets():
-    conf = _configs(model='feedback_transformer', carry_memory=True, memory_span=6, train_steps=3)
+    trainer = _trainer(model='feedback_transformer', carry_memory=True, memory_span=6, train_steps=3)
     for _ in monit.loop(range(1)):
-        conf.train_part(0, 3)
-    state = conf._carried['train']
+        trainer.train_part(0, 3)
+    state = trainer.memory.states['train']
     assert state.n_steps == 3 * 16 and state.visible.shape[state.kv.dim] == 6 and not state.visible.requires_grad
     # A new epoch starts with an empty memory
-    conf._progress['batch'] = 0
-    conf._progress['step'] = 0
+    trainer.progress['batch'] = 0
+    trainer.progress['step'] = 0
     for _ in monit.loop(range(1)):
-        conf.train_part(1, 1)
-    assert conf._carried['train'].n_steps == 16
+        trainer.train_part(1, 1)
+    assert trainer.memory.states['train'].n_steps == 16
 
 
 @pytest.mark.slow
@@ -256,14 +258,14 @@ def test_init_from_in_the_experiment(tmp_path, monkeypatch, capsys):
                       'text_path': str(TEXT), 'use_cuda': False, 'init_from': str(path), 'sample_tokens': 0})
     conf.validate()
     with pytest.raises(ValueError, match=r'src_embed.weight: the feedback model has \[65, 16\]'):
-        conf.init()
+        _ = conf.trainer
     payload['model'] = {k: v for k, v in payload['model'].items() if k not in ('src_embed.weight', 'generator.weight',
                                                                                'generator.bias')}
     ckpt.save_atomic(payload, path)
     conf = Configs()
     set_values(conf, {'model': 'feedback_transformer_kv', 'd_model': 16, 'heads': 2, 'd_ff': 32, 'n_layers': 1,
                       'text_path': str(TEXT), 'use_cuda': False, 'init_from': str(path), 'sample_tokens': 0})
-    conf.init()
+    _ = conf.trainer
     torch.testing.assert_close(conf.model.transformer.layers[0].feed_forward.layer1.weight,
                                source.transformer.layers[0].feed_forward.layer1.weight)
     out = capsys.readouterr().out

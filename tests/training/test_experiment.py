@@ -12,7 +12,7 @@ from support import ANSI, TEXT, TINY, checkpoint_of, expect_config_error, run_cl
 from labml_nn.experiments import checkpoint as ckpt
 from labml_nn.experiments.cli import parse_overrides
 from labml_nn.experiments.optimizer import NoamFactor
-from labml_nn.experiments.text_data import SequenceBatches, resolve_text_path
+from labml_nn.tasks.text import SequenceBatches, resolve_text_path
 from labml_nn.transformers.feedback.experiment import Configs, main
 
 

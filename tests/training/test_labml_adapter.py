@@ -55,7 +55,7 @@ def test_a_changed_labml_fails_loudly(monkeypatch, change, problem):
     change(monkeypatch)
     assert any(p.startswith(problem) for p in labml_adapter.check_labml()), labml_adapter.check_labml()
     with pytest.raises(RuntimeError) as e:
-        labml_adapter._check_on_import()
+        labml_adapter.check_installed_labml()
     message = str(e.value)
     assert message.startswith(f'labml {labml.__version__} changed private APIs that labml_nn uses '
                               f'(labml_nn/experiments/labml_adapter.py): ')
@@ -70,20 +70,26 @@ def _python(code: str, cwd: Path, **env) -> subprocess.CompletedProcess:
 
 
 def test_labml_notebook_logger_imports_with_current_ipython(tmp_path):
-    """labml's notebook logger imports `display` and `HTML` from `IPython.core.display`, which IPython 9 removed."""
+    """
+    labml's notebook logger imports `display` and `HTML` from `IPython.core.display`, which IPython 9 removed: they
+    are put back when an experiment is set up (making its configs), not when the library is imported.
+    """
     pytest.importorskip('IPython')
     result = _python('''
         import IPython
         import IPython.core.display as core
         missing = 'display' not in vars(core)
-        import labml_nn.experiments
+        import labml_nn.experiments.cli, labml_nn.transformers.feedback.experiment
+        assert ('display' not in vars(core)) == missing, 'importing the library must change nothing'
+        from labml_nn.transformers.feedback.experiment import Configs
+        Configs()
         from labml.internal.logger.destinations.ipynb import IpynbDestination
         import IPython.display
         assert core.display is IPython.display.display and core.HTML is IPython.display.HTML
         print(IPython.__version__, missing)
     ''', tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    version, missing = result.stdout.split()
+    version, missing = result.stdout.split()[-2:]
     # With IPython 9 the names really are missing until the adapter adds them
     assert missing == str(int(version.split('.')[0]) >= 9)
 
@@ -188,7 +194,8 @@ class _RacingComputer:
 @pytest.mark.parametrize('lost', ['a.txt', 'b.txt'])
 def test_runs_that_start_together_share_the_project_registry(tmp_path, lost):
     from labml.internal.computer.configs import Computer
-    assert Computer.get_projects is labml_adapter._get_projects, 'installed when labml_nn.experiments is imported'
+    labml_adapter.prepare_labml()
+    assert Computer.get_projects is labml_adapter._get_projects, 'installed when an experiment is set up'
     folder = tmp_path / 'projects'
     folder.mkdir()
     project = tmp_path / 'project'
@@ -206,3 +213,19 @@ def test_runs_that_start_together_share_the_project_registry(tmp_path, lost):
     # The adapter's reads the project once and removes the entry of the folder that is gone
     assert labml_adapter._get_projects(registry()) == {str(project)}
     assert sorted(p.name for p in folder.iterdir()) == sorted({'a.txt', 'b.txt'} - {lost})
+
+
+def test_importing_the_library_patches_nothing(tmp_path):
+    """Every module of labml_nn imported: labml's project registry and IPython are as they were."""
+    result = _python('''
+        import pkgutil, importlib, sys
+        import IPython.core.display as core
+        from labml.internal.computer.configs import Computer
+        before = (Computer.get_projects, dict(vars(core)))
+        import labml_nn
+        for module in pkgutil.walk_packages(labml_nn.__path__, 'labml_nn.'):
+            importlib.import_module(module.name)
+        assert (Computer.get_projects, dict(vars(core))) == before
+        print('imported', len(sys.modules))
+    ''', tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]

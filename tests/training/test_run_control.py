@@ -18,11 +18,10 @@ from labml import monit
 from support import ANSI, REPO, TEXT, TINY, checkpoint_of, run_cli
 
 from labml_nn.experiments import checkpoint as ckpt
-from labml_nn.experiments import run_control
 from labml_nn.experiments.distributed import DistributedContext
 from labml_nn.experiments.labml_adapter import set_values
-from labml_nn.experiments.nlp_autoregression import NLPAutoRegressionConfigs
 from labml_nn.experiments.run_control import TrainingDiverged
+from labml_nn.experiments.trainer import Trainer
 from labml_nn.transformers.feedback.experiment import Configs
 
 pytestmark = pytest.mark.skipif(not TEXT.is_file(), reason=f'Tiny Shakespeare not found at {TEXT}')
@@ -33,88 +32,85 @@ SMALL = {'d_model': 16, 'heads': 2, 'd_ff': 32, 'n_layers': 1, 'seq_len': 16, 'b
          'checkpoint_minutes': 0.0}
 
 
-def _configs(dist: Optional[DistributedContext] = None, **values) -> Configs:
+def _trainer(dist: Optional[DistributedContext] = None, **values) -> Trainer:
     conf = Configs()
     conf._dist = dist or DistributedContext()
     set_values(conf, {**SMALL, **values})
-    conf.init()
-    return conf
+    return conf.trainer
 
 
-def _train(conf: Configs, end: int):
+def _train(trainer: Trainer, end: int):
     """`train_part` up to batch `end` of epoch 0 (labml's partial sections need a loop around them)."""
     for _ in monit.loop(range(1)):
-        return conf.train_part(0, end)
+        return trainer.train_part(0, end)
 
 
-def _nan_at(steps):
-    """A `forward_loss` that makes the loss NaN at the given (0-based) steps and is the model's otherwise."""
-    real = NLPAutoRegressionConfigs.forward_loss
+def _nan_at(trainer: Trainer, steps) -> Trainer:
+    """Make the task's loss NaN at the given (0-based) steps; it is the model's otherwise."""
+    real = trainer.task.loss
 
-    def forward_loss(self, data, target):
-        loss, correct = real(self, data, target)
-        if self._progress['step'] in steps:
-            loss = loss * float('nan')
-        return loss, correct
-    return forward_loss
+    def loss(logits, target):
+        value, correct, count = real(logits, target)
+        if trainer.progress['step'] in steps:
+            value = value * float('nan')
+        return value, correct, count
+    trainer.task.loss = loss
+    return trainer
 
 
-def _params(conf):
-    return [p.detach().clone() for p in conf.model.parameters()]
+def _params(trainer: Trainer):
+    return [p.detach().clone() for p in trainer.model.parameters()]
 
 
 # ## Non-finite steps
 
-def test_a_non_finite_step_is_skipped_and_counted(monkeypatch, capsys):
-    monkeypatch.setattr(NLPAutoRegressionConfigs, 'forward_loss', _nan_at({1, 2}))
-    conf = _configs(train_steps=4)
-    scheduler = conf.optimizer.scheduler
+def test_a_non_finite_step_is_skipped_and_counted(capsys):
+    trainer = _nan_at(_trainer(train_steps=4), {1, 2})
+    scheduler = trainer.optimizer.scheduler
     for step in range(4):
-        before, lr_steps = _params(conf), scheduler.last_epoch
-        _train(conf, step + 1)
+        before, lr_steps = _params(trainer), scheduler.last_epoch
+        _train(trainer, step + 1)
         skipped = step in (1, 2)
         # No optimizer step and no schedule step on a skipped step; both on a good one
-        assert all(torch.equal(a, b) for a, b in zip(before, _params(conf))) == skipped
+        assert all(torch.equal(a, b) for a, b in zip(before, _params(trainer))) == skipped
         assert scheduler.last_epoch == lr_steps + (not skipped)
-    assert conf._progress['skipped_steps'] == 2 and conf._nonfinite_in_a_row == 0
+    assert trainer.progress['skipped_steps'] == 2 and trainer.control.nonfinite_in_a_row == 0
     out = ANSI.sub('', capsys.readouterr().out)
     assert 'Step 2: non-finite loss or gradient norm; optimizer step skipped (1 in a row, 1 in all)' in out
     assert 'Step 3: non-finite loss or gradient norm; optimizer step skipped (2 in a row, 2 in all)' in out
 
 
-def test_a_non_finite_step_under_fp16_is_skipped_and_training_goes_on(monkeypatch):
+def test_a_non_finite_step_under_fp16_is_skipped_and_training_goes_on():
     """The gradient scaler has unscaled the skipped step's gradients: the next step must be able to unscale."""
-    monkeypatch.setattr(NLPAutoRegressionConfigs, 'forward_loss', _nan_at({1}))
-    conf = _configs(train_steps=4, precision='fp16')
-    scale = conf._scaler.get_scale()
+    trainer = _nan_at(_trainer(train_steps=4, precision='fp16'), {1})
+    scale = trainer.precision.scaler.get_scale()
     for step in range(4):
-        before = _params(conf)
-        _train(conf, step + 1)
-        changed = not all(torch.equal(a, b) for a, b in zip(before, _params(conf)))
+        before = _params(trainer)
+        _train(trainer, step + 1)
+        changed = not all(torch.equal(a, b) for a, b in zip(before, _params(trainer)))
         assert changed == (step != 1), step
-    assert conf._progress['step'] == 4 and conf._progress['skipped_steps'] == 1
+    assert trainer.progress['step'] == 4 and trainer.progress['skipped_steps'] == 1
     # The scaler saw the overflow of the skipped step
-    assert conf._scaler.get_scale() < scale
+    assert trainer.precision.scaler.get_scale() < scale
 
 
-def test_too_many_non_finite_steps_in_a_row_stop_the_run(monkeypatch):
-    monkeypatch.setattr(NLPAutoRegressionConfigs, 'forward_loss', _nan_at({0, 2, 3, 4}))
-    conf = _configs(max_nonfinite_steps=3)
+def test_too_many_non_finite_steps_in_a_row_stop_the_run():
+    trainer = _nan_at(_trainer(max_nonfinite_steps=3), {0, 2, 3, 4})
     with pytest.raises(TrainingDiverged, match=r'training diverged: 3 consecutive steps \(steps 3 to 5\) had a '
                                                r'non-finite loss or gradient norm \(max_nonfinite_steps=3\)'):
-        _train(conf, 10)
-    assert conf._progress['step'] == 5 and conf._progress['skipped_steps'] == 4
+        _train(trainer, 10)
+    assert trainer.progress['step'] == 5 and trainer.progress['skipped_steps'] == 4
 
 
 def test_a_checkpoint_with_a_non_finite_weight_is_never_written(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(run_control, 'checkpoint_folder', lambda: tmp_path)
-    conf = _configs(train_steps=2)
-    _train(conf, 1)
-    assert conf.save_checkpoint()
+    monkeypatch.setattr(ckpt, 'checkpoint_folder', lambda: tmp_path)
+    trainer = _trainer(train_steps=2)
+    _train(trainer, 1)
+    assert trainer.save_checkpoint()
     good = ckpt.load_checkpoint(tmp_path / ckpt.CHECKPOINT_NAME)
     with torch.no_grad():
-        conf.model.generator.bias[3] = float('inf')
-    assert not conf.save_checkpoint()
+        trainer.model.generator.bias[3] = float('inf')
+    assert not trainer.save_checkpoint()
     kept = ckpt.load_checkpoint(tmp_path / ckpt.CHECKPOINT_NAME)
     assert all(torch.equal(kept['model'][k], v) for k, v in good['model'].items())
     assert 'Checkpoint not written: a weight is not finite. The last checkpoint is' in \
@@ -141,18 +137,18 @@ def test_a_diverging_run_stops_with_status_3_and_keeps_its_last_good_checkpoint(
 # ## Periodic checkpoints
 
 def test_checkpoints_every_n_steps_and_by_the_clock(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_control, 'checkpoint_folder', lambda: tmp_path)
+    monkeypatch.setattr(ckpt, 'checkpoint_folder', lambda: tmp_path)
     saved = []
     monkeypatch.setattr(ckpt, 'save_atomic', lambda payload, path: saved.append(payload['progress']['step']))
-    conf = _configs(checkpoint_every=4, train_steps=8)
-    _train(conf, 100)
+    trainer = _trainer(checkpoint_every=4, train_steps=8)
+    _train(trainer, 100)
     # Not at step 8: the end of the run writes its own after validating
     assert saved == [4]
-    conf = _configs(checkpoint_minutes=5.0, train_steps=8)
-    _train(conf, 2)
+    trainer = _trainer(checkpoint_minutes=5.0, train_steps=8)
+    _train(trainer, 2)
     # Five minutes later by rank 0's clock
-    conf._last_save -= 301
-    _train(conf, 4)
+    trainer.control.last_save -= 301
+    _train(trainer, 4)
     assert saved == [4, 3]
 
 
@@ -237,27 +233,27 @@ def test_sigint_stops_a_carried_memory_run_with_its_memory_in_the_checkpoint(tmp
 # ## Data-parallel ranks decide together
 
 def _agreement_worker(rank: int):
-    real = NLPAutoRegressionConfigs.forward_loss
+    trainer = _trainer(DistributedContext(rank, 2, 0), batch_size=4)
+    real = trainer.task.loss
 
-    def forward_loss(self, data, target):
-        loss, correct = real(self, data, target)
-        step = self._progress['step']
+    def loss(logits, target):
+        value, correct, count = real(logits, target)
+        step = trainer.progress['step']
         # Only rank 1 sees a NaN loss (at step 1), and only rank 1 is told to stop (at step 3)
         if rank == 1 and step == 1:
-            loss = loss * float('nan')
+            value = value * float('nan')
         if rank == 1 and step == 3:
-            self._signals.received = signal.SIGTERM
-        return loss, correct
+            trainer.control.signals.received = signal.SIGTERM
+        return value, correct, count
 
-    NLPAutoRegressionConfigs.forward_loss = forward_loss
-    conf = _configs(DistributedContext(rank, 2, 0), batch_size=4)
-    before = _params(conf)
-    _train(conf, 2)
-    after_skip = _params(conf)
-    reason = _train(conf, 100)
-    return {'reason': reason, 'step': conf._progress['step'], 'skipped': conf._progress['skipped_steps'],
+    trainer.task.loss = loss
+    before = _params(trainer)
+    _train(trainer, 2)
+    after_skip = _params(trainer)
+    reason = _train(trainer, 100)
+    return {'reason': reason, 'step': trainer.progress['step'], 'skipped': trainer.progress['skipped_steps'],
             'moved_at_step_0': not all(torch.equal(a, b) for a, b in zip(before, after_skip)),
-            'params': _params(conf)}
+            'params': _params(trainer)}
 
 
 @pytest.mark.slow
@@ -270,3 +266,44 @@ def test_ranks_skip_and_stop_together(tmp_path):
         assert r['reason'] == 'signal' and r['step'] == 4 and r['skipped'] == 1 and r['moved_at_step_0']
     for a, b in zip(rank0['params'], rank1['params']):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ## A failure after the run started: one line
+
+# The experiment's command line with `torch.save` failing (a full disk) from its second call on, after writing part
+# of the file, as a disk that fills up mid-save does
+_FULL_DISK = '''
+import runpy, sys, torch
+real, calls = torch.save, []
+
+def save(obj, f, *args, **kwargs):
+    calls.append(1)
+    if len(calls) >= 2:
+        f.write(b'part of a checkpoint')
+        raise OSError(28, 'No space left on device')
+    return real(obj, f, *args, **kwargs)
+
+torch.save = save
+sys.argv = ['experiment', *sys.argv[1:]]
+runpy.run_module('labml_nn.transformers.feedback.experiment', run_name='__main__', alter_sys=True)
+'''
+
+
+def test_a_failed_save_ends_in_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    args = ['model=feedback_transformer_kv', *TINY, 'checkpoint_every=2', 'train_steps=6']
+    env = {**os.environ, 'TINY_SHAKESPEARE_PATH': str(TEXT), 'RUN_UUID': 'full',
+           'PYTHONPATH': os.pathsep.join([str(REPO), os.environ.get('PYTHONPATH', '')])}
+    result = subprocess.run([sys.executable, '-c', _FULL_DISK, *args], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    # Its own exit status (not a bad configuration's 2), no traceback, one line naming the cause and what is intact
+    assert result.returncode == 4, result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr and 'Traceback' not in result.stdout
+    run = tmp_path / 'logs' / 'feedback_transformer_kv' / 'full'
+    line = result.stderr.strip().splitlines()[-1]
+    assert line == (f"error: the run failed at step 4: OSError: [Errno 28] No space left on device (the traceback "
+                    f"is in {run / 'error.log'}). The last checkpoint is {run / 'checkpoints' / 'checkpoint.pt'} "
+                    f"(step 2). Resume with: python -m labml_nn.transformers.feedback.experiment resume=full"), line
+    # The step-2 checkpoint is intact and alone; the traceback is in the run's folder
+    assert checkpoint_of(tmp_path, 'feedback_transformer_kv', 'full')['progress']['step'] == 2
+    assert sorted(p.name for p in (run / 'checkpoints').iterdir()) == ['checkpoint.pt']
+    assert 'OSError: [Errno 28] No space left on device' in (run / 'error.log').read_text()

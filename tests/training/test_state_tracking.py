@@ -14,23 +14,24 @@ import torch.nn.functional as F
 from support import REPO
 
 from labml_nn.experiments.labml_adapter import config_default, config_options, set_values
-from labml_nn.experiments.state_tracking_data import (
+from labml_nn.experiments.trainer import Trainer
+from labml_nn.tasks.programs import (
     ProgramSpec,
     ProgramSplits,
     encode_stream,
     generate_program,
     generate_programs,
-    held_out_streams,
-    training_streams,
     vocabulary,
 )
-from labml_nn.transformers.causal import CausalState
-from labml_nn.transformers.feedback.state_tracking import (
+from labml_nn.tasks.state_tracking import (
     NO_LABEL_ID,
-    StateTrackingConfigs,
+    held_out_streams,
     masked_loss,
     parse_train_statements,
+    training_streams,
 )
+from labml_nn.transformers.causal import CausalState
+from labml_nn.transformers.feedback.state_tracking import StateTrackingConfigs
 
 # ## An independent interpreter
 
@@ -141,7 +142,7 @@ def test_deterministic_and_seeded():
     assert generate_programs(spec, 5, 'a') != generate_programs(spec, 5, 'b')
     assert generate_program(random.Random(3), spec) == generate_program(random.Random(3), spec)
     # The same in a fresh interpreter (string seeds do not depend on PYTHONHASHSEED)
-    code = ("from labml_nn.experiments.state_tracking_data import *; "
+    code = ("from labml_nn.tasks.programs import *; "
             "print(' '.join(generate_programs(ProgramSpec(3, 30), 1, 'a')[0].tokens))")
     fresh = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO,
                            env={'PYTHONHASHSEED': '123', 'PATH': ''}, check=True).stdout.strip()
@@ -209,14 +210,14 @@ def test_training_streams_deterministic_and_fresh_each_epoch():
     spec = ProgramSpec(3, 20)
     splits = ProgramSplits(spec, seed=1, valid_programs=4, test_programs=4)
     vocab = vocabulary(spec)
-    a = training_streams(splits, spec, vocab, 0, range(3), n_segments=5, seq_len=16)
-    b = training_streams(splits, spec, vocab, 0, range(3), n_segments=5, seq_len=16)
-    c = training_streams(splits, spec, vocab, 1, range(3), n_segments=5, seq_len=16)
+    a = training_streams(splits, 20, vocab, 0, range(3), n_segments=5, seq_len=16)
+    b = training_streams(splits, 20, vocab, 0, range(3), n_segments=5, seq_len=16)
+    c = training_streams(splits, 20, vocab, 1, range(3), n_segments=5, seq_len=16)
     assert a.streams.shape == (3, 80) and len(a) == 5
     torch.testing.assert_close(a.streams, b.streams)
     assert not torch.equal(a.streams, c.streams)
     # Any row can be made on its own (as a data-parallel rank does)
-    torch.testing.assert_close(training_streams(splits, spec, vocab, 0, range(2, 3), 5, 16).streams, a.streams[2:])
+    torch.testing.assert_close(training_streams(splits, 20, vocab, 0, range(2, 3), 5, 16).streams, a.streams[2:])
     # The labels are those of the programs' words
     tokens, labels = encode_stream(splits.train(3, '0/0/20', spec), vocab, 80)
     torch.testing.assert_close(tokens, a.streams[0])
@@ -264,19 +265,22 @@ def _configs(**values) -> StateTrackingConfigs:
                      'statements': 12, 'valid_programs': 8, 'test_programs': 8, 'epoch_segments': 3,
                      'memory_span': 8, 'use_cuda': False, **values})
     conf.validate()
-    conf.init()
     return conf
+
+
+def _trainer(**values) -> Trainer:
+    return _configs(**values).trainer
 
 
 @pytest.mark.parametrize('model', ['feedback_transformer_kv', 'transformer'])
 def test_carried_evaluation_equals_whole_streams(model):
     """Validation with the state carried across segments equals reading every stream in one call."""
-    conf = _configs(model=model)
-    loss, accuracy = conf.evaluate(0, len(conf.valid_loader))
-    streams = conf.valid_loader
-    conf.model.eval()
+    trainer = _trainer(model=model)
+    streams = trainer.task.valid
+    loss, accuracy = trainer.evaluate(streams, 0, len(streams))
+    trainer.model.eval()
     with torch.no_grad():
-        logits = conf.model(streams.streams.t())
+        logits = trainer.model(streams.streams.t())
     expected, correct, count = masked_loss(logits, streams.labels.t())
     assert loss == pytest.approx(expected.item(), abs=1e-5)
     assert accuracy == pytest.approx(correct.item() / count.item())
@@ -287,25 +291,24 @@ def test_curriculum_epochs_and_train_batches():
     assert [conf.statements_at(e) for e in range(4)] == [4, 4, 8, 8]
     assert [_configs(train_statements='6').statements_at(e) for e in range(3)] == [6, 6, 6]
     assert _configs(train_statements='').statements_at(0) == 12, 'empty: as long as the test programs'
-    x, y = conf.train_loader.batch(0, 0)
+    x, y = conf.task.train.batch(0, 0)
     assert x.shape == (16, 4) and y.shape == (16, 4)
     # An epoch-0 stream holds 4-statement programs: its first END is early
-    words = [conf.text.itos[t] for t in conf.train_loader.make(0).streams[0].tolist()]
+    words = [conf.task.itos[t] for t in conf.task.train.make(0).streams[0].tolist()]
     assert words.index('END') <= 4 * 9
 
 
-def test_text_experiment_defaults_are_left_alone():
+def test_the_two_experiments_keep_their_own_defaults_and_options():
+    """Made in either order, in one process, each experiment has its own defaults and options (no labml leak)."""
     from labml_nn.transformers.feedback.experiment import Configs
-    # (labml settles the config items of a class's bases the first time it is made)
-    Configs()
-    before = config_options(Configs()), config_default(Configs, 'd_model')
-    assert StateTrackingConfigs().d_model == 64 and StateTrackingConfigs().carry_memory
-    after = config_options(Configs()), config_default(Configs, 'd_model')
-    assert before == after and Configs().d_model == 512 and not Configs().carry_memory
-    # The options of this task are its own: the text experiment still reads its text
-    for key in ('text', 'train_loader', 'valid_loader'):
-        assert not any(o.startswith('program') for o in after[0][key]), key
-        assert any(o.startswith('program') for o in config_options(StateTrackingConfigs())[key]), key
+    for _ in range(2):
+        assert StateTrackingConfigs().d_model == 64 and StateTrackingConfigs().carry_memory
+        assert Configs().d_model == 512 and not Configs().carry_memory and Configs().seq_len == 128
+        assert config_default(Configs, 'd_model') == 512
+    text, programs = config_options(Configs()), config_options(StateTrackingConfigs())
+    # The text's keys are the text experiment's alone; each experiment's task and vocabulary are its own
+    assert 'text' in text and 'train_loader' in text and 'text' not in programs and 'prompt' not in programs
+    assert text['model'] == programs['model'] == ['feedback_transformer', 'feedback_transformer_kv', 'transformer']
 
 
 def test_causal_state_round_trips_through_a_checkpoint_payload():
@@ -341,7 +344,7 @@ def test_cli_runs_and_tests(tmp_path, model):
     assert payload['carried'][0] is not None, 'the carried state is in the checkpoint'
 
 
-@pytest.mark.parametrize('args, message', [(['sample_tokens=5'], 'sample_tokens must be 0'),
+@pytest.mark.parametrize('args, message', [(['sample_tokens=5'], "Unknown config key 'sample_tokens'"),
                                            (['test_programs=2'], 'test_programs must be an int >= 32'),
                                            (['train_statements=5:0.5'], 'train_statements'),
                                            (['variables=9'], 'variables must be an int in'),
@@ -371,6 +374,7 @@ def test_warmup_and_cosine_schedules():
 def test_cosine_schedule_knows_the_run_length():
     conf = _configs(epochs=3, **{'optimizer.optimizer': 'AdamCosine', 'optimizer.warmup': 2,
                                  'optimizer.learning_rate': 0.1})
+    _ = conf.trainer
     rates = []
     for _ in range(conf.total_steps()):
         rates.append(conf.optimizer.learning_rate)

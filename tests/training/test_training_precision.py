@@ -7,7 +7,7 @@ import pytest
 import torch
 from support import TINY, checkpoint_of, run_cli
 
-from labml_nn.experiments.precision import PRECISIONS, PrecisionConfigs
+from labml_nn.experiments.precision import PRECISIONS, Precision
 
 ARGS = ['model=feedback_transformer_kv', *[a for a in TINY if not a.startswith('sample_tokens')], 'sample_tokens=5',
         'dropout=0.1']
@@ -59,17 +59,15 @@ def test_bad_precision_is_a_clear_error(tmp_path):
 def test_scaler_skips_overflowing_steps_without_moving_the_schedule():
     # A scaled step whose gradient overflows is skipped (weights and schedule unchanged), the next one is taken
     from labml_nn.experiments.optimizer import NoamFactor, ScheduledOptimizer
-    conf = PrecisionConfigs()
-    conf.precision = 'fp16'
-    conf.start_precision(torch.device('cpu'))
+    precision = Precision('fp16', torch.device('cpu'))
     w = torch.nn.Parameter(torch.ones(3))
     adam = torch.optim.Adam([w], lr=0.1)
     scheduled = ScheduledOptimizer(adam, torch.optim.lr_scheduler.LambdaLR(adam, NoamFactor(4, 10)))
-    conf.backward((w * torch.tensor([float('inf'), 1.0, 1.0])).sum(), adam)
-    conf.optimizer_step(scheduled)
+    precision.backward((w * torch.tensor([float('inf'), 1.0, 1.0])).sum(), adam)
+    precision.step(scheduled)
     assert torch.equal(w.detach(), torch.ones(3)) and scheduled.scheduler.last_epoch == 0
     w.grad = None
-    conf.backward((w * 2.0).sum(), adam)
-    conf.optimizer_step(scheduled)
+    precision.backward((w * 2.0).sum(), adam)
+    precision.step(scheduled)
     assert not torch.equal(w.detach(), torch.ones(3)) and scheduled.scheduler.last_epoch == 1
     assert set(PRECISIONS) == {'fp32', 'bf16', 'fp16'}

@@ -32,8 +32,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from labml.configs import option
 from torch import nn
 
+from labml_nn.experiments.configs import TrainingConfigs
+from labml_nn.experiments.labml_adapter import public_options
 from labml_nn.transformers.causal import CausalAttention, CausalTransformer, CausalTransformerLayer
 from labml_nn.transformers.feed_forward import FeedForward
 from labml_nn.transformers.feedback.attention import FeedbackAttention
@@ -129,3 +132,75 @@ def build_model(config: ModelConfig, device: Optional[torch.device] = None) -> A
     """The language model of `config`: embedding, `build_transformer(config)` and the head, on `device`."""
     model = AutoregressiveModel(config.n_vocab, config.d_model, build_transformer(config))
     return model if device is None else model.to(device)
+
+
+# ## The model as labml configs
+#
+# The experiments ([text](experiment.html), [state tracking](state_tracking.html)) set a model with the same keys
+# as `ModelConfig`'s fields, from the command line (`model=feedback_transformer_kv d_model=128 ...`). Their
+# configs inherit these keys and the three `model` options from `ModelConfigs`; each experiment gives its own
+# defaults.
+
+class ModelConfigs(TrainingConfigs):
+    """The training configs with a model: `model` is one of `MODELS`, built with the sizes below."""
+    # (declared here: the options below are this class's)
+    model: AutoregressiveModel
+    d_ff: int = ModelConfig.d_ff
+    heads: int = ModelConfig.heads
+    n_layers: int = ModelConfig.n_layers
+    dropout: float = ModelConfig.dropout
+    # Feedback models attend to at most this many latest memory vectors, the parallel transformer to this many
+    # positions before each query (and the query's own); 0: no limit
+    memory_span: int = 0
+    # Feedback models normalize each memory vector before projecting it to keys and values (the authors' pre-norm)
+    memory_norm: bool = ModelConfig.memory_norm
+    # The models start their position biases with a preference for recent positions (ALiBi's slopes)
+    recency_init: bool = ModelConfig.recency_init
+
+    def model_name(self) -> str:
+        """The `model` option of this run (given, or the first option)."""
+        return self._overrides.get('model') or public_options(self, 'model')[0]
+
+    def model_config(self, name: Optional[str] = None, n_vocab: Optional[int] = None) -> ModelConfig:
+        """The model `name` (default: this run's) with this run's sizes, for the task's vocabulary."""
+        return ModelConfig(name or self.model_name(), n_vocab=n_vocab or self.n_tokens, d_model=self.d_model,
+                           heads=self.heads, d_ff=self.d_ff, n_layers=self.n_layers, dropout=self.dropout,
+                           # Here 0 is no limit (the builder's `None`)
+                           memory_span=self.memory_span or None, memory_norm=self.memory_norm,
+                           recency_init=self.recency_init)
+
+    def new_model(self, name: str) -> AutoregressiveModel:
+        """The language model `name` with this run's sizes, on the run's device."""
+        return build_model(self.model_config(name), self.device)
+
+    def check_model(self) -> None:
+        """The model's keys by the builder's rules (the vocabulary is not known before the data is read)."""
+        if (not isinstance(self.memory_span, int) or isinstance(self.memory_span, bool)
+                or self.memory_span < 0):
+            raise ValueError(f"memory_span must be an int >= 1 (the latest memory vectors each step attends "
+                             f"to), or 0 for no limit, got {self.memory_span!r}")
+        self.model_config(n_vocab=1).validate()
+        # (`memory_norm` is on by default: only asking for it is an error)
+        if self.model_name() == 'transformer' and self.memory_norm and 'memory_norm' in self._overrides:
+            raise ValueError("memory_norm is an option of the feedback models, not of model=transformer")
+        if self.carry_memory and self.memory_span == 0:
+            raise ValueError("carry_memory=True needs a memory_span >= 1: the carried memory would otherwise "
+                             "grow with every batch of the epoch")
+
+
+@option(ModelConfigs.model, 'feedback_transformer')
+def _feedback_transformer(c: ModelConfigs) -> AutoregressiveModel:
+    """The Feedback Transformer: per-layer key/value projections of the weighted-sum memory."""
+    return c.new_model('feedback_transformer')
+
+
+@option(ModelConfigs.model, 'feedback_transformer_kv')
+def _feedback_transformer_kv(c: ModelConfigs) -> AutoregressiveModel:
+    """The key/value variant: one key/value projection shared by the layers, cached once per step."""
+    return c.new_model('feedback_transformer_kv')
+
+
+@option(ModelConfigs.model, 'transformer')
+def _causal_transformer(c: ModelConfigs) -> AutoregressiveModel:
+    """An ordinary causal transformer of the same size, all positions at once."""
+    return c.new_model('transformer')

@@ -42,7 +42,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from labml_nn.experiments.text_data import Vocabulary
+from labml_nn.experiments.cli import convert, parse_key_values
+from labml_nn.tasks.text import Vocabulary
 from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel
 
 # The command's keys, with their types and defaults
@@ -63,18 +64,14 @@ USAGE = ("Usage: python -m labml_nn.transformers.feedback.generate checkpoint=PA
 
 def parse_arguments(argv: List[str]) -> Dict[str, Any]:
     """`key=value` strings to typed values, with the defaults for the keys not given."""
-    values = {key: default for key, (_, default) in ARGUMENTS.items()}
-    for arg in argv:
-        key, sep, raw = arg.partition('=')
-        if not sep or key not in ARGUMENTS:
-            raise ValueError(f"unknown argument {arg!r}; arguments are key=value with keys "
+    def convert_one(key: str, raw: str) -> Any:
+        if key not in ARGUMENTS:
+            raise ValueError(f"unknown argument {f'{key}={raw}'!r}; arguments are key=value with keys "
                              f"{', '.join(ARGUMENTS)}")
-        kind = ARGUMENTS[key][0]
-        try:
-            values[key] = kind(raw)
-        except ValueError:
-            raise ValueError(f"{key} must be {'an int' if kind is int else 'a number'}, "
-                             f"got {raw!r}") from None
+        return convert(key, raw, ARGUMENTS[key][0])
+
+    values = {key: default for key, (_, default) in ARGUMENTS.items()}
+    values.update(parse_key_values(argv, convert_one, keys=', '.join(ARGUMENTS)))
     if values['checkpoint'] is None:
         raise ValueError("checkpoint= is required: a checkpoint file, a run folder or a run UUID")
     if values['tokens'] < 0:

@@ -37,24 +37,36 @@ under the same rules, minus `if` and `print`. A nested statement that is **not**
 the current values, so that `x ++` appears only while `x` is below the maximum, applied or not; a nested `x = 3`
 that is not applied leaves `x` without a value.
 
+## What each print asks of a model
+
+`print_facts` reads a program again, independently of the generator, and says of every print what a model needs to
+answer it: how far back (in words) the value of the variable was assigned, and which statement last changed it
+(`=`, an unconditional `++`/`--`, or the nested statement of an `if` whose condition held). The test accuracy is
+broken down by both ([the task](state_tracking.html)): a model that sees only the last $k$ words can answer a print
+only when its assignment lies within them, and a value last changed inside a taken `if` needs the value *before*
+that statement to decide the condition.
+
 ## Vocabulary and splits
 
 The vocabulary is fixed by the grammar, not read from data: the label word `_`, `END`, the keywords, the variable
 names and the values, in that order. Programs are drawn from `random.Random` seeded by a string naming the seed and
 the split, so the same arguments give the same programs on any machine. The test programs come first, then the
 validation programs (skipping any that is a test program), and training programs skip every validation or test
-program: no program is in two splits.
+program: no program is in two splits. The held-out splits are named by a data seed of their own, so that runs with
+different training seeds are tested on the same programs.
 
-The [state-tracking experiment](../transformers/feedback/state_tracking.html) trains and tests the models on them.
+Training programs are either drawn fresh for every epoch and stream, or taken from a fixed **pool** (`pool()`, the
+authors' setup: 10,000 training programs reused in every epoch).
+
+The [state-tracking task](state_tracking.html) reads them as streams, and the
+[state-tracking experiment](../transformers/feedback/state_tracking.html) trains and tests the models on them.
 """
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
-
-from labml_nn.experiments.text_data import SequenceBatches
 
 # The variable names in the order programs use them (the authors' five first)
 VARIABLE_NAMES = ('x', 'y', 'z', 'p', 'r', 'a', 'b', 'c')
@@ -97,6 +109,10 @@ class ProgramSpec:
     @property
     def values(self) -> Tuple[str, ...]:
         return tuple(str(v) for v in range(self.min_value, self.max_value + 1))
+
+    def with_statements(self, statements: int) -> 'ProgramSpec':
+        """The same programs with `statements` statements (a curriculum's stage)."""
+        return replace(self, statements=statements)
 
 
 def vocabulary(spec: ProgramSpec) -> List[str]:
@@ -171,6 +187,72 @@ def generate_program(rng: random.Random, spec: ProgramSpec) -> Program:
     return Program(tuple(tokens + [END]), tuple(labels + [NO_LABEL]))
 
 
+# The statement that last changed a variable, as the test breakdown names it
+CHANGED_BY = ('=', '++/--', 'if')
+# Buckets of the distance from a print back to the assignment: (name, largest distance in it; `None`: no limit)
+DISTANCES = (('<=32', 32), ('33-100', 100), ('>100', None))
+
+
+@dataclass(frozen=True)
+class PrintFact:
+    """
+    One print of a program: `position`, the index of its `;` (where the label is), the printed `value`, the
+    `distance` in words from the word that assigned the variable's value to the `;`, and `changed_by`, the
+    statement that last changed the variable (one of `CHANGED_BY`).
+    """
+    position: int
+    value: int
+    distance: int
+    changed_by: str
+
+    @property
+    def bucket(self) -> int:
+        """The index of the distance bucket in `DISTANCES`."""
+        return next(i for i, (_, top) in enumerate(DISTANCES) if top is None or self.distance <= top)
+
+
+def print_facts(program: Program) -> List[PrintFact]:
+    """
+    Every print of `program`, by reading its words (not by asking the generator): the value of each variable,
+    the position of the word that assigned it, and the statement that last changed it.
+    """
+    words = program.tokens
+    values: Dict[str, int] = {}
+    assigned_at: Dict[str, int] = {}
+    changed_by: Dict[str, str] = {}
+    facts: List[PrintFact] = []
+
+    def simple(at: int, nested: bool) -> int:
+        """Apply `v = n ;`, `v ++ ;` or `v -- ;` at word `at` (the statement of a taken `if` when `nested`)."""
+        name, op = words[at], words[at + 1]
+        if op == '=':
+            values[name], assigned_at[name] = int(words[at + 2]), at + 2
+        else:
+            values[name] += 1 if op == '++' else -1
+        changed_by[name] = 'if' if nested else '=' if op == '=' else '++/--'
+        return at + (4 if op == '=' else 3)
+
+    def skip(at: int) -> int:
+        """The index after the statement at word `at` (not applied)."""
+        return at + (4 if words[at + 1] == '=' else 3)
+
+    i = 0
+    while words[i] != END:
+        if words[i] == 'print':
+            name = words[i + 1]
+            facts.append(PrintFact(i + 2, values[name], i + 2 - assigned_at[name], changed_by[name]))
+            i += 3
+        elif words[i] == 'if':
+            # `if a < b : <statement>`, `b` a variable or a value
+            name, less, bound = words[i + 1], words[i + 2] == '<', words[i + 3]
+            limit = values[bound] if bound in values else int(bound)
+            holds = values[name] < limit if less else values[name] > limit
+            i = simple(i + 5, True) if holds else skip(i + 5)
+        else:
+            i = simple(i, False)
+    return facts
+
+
 def generate_programs(spec: ProgramSpec, n: int, key: str, exclude: Iterable[Program] = ()) -> List[Program]:
     """
     `n` programs from the random stream named `key` (e.g. `"5/test"`), skipping any program in `exclude`.
@@ -199,22 +281,34 @@ class ProgramSplits:
     """
     Validation and test programs of `spec`, and training programs that are neither.
 
-    * `seed`: names every random stream; `valid_programs`, `test_programs`: the sizes of the two fixed splits
+    * `seed`: names the held-out splits' random streams; `valid_programs`, `test_programs`: their sizes
+    * `train_seed`: names the training programs' streams (default: `seed`)
     """
 
-    def __init__(self, spec: ProgramSpec, seed: int, valid_programs: int, test_programs: int):
+    def __init__(self, spec: ProgramSpec, seed: int, valid_programs: int, test_programs: int,
+                 train_seed: Optional[int] = None):
         self.spec = spec
         self.seed = seed
+        self.train_seed = seed if train_seed is None else train_seed
         self.test = generate_programs(spec, test_programs, f'{seed}/test')
         self.valid = generate_programs(spec, valid_programs, f'{seed}/valid', exclude=self.test)
         self._held_out = self.valid + self.test
+        self._pools: Dict[Tuple[ProgramSpec, int], List[Program]] = {}
 
     def train(self, n: int, part: str, spec: Optional[ProgramSpec] = None) -> List[Program]:
         """
         `n` training programs from the stream named `part` (e.g. an epoch and a stream), of `spec` (default: the
         splits' own; a curriculum passes shorter programs), never a validation or test program.
         """
-        return generate_programs(spec or self.spec, n, f'{self.seed}/train/{part}', exclude=self._held_out)
+        return generate_programs(spec or self.spec, n, f'{self.train_seed}/train/{part}', exclude=self._held_out)
+
+    def pool(self, n: int, spec: Optional[ProgramSpec] = None) -> List[Program]:
+        """A fixed set of `n` training programs of `spec` (made once, then the same list every time)."""
+        spec = spec or self.spec
+        if (spec, n) not in self._pools:
+            self._pools[spec, n] = generate_programs(spec, n, f'{self.train_seed}/pool/{spec.statements}',
+                                                     exclude=self._held_out)
+        return self._pools[spec, n]
 
 
 def encode_stream(programs: List[Program], vocab: List[str], length: Optional[int] = None
@@ -231,70 +325,3 @@ def encode_stream(programs: List[Program], vocab: List[str], length: Optional[in
         tokens = tokens[:length] + [index[END]] * pad
         labels = labels[:length] + [index[NO_LABEL]] * pad
     return torch.tensor(tokens, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
-
-
-# ## Streams
-#
-# Training reads programs as long **streams**, one per batch row, cut into segments of `seq_len` tokens; batch $i$
-# holds segment $i$ of every stream, and a model may carry its state from one segment to the next (as the
-# authors' code does). The streams of the held-out splits are made of whole programs, so that every validation or
-# test program is read from its first word with the state its own stream has at that point.
-
-class LabeledStreams:
-    """
-    Batches of `streams` `[n_streams, stream_len]` token ids and their `labels` (same shape): batch `idx` is
-    `(data, target)`, each `[seq_len, n_streams]`, the tokens and labels of segment `idx` of every stream.
-    """
-
-    def __init__(self, streams: torch.Tensor, labels: torch.Tensor, seq_len: int):
-        if streams.dim() != 2 or streams.shape != labels.shape:
-            raise ValueError(f"streams and labels must both be [n_streams, stream_len], "
-                             f"got {list(streams.shape)} and {list(labels.shape)}")
-        if seq_len < 1 or streams.shape[1] < seq_len:
-            raise ValueError(f"seq_len must be in [1, stream_len={streams.shape[1]}], got {seq_len}")
-        self.streams, self.labels, self.seq_len = streams, labels, seq_len
-
-    def __len__(self) -> int:
-        return self.streams.shape[1] // self.seq_len
-
-    def batch(self, epoch: int, idx: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Segment `idx` of every stream (the streams do not depend on `epoch`)."""
-        part = slice(idx * self.seq_len, (idx + 1) * self.seq_len)
-        return self.streams[:, part].t(), self.labels[:, part].t()
-
-    # Batches `start .. end - 1` as `(idx, data, target)`, as the text's batches
-    iterate = SequenceBatches.iterate
-
-
-def held_out_streams(programs: List[Program], vocab: List[str], n_streams: int,
-                     seq_len: int) -> LabeledStreams:
-    """
-    Whole `programs` dealt to `n_streams` streams (each program to the stream with the fewest tokens so far), every
-    stream padded with `END` (label `_`) to the same multiple of `seq_len`.
-    """
-    if n_streams < 1 or len(programs) < n_streams:
-        raise ValueError(f"need at least one program per stream: {len(programs)} programs, "
-                         f"{n_streams} streams")
-    dealt: List[List[Program]] = [[] for _ in range(n_streams)]
-    sizes = [0] * n_streams
-    for program in programs:
-        r = sizes.index(min(sizes))
-        dealt[r].append(program)
-        sizes[r] += len(program.tokens)
-    length = -(-max(sizes) // seq_len) * seq_len
-    pairs = [encode_stream(d, vocab, length) for d in dealt]
-    return LabeledStreams(torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]), seq_len)
-
-
-def training_streams(splits: ProgramSplits, spec: ProgramSpec, vocab: List[str], epoch: int, rows: range,
-                     n_segments: int, seq_len: int) -> LabeledStreams:
-    """
-    The training streams `rows` of `epoch`: each a run of fresh programs of `spec` (from a random stream of its own,
-    so any process can make any row), cut to `n_segments * seq_len` tokens.
-    """
-    length = n_segments * seq_len
-    # A program has at least 3 words per statement and `END`: enough programs to fill the stream
-    n = -(-length // (3 * spec.statements + 1))
-    pairs = [encode_stream(splits.train(n, f'{epoch}/{r}/{spec.statements}', spec), vocab, length)
-             for r in rows]
-    return LabeledStreams(torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]), seq_len)

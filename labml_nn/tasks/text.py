@@ -1,10 +1,22 @@
-"""
+r"""
 ---
-title: Character-level text data for autoregressive training
-summary: Finding (or downloading) Tiny Shakespeare, and cutting it into shuffled, shardable batches of sequences.
+title: "The text task: next-character prediction"
+summary: Finding (or downloading) Tiny Shakespeare, cutting it into shuffled batches or contiguous streams, and the
+  task's loss, accuracy and samples.
 ---
 
-# Character-level text data
+# The text task
+
+A character-level language model reads tokens $x_0 \dots x_{T-1}$ and predicts each next one; training minimizes
+the cross entropy
+
+$$\mathcal{L} = -\frac{1}{T}\sum_{t} \log p_\theta(x_{t+1} \mid x_0 \dots x_t),$$
+
+and the accuracy counts the positions where the most likely character is the next one. The task (`TextTask`) is
+that loss and accuracy, the batches of a text, and a greedy sample of the model's continuation of a prompt, which
+[the trainer](../experiments/trainer.html) prints while it trains.
+
+## The text
 
 The experiments train on [Tiny Shakespeare](https://github.com/karpathy/char-rnn), about a million characters
 of plays. Every character is a token. The first 90% of the text is for training, the last 10% for validation.
@@ -35,15 +47,28 @@ as target). Every epoch visits them in a new random order, each nudged by a rand
 function of `(seed, epoch)`: nothing is kept between epochs, so training can stop anywhere and resume at the
 same batch, and every data-parallel rank can compute the same plan and take its own slice of each batch without
 talking to the others.
+
+## Contiguous streams, for memory carried across batches
+
+With `carry_memory=True` ([the trainer](../experiments/trainer.html)) the training text is cut into `batch_size`
+**contiguous streams**, one per batch row,
+
+$$\text{stream}_r = x_{rL} \dots x_{(r+1)L}, \qquad
+  L = \Big\lfloor \frac{N - 1}{\text{batch\_size}} \Big\rfloor,$$
+
+and batch $i$ holds segment $i$ of every stream: tokens $rL + i\,T \dots rL + (i+1)\,T$ for $T$ = `seq_len`, so
+the model's state after batch $i$ is where batch $i + 1$ continues. Validation reads its text as streams the same
+way.
 """
 
 import hashlib
 import os
 import urllib.request
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from labml_helpers.datasets.text import TextDataset
 
 TINY_SHAKESPEARE_URL = ('https://raw.githubusercontent.com/karpathy/char-rnn/master/'
@@ -112,6 +137,15 @@ def load_text(path: Path, tokenizer: Callable, itos: Optional[Sequence[str]] = N
                               stoi=vocabulary.stoi, itos=vocabulary.itos)
     dataset.sha256 = sha256
     return dataset
+
+
+def check_same_text(data: Dict[str, Any], path: Path, sha256: str, resume: str, allow_text_change: bool) -> None:
+    """A `ValueError` when resuming (`resume=`) on a text other than the checkpoint's `data`, unless allowed."""
+    if data.get('sha256') and data['sha256'] != sha256 and not allow_text_change:
+        raise ValueError(f"resume={resume}: the checkpoint was trained on {data['path']} (sha256 "
+                         f"{data['sha256'][:12]}...), this run reads {path} (sha256 {sha256[:12]}...); "
+                         f"set allow_text_change=true to continue training on this text with the "
+                         f"checkpoint's vocabulary")
 
 
 def download_text(url: str, path: Path) -> None:
@@ -228,3 +262,90 @@ class SequenceBatches:
         for idx in range(start, end):
             data, target = self.batch(epoch, idx)
             yield idx, data, target
+
+
+class ContiguousStreams:
+    """
+    Batches for memory carried across batches: row `r` of batch `i` is segment `i` of stream `r`.
+
+    * `data`: the whole text as token ids, `[n_tokens]`
+    * `batch_size`: the *global* batch (number of streams); rank `r` of `world_size` gets rows
+      `r * batch_size / world_size ... (r + 1) * batch_size / world_size - 1`, its own streams
+
+    Batches are `(data, target)`, both `[seq_len, batch_size / world_size]`; the same in every epoch.
+    """
+
+    def __init__(self, data: torch.Tensor, *, seq_len: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1):
+        check_batch_args(data, seq_len, batch_size, world_size)
+        self.data = data
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.local_batch_size = batch_size // world_size
+        # $L$: tokens per stream (its last one is only a target)
+        self.stream_len = (data.shape[0] - 1) // batch_size
+        if len(self) == 0:
+            raise ValueError(f"The text ({data.shape[0]:,} tokens) is too short for {batch_size} "
+                             f"contiguous streams of at least seq_len={seq_len} tokens each")
+        # The first token of this rank's streams, `[local_batch_size]`
+        first = rank * self.local_batch_size
+        self.starts = torch.arange(first, first + self.local_batch_size) * self.stream_len
+        self._arange = torch.arange(seq_len + 1)
+
+    def __len__(self) -> int:
+        return self.stream_len // self.seq_len
+
+    def batch(self, epoch: int, idx: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Segment `idx` of this rank's streams: `(data, target)`, each `[seq_len, local_batch_size]`."""
+        starts = self.starts + idx * self.seq_len
+        seqs = self.data[starts[None, :] + self._arange[:, None]]
+        return seqs[:-1], seqs[1:]
+
+    # Batches `start .. end - 1` as `(idx, data, target)`; `epoch` changes nothing (the streams are fixed)
+    iterate = SequenceBatches.iterate
+
+
+class TextTask:
+    """
+    Next-character prediction on `text` (a `TextDataset` from `load_text`), with its `train` and `valid` batches
+    (`SequenceBatches` or `ContiguousStreams`). During training a sample continues `prompt` greedily by
+    `sample_tokens` characters, joined by `prompt_separator`.
+    """
+
+    def __init__(self, text: TextDataset, train: Any, valid: Any, *, prompt: str = 'It is',
+                 prompt_separator: str = '', sample_tokens: int = 50):
+        self.text = text
+        self.train, self.valid = train, valid
+        # Validation in shares, one per part of an epoch, for the progress line
+        self.valid_in_parts = True
+        self.n_tokens = text.n_tokens
+        self.prompt, self.prompt_separator, self.sample_tokens = prompt, prompt_separator, sample_tokens
+        self.prompt_ids = text.text_to_i(prompt) if sample_tokens > 0 else None
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """
+        `logits` `[seq_len, batch_size, n_tokens]`, `target` `[seq_len, batch_size]`: the mean cross entropy, the
+        number of correct argmax predictions and the number of positions counted (all of them).
+        """
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+        correct = (logits.detach().argmax(dim=-1) == target).sum()
+        return loss, correct, target.numel()
+
+    def record(self) -> Dict[str, Any]:
+        """What a checkpoint keeps of the data: the text's path and SHA-256, and the vocabulary."""
+        return {'path': str(getattr(self.text, 'path', '')), 'sha256': getattr(self.text, 'sha256', ''),
+                'itos': list(self.text.itos)}
+
+    @torch.no_grad()
+    def sample(self, model: torch.nn.Module, device: torch.device,
+               autocast: ContextManager) -> Optional[Tuple[str, str]]:
+        """
+        The prompt and its greedy continuation by the model's cached `generate()` (one step per new token, no
+        prefix run again), or `None` when sampling is off.
+        """
+        if self.prompt_ids is None:
+            return None
+        prompt = self.prompt_ids.to(device)[:, None]
+        with torch.random.fork_rng(devices=[]), autocast:
+            tokens = model.generate(prompt, self.sample_tokens, temperature=0.0)[len(prompt):, 0].tolist()
+        return self.prompt, self.prompt_separator + self.prompt_separator.join(self.text.itos[t] for t in tokens)
