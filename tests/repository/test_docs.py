@@ -15,7 +15,7 @@ GENERATOR = ROOT / "docs" / "_generator"
 FIXTURES = Path(__file__).resolve().parent / "docs" / "fixtures"
 sys.path.insert(0, str(GENERATOR))
 
-from docgen.check import check_site  # noqa: E402
+from docgen.check import check_code_cells, check_site  # noqa: E402
 from docgen.config import load_config  # noqa: E402
 from docgen.katex import katex_available  # noqa: E402
 from docgen.source import parse_python, section_keys  # noqa: E402
@@ -130,6 +130,34 @@ def test_undocumented_definitions_get_their_own_section_and_key():
     assert keys == ["module+0", "f", "g", "g+1"]
     more = parse_python(source.replace("x = 1\n", "x = 1\nz = 2\n\n\ndef h():\n    return 3\n"))
     assert section_keys(more.sections)[-3:] == ["f", "g", "g+1"]
+
+
+def test_a_body_that_is_only_a_docstring_shows_an_ellipsis():
+    doc = parse_python((FIXTURES / "pkg" / "sub" / "hooks.py").read_text(encoding="utf-8"))
+    code = {section.names[0]: section.code for section in doc.sections if section.names}
+    assert code["Marker"] == ["class Marker:", "    ..."]
+    assert code["no_op"] == ["def no_op(x: int,", "          y: int) -> None:", "    ..."]
+    assert code["Base.run"] == ["    def run(self) -> None:", "        ..."]
+    # A class with more than its docstring: its body is the next section, not `...`
+    assert code["Base"] == ["class Base:"]
+
+
+def _code_page(*cells: str) -> str:
+    """A page with one section per code cell, as the generator writes them."""
+    return "".join(f'<section class="section" id="section-{number}"><div class="docs"></div><div class="code">'
+                   f'<pre class="highlight"><code>{cell}</code></pre></div></section>'
+                   for number, cell in enumerate(cells))
+
+
+def test_check_fails_on_a_definition_header_with_nothing_under_it():
+    problems = check_code_cells(_code_page("x = 1", "<span>def</span> f(self) -&gt; None:", "y = 2"))
+    assert problems == ["#section-1: code ends with the bare header `def f(self) -> None:` and nothing under it"]
+    assert check_code_cells(_code_page("class A:", "    def f(\n            x):")) == \
+        ["#section-1: code ends with the bare header `def f(` and nothing under it"]
+    # A header whose body is in the next section, a body of `...`, a one-line definition: all fine
+    assert check_code_cells(_code_page("class A:", "    def f(self):\n        ...", "    x = 1\ndef g(): pass")) == []
+    # Where a section ends inside an expression, the cell is no header
+    assert check_code_cells(_code_page("def f(\n    x = [", "    1]):\n    return x")) == []
 
 
 # Generated pages.
