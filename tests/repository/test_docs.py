@@ -18,6 +18,7 @@ sys.path.insert(0, str(GENERATOR))
 from docgen.check import check_code_cells, check_site  # noqa: E402
 from docgen.config import load_config  # noqa: E402
 from docgen.katex import katex_available  # noqa: E402
+from docgen.site import short_title  # noqa: E402
 from docgen.source import parse_python, section_keys  # noqa: E402
 
 KATEX_PROBLEM = katex_available()
@@ -158,6 +159,13 @@ def test_check_fails_on_a_definition_header_with_nothing_under_it():
     assert check_code_cells(_code_page("class A:", "    def f(self):\n        ...", "    x = 1\ndef g(): pass")) == []
     # Where a section ends inside an expression, the cell is no header
     assert check_code_cells(_code_page("def f(\n    x = [", "    1]):\n    return x")) == []
+
+
+def test_contents_titles_do_not_repeat_the_file_name():
+    assert short_title("Feedback Transformer (readme)", "transformers/feedback/readme.md") == "Feedback Transformer"
+    assert short_title("피드백 트랜스포머 (readme.md)", "a/readme.md") == "피드백 트랜스포머"
+    assert short_title("Notes (draft)", "a/readme.md") == "Notes (draft)"
+    assert short_title("(readme)", "readme.md") == "(readme)"
 
 
 # Generated pages.
@@ -319,3 +327,22 @@ def test_committed_docs_are_current():
     """The repository's docs/ is what the generator makes from the sources (same as CI's `build.py --check`)."""
     result = run_build("--check")
     assert result.returncode == 0, result.stderr
+
+
+@needs_katex
+def test_contents_entries_show_the_title_and_the_file_name_apart(site: Path):
+    index = (site / "index.html").read_text(encoding="utf-8")
+    assert '<a href="sub/hooks.html">Hooks</a> <span class="file">hooks.py</span>' in index
+    assert index.count("hooks.py") == 1
+    assert '<a href="sub/index.html">Scaled dot-product attention</a> <span class="file">sub/</span>' in index
+
+
+@needs_katex
+def test_korean_contents_mark_pages_that_have_no_translation(site: Path):
+    index = (site / "ko" / "index.html").read_text(encoding="utf-8")
+    assert '<a href="sub/model.html">어텐션 모듈</a> <span class="file">model.py</span> <span class="summary">' in index
+    for page, title, name in [("sub/hooks.html", "Hooks", "hooks.py"),
+                              ("sub/index.html", "Scaled dot-product attention", "sub/")]:
+        assert (f'<a href="../{page}" lang="en">{title}</a> <span class="file">{name}</span> '
+                '<span class="only-en">(English)</span>') in index
+    assert "(English)" not in (site / "index.html").read_text(encoding="utf-8")

@@ -22,10 +22,12 @@ PYGMENTS_STYLE = "friendly"
 LABELS = {
     "en": {"home": "home", "crumbs": "Breadcrumbs", "source": "View source", "contents": "Contents",
            "in_folder": "In this folder", "section": "Link to this section", "colab": "Open in Colab",
-           "generated": "Generated from", "language": "English", "switch": "Read in"},
+           "generated": "Generated from", "language": "English", "switch": "Read in",
+           "english_only": "(English)"},
     "ko": {"home": "홈", "crumbs": "위치", "source": "소스 코드 보기", "contents": "목차",
            "in_folder": "이 폴더의 페이지", "section": "이 구역으로 가는 링크", "colab": "Colab에서 열기",
-           "generated": "원본 소스:", "language": "한국어", "switch": "다른 언어:"},
+           "generated": "원본 소스:", "language": "한국어", "switch": "다른 언어:",
+           "english_only": "(English)"},
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import posixpath
+import re
 import shutil
 from dataclasses import dataclass, field
 from html import escape
@@ -38,6 +39,13 @@ def find_sources(config: Config) -> list[str]:
                 part.startswith((".", "__pycache__")) for part in rel.split("/")):
             found.append(rel)
     return found
+
+
+def short_title(title: str, source: str) -> str:
+    """`title` without a trailing `(name)` or `(name.ext)` that repeats the file name of `source`."""
+    name = posixpath.basename(source)
+    names = "|".join(re.escape(part) for part in (name, name.rsplit(".", 1)[0]))
+    return re.sub(rf"\s*\((?:{names})\)\s*$", "", title, flags=re.IGNORECASE) or title
 
 
 def _is_external(href: str) -> bool:
@@ -152,45 +160,68 @@ class Site:
                          ' width="117" height="20"></a>')
         return "\n".join(links)
 
-    def listing(self, page: Page, folder: str) -> str:
-        """Nested list of the pages under `folder` (English pages, or their translations where they exist), in the
-        reading order that the folder's `__init__.py` gives in its front matter (`contents:`), the rest after."""
+    def entries(self, folder: str) -> list[tuple[str, Page | None]]:
+        """The English pages and the subfolders directly in `folder`, as `(name, page)`, in the reading order that the
+        folder's `__init__.py` gives in its front matter (`contents:`), the rest after (pages, then subfolders, by
+        name). A subfolder's name ends with `/` and its page is its index (`None` if it has none)."""
         english = [p for p in self.pages if p.lang == "en"]
-        entries = {posixpath.basename(other.source): self._item(page, other) for other in english
-                   if other.folder == folder and other.out != posixpath.join(folder, "index.html")}
+        index_out = posixpath.join(folder, "index.html")
+        entries: dict[str, Page | None] = {posixpath.basename(other.source): other for other in english
+                                           if other.folder == folder and other.out != index_out}
         prefix = folder + "/" if folder else ""
-        subfolders = sorted({p.folder[len(prefix):].split("/")[0] for p in english
-                             if p.folder != folder and p.folder.startswith(prefix)})
-        for name in subfolders:
-            sub = prefix + name
-            index = self.by_out.get(sub + "/index.html")
-            head = self._item(page, index).removesuffix("</li>") if index else f"<li><span>{escape(name)}/</span>"
-            entries[name + "/"] = head + self.listing(page, sub) + "</li>"
-        folder_index = self.by_out.get(posixpath.join(folder, "index.html"))
+        for name in sorted({p.folder[len(prefix):].split("/")[0] for p in english
+                            if p.folder != folder and p.folder.startswith(prefix)}):
+            entries[name + "/"] = self.by_out.get(prefix + name + "/index.html")
+        folder_index = self.by_out.get(index_out)
         order = list(folder_index.doc.front_matter.get("contents") or []) if folder_index else []
         unknown = [name for name in order if name not in entries]
         if unknown:
             raise ValueError(f"{folder or '.'}/__init__.py lists contents that do not exist: {unknown}")
-        names = order + [name for name in entries if name not in order]
-        items = [entries[name] for name in names]
+        return [(name, entries[name]) for name in order + [name for name in entries if name not in order]]
+
+    def listing(self, page: Page, folder: str) -> str:
+        """Nested list of the pages under `folder` in reading order (see `entries`): English pages, or their
+        translations where they exist."""
+        items = []
+        for name, other in self.entries(folder):
+            if not name.endswith("/"):
+                items.append(self._item(page, other))
+                continue
+            head = self._item(page, other).removesuffix("</li>") if other else f"<li><span>{escape(name)}</span>"
+            items.append(head + self.listing(page, posixpath.join(folder, name[:-1])) + "</li>")
         return f"<ul>{''.join(items)}</ul>" if items else ""
 
+    def entry_title(self, page: Page, target: Page) -> str:
+        """HTML of `target`'s title as a link text on `page` (contents): without a trailing
+        `(readme)` or `(readme.md)` that names its own file, since the contents show the file name apart."""
+        return render_inline(short_title(self.title(target), target.source), self.math, lambda href: href,
+                             f"{page.out} (contents)")
+
+    def english_only(self, page: Page, target: Page) -> str:
+        """The mark after a link from a translated page to a page that has no translation."""
+        if target.lang == page.lang:
+            return ""
+        return f' <span class="only-en">{escape(labels(page.lang)["english_only"])}</span>'
+
     def _item(self, page: Page, other: Page) -> str:
+        """One entry of the contents: the title (linked), the file name apart, the other editions or the mark of an
+        untranslated page, and the summary."""
         target = self.by_out[self.edition(other.out, page.lang)]
         where = f"{page.out} (contents)"
-        title = render_inline(self.title(target), self.math, lambda href: href, where)
-        summary = self.summary(target)
-        extra = f' <span class="summary">— {render_inline(summary, self.math, lambda href: href, where)}</span>' \
-            if summary else ""
+        # On the element of each text, not on the `<li>`: the entries nested in it may be in the page's language
         lang = f' lang="{target.lang}"' if target.lang != page.lang else ""
+        summary = self.summary(target)
+        extra = f' <span class="summary"{lang}>— {render_inline(summary, self.math, lambda href: href, where)}</span>' \
+            if summary else ""
+        name = posixpath.basename(other.source)
+        if name == "__init__.py":
+            name = posixpath.basename(other.folder) + "/"
         editions = "".join(
             f' <a class="edition" lang="{code}" hreflang="{code}" href="{relative(f"{code}/{other.out}", page.out)}">'
-            f'{escape(name)}</a>' for code, name in self.config.languages.items()
+            f'{escape(language)}</a>' for code, language in self.config.languages.items()
             if page.lang == "en" and f"{code}/{other.out}" in self.by_out)
-        if other.doc.language == "markdown":
-            # A readme often shares its folder's title: say which file it is.
-            title += f' <span class="file">({escape(posixpath.basename(other.source))})</span>'
-        return f'<li{lang}><a href="{relative(target.out, page.out)}">{title}</a>{editions}{extra}</li>'
+        return (f'<li><a href="{relative(target.out, page.out)}"{lang}>{self.entry_title(page, target)}</a>'
+                f' <span class="file">{escape(name)}</span>{self.english_only(page, target)}{editions}{extra}</li>')
 
     def render(self, page: Page) -> str:
         words = labels(page.lang)
