@@ -346,3 +346,24 @@ def test_korean_contents_mark_pages_that_have_no_translation(site: Path):
         assert (f'<a href="../{page}" lang="en">{title}</a> <span class="file">{name}</span> '
                 '<span class="only-en">(English)</span>') in index
     assert "(English)" not in (site / "index.html").read_text(encoding="utf-8")
+
+
+def _pager(html: str) -> list[str]:
+    """The previous/next links of a page, `rel href` each, top ones then bottom ones."""
+    navs = re.findall(r'<nav class="pager pager-(top|bottom)"[^>]*>(.*?)</nav>', html, re.S)
+    assert [where for where, _ in navs] == ["top", "bottom"]
+    return [f"{rel} {href}" for _, links in navs for rel, href in re.findall(r'rel="(\w+)" href="([^"]+)"', links)]
+
+
+@needs_katex
+def test_previous_and_next_links_follow_the_contents(site: Path):
+    # Reading order: home, sub/ (its index), then sub/__init__.py's `contents`, then the rest of sub/
+    assert _pager((site / "index.html").read_text(encoding="utf-8")) == ["next sub/index.html"] * 2
+    assert _pager((site / "sub" / "readme.html").read_text(encoding="utf-8")) == \
+        ["prev index.html", "next model.html"] * 2
+    assert _pager((site / "sub" / "hooks.html").read_text(encoding="utf-8")) == ["prev model.html"] * 2
+    # A translated page links to translated pages where they exist, to English ones (marked) otherwise
+    korean = (site / "ko" / "sub" / "model.html").read_text(encoding="utf-8")
+    assert _pager(korean) == ["prev ../../sub/readme.html", "next ../../sub/hooks.html"] * 2
+    assert '<span class="pager-title" lang="en">Hooks</span> <span class="only-en">(English)</span></a>' in korean
+    assert _pager((site / "ko" / "index.html").read_text(encoding="utf-8")) == ["next ../sub/index.html"] * 2

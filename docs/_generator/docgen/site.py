@@ -6,6 +6,7 @@ import posixpath
 import re
 import shutil
 from dataclasses import dataclass, field
+from functools import cached_property
 from html import escape
 from pathlib import Path
 
@@ -179,6 +180,22 @@ class Site:
             raise ValueError(f"{folder or '.'}/__init__.py lists contents that do not exist: {unknown}")
         return [(name, entries[name]) for name in order + [name for name in entries if name not in order]]
 
+    @cached_property
+    def reading_order(self) -> list[str]:
+        """English output paths in the order of the home page's table of contents: the home page, then each entry
+        followed by what its folder holds."""
+        order = ["index.html"] if "index.html" in self.by_out else []
+
+        def walk(folder: str) -> None:
+            for name, other in self.entries(folder):
+                if other is not None:
+                    order.append(other.out)
+                if name.endswith("/"):
+                    walk(posixpath.join(folder, name[:-1]))
+
+        walk("")
+        return order
+
     def listing(self, page: Page, folder: str) -> str:
         """Nested list of the pages under `folder` in reading order (see `entries`): English pages, or their
         translations where they exist."""
@@ -192,7 +209,7 @@ class Site:
         return f"<ul>{''.join(items)}</ul>" if items else ""
 
     def entry_title(self, page: Page, target: Page) -> str:
-        """HTML of `target`'s title as a link text on `page` (contents): without a trailing
+        """HTML of `target`'s title as a link text on `page` (contents, previous/next): without a trailing
         `(readme)` or `(readme.md)` that names its own file, since the contents show the file name apart."""
         return render_inline(short_title(self.title(target), target.source), self.math, lambda href: href,
                              f"{page.out} (contents)")
@@ -223,6 +240,32 @@ class Site:
         return (f'<li><a href="{relative(target.out, page.out)}"{lang}>{self.entry_title(page, target)}</a>'
                 f' <span class="file">{escape(name)}</span>{self.english_only(page, target)}{editions}{extra}</li>')
 
+    def neighbours(self, page: Page) -> tuple[Page | None, Page | None]:
+        """The pages before and after `page` in the reading order, in its language where they have an edition."""
+        order = self.reading_order
+        if page.base not in order:
+            return None, None
+        number = order.index(page.base)
+        around = (order[number - 1] if number > 0 else None, order[number + 1] if number + 1 < len(order) else None)
+        return tuple(self.by_out[self.edition(out, page.lang)] if out else None for out in around)
+
+    def pager(self, page: Page) -> str:
+        """Links to the previous and next pages of the reading order (the same links go at the top and the bottom)."""
+        words = labels(page.lang)
+        links = []
+        # The words "Previous" and "Next" apart from the arrows, to leave them out where space is short
+        directions = (f'← <span class="pager-word">{words["previous"]}</span>',
+                      f'<span class="pager-word">{words["next"]}</span> →')
+        for rel, target, direction in zip(("prev", "next"), self.neighbours(page), directions):
+            if target is None:
+                continue
+            lang = f' lang="{target.lang}"' if target.lang != page.lang else ""
+            links.append(f'<a class="pager-{rel}" rel="{rel}" href="{relative(target.out, page.out)}">'
+                         f'<span class="pager-dir">{direction}</span> '
+                         f'<span class="pager-title"{lang}>{self.entry_title(page, target)}</span>'
+                         f'{self.english_only(page, target)}</a>')
+        return "".join(links)
+
     def render(self, page: Page) -> str:
         words = labels(page.lang)
         notes = self.translations.get(page.out, ([None] * len(page.doc.sections),))[0]
@@ -244,7 +287,7 @@ class Site:
         source = f"{self.config.package}/{page.source}"
         footer = f'{words["generated"]} <a href="{escape(self.config.source_url(page.source))}">{escape(source)}</a>'
         return render_page(page=page, title=self.title(page), description=self.summary(page),
-                           breadcrumbs=self.breadcrumbs(page), page_links=self.page_links(page),
+                           breadcrumbs=self.breadcrumbs(page), page_links=self.page_links(page), pager=self.pager(page),
                            body=render_rows(rows, page.lang, prose), footer=footer, prose=prose)
 
 
