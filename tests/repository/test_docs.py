@@ -367,3 +367,36 @@ def test_previous_and_next_links_follow_the_contents(site: Path):
     assert _pager(korean) == ["prev ../../sub/readme.html", "next ../../sub/hooks.html"] * 2
     assert '<span class="pager-title" lang="en">Hooks</span> <span class="only-en">(English)</span></a>' in korean
     assert _pager((site / "ko" / "index.html").read_text(encoding="utf-8")) == ["next ../sub/index.html"] * 2
+
+
+@needs_katex
+def test_images_in_notes_are_copied_into_the_docs(site: Path):
+    html = (site / "sub" / "hooks.html").read_text(encoding="utf-8")
+    assert '<img src="../assets/figures/figures/plot.png" alt="A wide plot" />' in html
+    assert '<img src="../assets/figures/pkg/sub/diagram.png" alt="A small diagram" />' in html
+    assert (site / "assets" / "figures" / "figures" / "plot.png").read_bytes() == \
+        (FIXTURES / "figures" / "plot.png").read_bytes()
+    assert (site / "assets" / "figures" / "pkg" / "sub" / "diagram.png").is_file()
+    assert "max-width: 100%" in re.search(r"\.docs img \{[^}]*\}", (site / "assets" / "style.css").read_text(
+        encoding="utf-8")).group(0)
+
+
+@needs_katex
+def test_check_fails_on_a_missing_or_stale_image(tmp_path: Path):
+    project = copy_fixture(tmp_path)
+    config = project / "config.yaml"
+    assert run_build("--config", config).returncode == 0
+    copy = project / "out" / "assets" / "figures" / "figures" / "plot.png"
+    copy.write_bytes(copy.read_bytes() + b"changed")
+    result = run_build("--config", config, "--check")
+    assert result.returncode == 1 and "stale: assets/figures/figures/plot.png differs" in result.stderr
+    (project / "figures" / "plot.png").unlink()
+    result = run_build("--config", config, "--check")
+    assert result.returncode == 1
+    assert "sub/hooks.html#section-0: missing image ../../figures/plot.png (figures/plot.png does not exist)" \
+        in result.stderr
+    # An image outside the repository is refused too
+    hooks = project / "pkg" / "sub" / "hooks.py"
+    hooks.write_text(hooks.read_text(encoding="utf-8").replace("../../figures/plot.png", "../../../../x.png"),
+                     encoding="utf-8")
+    assert "not an image file in the repository" in run_build("--config", config).stderr

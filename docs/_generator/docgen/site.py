@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from html import escape
 from pathlib import Path
+from urllib.parse import unquote
 
 import yaml
 
@@ -21,6 +22,10 @@ from .translate import Report, assemble, load_entries, translate, units
 
 GENERATOR_DIR = Path(__file__).resolve().parent.parent
 ASSET_FILES = ["style.css", "colab-badge.svg"]
+# Where the images that notes show are copied, under their path in the repository.
+FIGURES = "assets/figures"
+IMAGE_TYPES = {".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp"}
+_SCHEME = re.compile(r"^(?:[a-zA-Z][a-zA-Z0-9+.-]*:|//)")
 
 
 @dataclass
@@ -62,6 +67,7 @@ class Site:
         self.math = katex.MathBatch()
         self.pages: list[Page] = []
         self.translations: dict[str, tuple[list[str | None], str, str]] = {}
+        self.images: dict[str, Path] = {}  # output path of each image the notes show: its file in the repository
         for source in find_sources(config):
             text = (config.source_dir / source).read_text(encoding="utf-8")
             try:
@@ -120,6 +126,29 @@ class Site:
             if f"{page.lang}/{target}" in self.by_out:
                 target = f"{page.lang}/{target}"
             return relative(target, page.out) + hash_mark + fragment
+
+        return mapper
+
+    def image_mapper(self, page: Page, where: str):
+        """Images in notes are files in the repository, written relative to the source file: each is copied to
+        `assets/figures/<its path in the repository>` and the page points at the copy. A missing file, or one
+        outside the repository or not an image, is an error."""
+
+        def mapper(src: str) -> str:
+            if _SCHEME.match(src) or src.startswith("#"):
+                return src  # remote images fail the check as remote assets
+            path = (self.config.source_dir / page.folder / unquote(src.split("#", 1)[0].split("?", 1)[0])).resolve()
+            root = self.config.root.resolve()
+            if not path.is_relative_to(root) or path.suffix.lower() not in IMAGE_TYPES:
+                self.result.errors.append(f"{where}: image {src} is not an image file in the repository")
+                return src
+            if not path.is_file():
+                self.result.errors.append(f"{where}: missing image {src} ({path.relative_to(root).as_posix()} "
+                                          "does not exist)")
+                return src
+            out = f"{FIGURES}/{path.relative_to(root).as_posix()}"
+            self.images[out] = path
+            return relative(out, page.out)
 
         return mapper
 
@@ -274,7 +303,8 @@ class Site:
         rows = []
         for number, (section, note) in enumerate(zip(page.doc.sections, notes)):
             where = f"{page.out}#section-{number}"
-            html = render_markdown(note if note is not None else section.note, self.math, self.link_mapper(page), where)
+            html = render_markdown(note if note is not None else section.note, self.math, self.link_mapper(page), where,
+                                   self.image_mapper(page, where))
             fallback = "en" if page.lang != "en" and note is None and section.note else None
             rows.append(Row(f"section-{number}", section.names, html, section.code, fallback))
         if page.source == "__init__.py" and not any(section.note for section in page.doc.sections):
@@ -306,6 +336,9 @@ def build(config: Config, out_dir: Path) -> BuildResult:
         path.write_text(katex.fill_placeholders(text, rendered.html), encoding="utf-8")
         site.result.pages.append(out)
     _copy_assets(out_dir / "assets")
+    for out, source in sorted(site.images.items()):
+        (out_dir / out).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, out_dir / out)
     (out_dir / ".nojekyll").write_text("", encoding="utf-8")
     return site.result
 
