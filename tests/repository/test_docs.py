@@ -365,7 +365,8 @@ def test_previous_and_next_links_follow_the_contents(site: Path):
     # A translated page links to translated pages where they exist, to English ones (marked) otherwise
     korean = (site / "ko" / "sub" / "model.html").read_text(encoding="utf-8")
     assert _pager(korean) == ["prev ../../sub/readme.html", "next ../../sub/hooks.html"] * 2
-    assert '<span class="pager-title" lang="en">Hooks</span> <span class="only-en">(English)</span></a>' in korean
+    assert '<span class="pager-title" lang="en">Hooks (hooks.py)</span> <span class="only-en">(English)</span></a>' \
+        in korean
     assert _pager((site / "ko" / "index.html").read_text(encoding="utf-8")) == ["next ../sub/index.html"] * 2
 
 

@@ -237,11 +237,12 @@ class Site:
             items.append(head + self.listing(page, posixpath.join(folder, name[:-1])) + "</li>")
         return f"<ul>{''.join(items)}</ul>" if items else ""
 
-    def entry_title(self, page: Page, target: Page) -> str:
-        """HTML of `target`'s title as a link text on `page` (contents, previous/next): without a trailing
-        `(readme)` or `(readme.md)` that names its own file, since the contents show the file name apart."""
-        return render_inline(short_title(self.title(target), target.source), self.math, lambda href: href,
-                             f"{page.out} (contents)")
+    def link_title(self, page: Page, target: Page, short: bool = False) -> str:
+        """HTML of `target`'s title as a link text on `page`; `short`: without a trailing `(readme)` or
+        `(readme.md)` that names its own file (the contents show the file name apart, the previous/next links do not,
+        so they keep it to tell a readme from its folder's page)."""
+        title = short_title(self.title(target), target.source) if short else self.title(target)
+        return render_inline(title, self.math, lambda href: href, f"{page.out} (links)")
 
     def english_only(self, page: Page, target: Page) -> str:
         """The mark after a link from a translated page to a page that has no translation."""
@@ -266,7 +267,7 @@ class Site:
             f' <a class="edition" lang="{code}" hreflang="{code}" href="{relative(f"{code}/{other.out}", page.out)}">'
             f'{escape(language)}</a>' for code, language in self.config.languages.items()
             if page.lang == "en" and f"{code}/{other.out}" in self.by_out)
-        return (f'<li><a href="{relative(target.out, page.out)}"{lang}>{self.entry_title(page, target)}</a>'
+        return (f'<li><a href="{relative(target.out, page.out)}"{lang}>{self.link_title(page, target, short=True)}</a>'
                 f' <span class="file">{escape(name)}</span>{self.english_only(page, target)}{editions}{extra}</li>')
 
     def neighbours(self, page: Page) -> tuple[Page | None, Page | None]:
@@ -291,7 +292,7 @@ class Site:
             lang = f' lang="{target.lang}"' if target.lang != page.lang else ""
             links.append(f'<a class="pager-{rel}" rel="{rel}" href="{relative(target.out, page.out)}">'
                          f'<span class="pager-dir">{direction}</span> '
-                         f'<span class="pager-title"{lang}>{self.entry_title(page, target)}</span>'
+                         f'<span class="pager-title"{lang}>{self.link_title(page, target)}</span>'
                          f'{self.english_only(page, target)}</a>')
         return "".join(links)
 
