@@ -150,9 +150,12 @@ def _code_page(*cells: str) -> str:
                    for number, cell in enumerate(cells))
 
 
-def test_check_fails_on_a_definition_header_with_nothing_under_it():
+def test_check_fails_on_a_definition_header_with_nothing_under_it(tmp_path: Path):
     problems = check_code_cells(_code_page("x = 1", "<span>def</span> f(self) -&gt; None:", "y = 2"))
     assert problems == ["#section-1: code ends with the bare header `def f(self) -> None:` and nothing under it"]
+    (tmp_path / "page.html").write_text(_code_page("class _NoCtx:"), encoding="utf-8")
+    assert check_site(tmp_path) == ["page.html: #section-0: code ends with the bare header `class _NoCtx:` and nothing "
+                                    "under it"]
     assert check_code_cells(_code_page("class A:", "    def f(\n            x):")) == \
         ["#section-1: code ends with the bare header `def f(` and nothing under it"]
     # A header whose body is in the next section, a body of `...`, a one-line definition: all fine
