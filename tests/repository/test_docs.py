@@ -15,9 +15,10 @@ GENERATOR = ROOT / "docs" / "_generator"
 FIXTURES = Path(__file__).resolve().parent / "docs" / "fixtures"
 sys.path.insert(0, str(GENERATOR))
 
-from docgen.check import check_site  # noqa: E402
+from docgen.check import check_code_cells, check_site  # noqa: E402
 from docgen.config import load_config  # noqa: E402
 from docgen.katex import katex_available  # noqa: E402
+from docgen.site import short_title  # noqa: E402
 from docgen.source import parse_python, section_keys  # noqa: E402
 
 KATEX_PROBLEM = katex_available()
@@ -130,6 +131,44 @@ def test_undocumented_definitions_get_their_own_section_and_key():
     assert keys == ["module+0", "f", "g", "g+1"]
     more = parse_python(source.replace("x = 1\n", "x = 1\nz = 2\n\n\ndef h():\n    return 3\n"))
     assert section_keys(more.sections)[-3:] == ["f", "g", "g+1"]
+
+
+def test_a_body_that_is_only_a_docstring_shows_an_ellipsis():
+    doc = parse_python((FIXTURES / "pkg" / "sub" / "hooks.py").read_text(encoding="utf-8"))
+    code = {section.names[0]: section.code for section in doc.sections if section.names}
+    assert code["Marker"] == ["class Marker:", "    ..."]
+    assert code["no_op"] == ["def no_op(x: int,", "          y: int) -> None:", "    ..."]
+    assert code["Base.run"] == ["    def run(self) -> None:", "        ..."]
+    # A class with more than its docstring: its body is the next section, not `...`
+    assert code["Base"] == ["class Base:"]
+
+
+def _code_page(*cells: str) -> str:
+    """A page with one section per code cell, as the generator writes them."""
+    return "".join(f'<section class="section" id="section-{number}"><div class="docs"></div><div class="code">'
+                   f'<pre class="highlight"><code>{cell}</code></pre></div></section>'
+                   for number, cell in enumerate(cells))
+
+
+def test_check_fails_on_a_definition_header_with_nothing_under_it(tmp_path: Path):
+    problems = check_code_cells(_code_page("x = 1", "<span>def</span> f(self) -&gt; None:", "y = 2"))
+    assert problems == ["#section-1: code ends with the bare header `def f(self) -> None:` and nothing under it"]
+    (tmp_path / "page.html").write_text(_code_page("class _NoCtx:"), encoding="utf-8")
+    assert check_site(tmp_path) == ["page.html: #section-0: code ends with the bare header `class _NoCtx:` and nothing "
+                                    "under it"]
+    assert check_code_cells(_code_page("class A:", "    def f(\n            x):")) == \
+        ["#section-1: code ends with the bare header `def f(` and nothing under it"]
+    # A header whose body is in the next section, a body of `...`, a one-line definition: all fine
+    assert check_code_cells(_code_page("class A:", "    def f(self):\n        ...", "    x = 1\ndef g(): pass")) == []
+    # Where a section ends inside an expression, the cell is no header
+    assert check_code_cells(_code_page("def f(\n    x = [", "    1]):\n    return x")) == []
+
+
+def test_contents_titles_do_not_repeat_the_file_name():
+    assert short_title("Feedback Transformer (readme)", "transformers/feedback/readme.md") == "Feedback Transformer"
+    assert short_title("피드백 트랜스포머 (readme.md)", "a/readme.md") == "피드백 트랜스포머"
+    assert short_title("Notes (draft)", "a/readme.md") == "Notes (draft)"
+    assert short_title("(readme)", "readme.md") == "(readme)"
 
 
 # Generated pages.
@@ -291,3 +330,77 @@ def test_committed_docs_are_current():
     """The repository's docs/ is what the generator makes from the sources (same as CI's `build.py --check`)."""
     result = run_build("--check")
     assert result.returncode == 0, result.stderr
+
+
+@needs_katex
+def test_contents_entries_show_the_title_and_the_file_name_apart(site: Path):
+    index = (site / "index.html").read_text(encoding="utf-8")
+    assert '<a href="sub/hooks.html">Hooks</a> <span class="file">hooks.py</span>' in index
+    assert index.count("hooks.py") == 1
+    assert '<a href="sub/index.html">Scaled dot-product attention</a> <span class="file">sub/</span>' in index
+
+
+@needs_katex
+def test_korean_contents_mark_pages_that_have_no_translation(site: Path):
+    index = (site / "ko" / "index.html").read_text(encoding="utf-8")
+    assert '<a href="sub/model.html">어텐션 모듈</a> <span class="file">model.py</span> <span class="summary">' in index
+    for page, title, name in [("sub/hooks.html", "Hooks", "hooks.py"),
+                              ("sub/index.html", "Scaled dot-product attention", "sub/")]:
+        assert (f'<a href="../{page}" lang="en">{title}</a> <span class="file">{name}</span> '
+                '<span class="only-en">(English)</span>') in index
+    assert "(English)" not in (site / "index.html").read_text(encoding="utf-8")
+
+
+def _pager(html: str) -> list[str]:
+    """The previous/next links of a page, `rel href` each, top ones then bottom ones."""
+    navs = re.findall(r'<nav class="pager pager-(top|bottom)"[^>]*>(.*?)</nav>', html, re.S)
+    assert [where for where, _ in navs] == ["top", "bottom"]
+    return [f"{rel} {href}" for _, links in navs for rel, href in re.findall(r'rel="(\w+)" href="([^"]+)"', links)]
+
+
+@needs_katex
+def test_previous_and_next_links_follow_the_contents(site: Path):
+    # Reading order: home, sub/ (its index), then sub/__init__.py's `contents`, then the rest of sub/
+    assert _pager((site / "index.html").read_text(encoding="utf-8")) == ["next sub/index.html"] * 2
+    assert _pager((site / "sub" / "readme.html").read_text(encoding="utf-8")) == \
+        ["prev index.html", "next model.html"] * 2
+    assert _pager((site / "sub" / "hooks.html").read_text(encoding="utf-8")) == ["prev model.html"] * 2
+    # A translated page links to translated pages where they exist, to English ones (marked) otherwise
+    korean = (site / "ko" / "sub" / "model.html").read_text(encoding="utf-8")
+    assert _pager(korean) == ["prev ../../sub/readme.html", "next ../../sub/hooks.html"] * 2
+    assert '<span class="pager-title" lang="en">Hooks (hooks.py)</span> <span class="only-en">(English)</span></a>' \
+        in korean
+    assert _pager((site / "ko" / "index.html").read_text(encoding="utf-8")) == ["next ../sub/index.html"] * 2
+
+
+@needs_katex
+def test_images_in_notes_are_copied_into_the_docs(site: Path):
+    html = (site / "sub" / "hooks.html").read_text(encoding="utf-8")
+    assert '<img src="../assets/figures/figures/plot.png" alt="A wide plot" />' in html
+    assert '<img src="../assets/figures/pkg/sub/diagram.png" alt="A small diagram" />' in html
+    assert (site / "assets" / "figures" / "figures" / "plot.png").read_bytes() == \
+        (FIXTURES / "figures" / "plot.png").read_bytes()
+    assert (site / "assets" / "figures" / "pkg" / "sub" / "diagram.png").is_file()
+    assert "max-width: 100%" in re.search(r"\.docs img \{[^}]*\}", (site / "assets" / "style.css").read_text(
+        encoding="utf-8")).group(0)
+
+
+@needs_katex
+def test_check_fails_on_a_missing_or_stale_image(tmp_path: Path):
+    project = copy_fixture(tmp_path)
+    config = project / "config.yaml"
+    assert run_build("--config", config).returncode == 0
+    copy = project / "out" / "assets" / "figures" / "figures" / "plot.png"
+    copy.write_bytes(copy.read_bytes() + b"changed")
+    result = run_build("--config", config, "--check")
+    assert result.returncode == 1 and "stale: assets/figures/figures/plot.png differs" in result.stderr
+    (project / "figures" / "plot.png").unlink()
+    result = run_build("--config", config, "--check")
+    assert result.returncode == 1
+    assert "sub/hooks.html#section-0: missing image ../../figures/plot.png (figures/plot.png does not exist)" \
+        in result.stderr
+    # An image outside the repository is refused too
+    hooks = project / "pkg" / "sub" / "hooks.py"
+    hooks.write_text(hooks.read_text(encoding="utf-8").replace("../../figures/plot.png", "../../../../x.png"),
+                     encoding="utf-8")
+    assert "not an image file in the repository" in run_build("--config", config).stderr

@@ -1,11 +1,14 @@
-"""Checks on a built site: links and anchors resolve, no asset comes from the network, the files match a fresh
-build, required pages exist."""
+"""Checks on a built site: links and anchors resolve, no asset comes from the network, no code cell ends with a
+definition's bare header, the files match a fresh build, required pages exist."""
 
 from __future__ import annotations
 
+import ast
 import filecmp
 import posixpath
 import re
+import textwrap
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -72,10 +75,62 @@ def check_site(site: Path) -> list[str]:
             problems.append(f"{rel}: contains a KaTeX error")
         if "\ue000" in text:
             problems.append(f"{rel}: contains unrendered math")
+        problems.extend(f"{rel}: {problem}" for problem in check_code_cells(text))
     for path in sorted(site.rglob("*.css")):
         rel = path.relative_to(site).as_posix()
         if "_generator" not in rel.split("/"):
             problems.extend(_check_css_text(site, rel, path.read_text(encoding="utf-8")))
+    return problems
+
+
+_CODE_CELL = re.compile(r'<section class="section[^"]*" id="([^"]*)">(?:(?!</section>).)*?<div class="code">(.*?)</div>'
+                        r'</section>', re.S)
+_DEFINITION = re.compile(r"^([ \t]*)(?:async[ \t]+def|def|class)\b")
+
+
+def code_cells(html: str) -> list[tuple[str, list[str]]]:
+    """The code column of a page: each section's anchor and code lines, in page order."""
+    return [(anchor, unescape(re.sub(r"<[^>]+>", "", cell)).splitlines())
+            for anchor, cell in _CODE_CELL.findall(html)]
+
+
+def bare_header(lines: list[str]) -> tuple[str, int] | None:
+    """`(first line, indent)` of the `def`/`class` header that ends `lines` with no body under it, if there is one
+    (a header that spans lines counts: `lines` parse only with a body added)."""
+    while lines and not lines[-1].strip():
+        lines = lines[:-1]
+    starts = [number for number, line in enumerate(lines) if _DEFINITION.match(line)]
+    if not starts:
+        return None
+    header = lines[starts[-1]:]
+    indent = len(_DEFINITION.match(header[0]).group(1).expandtabs())
+    text = textwrap.dedent("\n".join(header))
+    if _parses(text) or not _parses(text + "\n    pass"):
+        return None
+    return header[0].strip(), indent
+
+
+def _parses(text: str) -> bool:
+    try:
+        ast.parse(text)
+    except SyntaxError:
+        return False
+    return True
+
+
+def check_code_cells(html: str) -> list[str]:
+    """A code cell that ends with a `def`/`class` header whose body is in no later cell (such as a body that is only
+    the docstring, which moved to the notes) looks cut off: the generator shows `...` under it."""
+    cells = code_cells(html)
+    problems = []
+    for number, (anchor, lines) in enumerate(cells):
+        found = bare_header(lines)
+        if found is None:
+            continue
+        header, indent = found
+        after = next((line for _, later in cells[number + 1:] for line in later if line.strip()), None)
+        if after is None or len(after) - len(after.lstrip()) <= indent:
+            problems.append(f"#{anchor}: code ends with the bare header `{header}` and nothing under it")
     return problems
 
 

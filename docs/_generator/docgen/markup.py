@@ -34,12 +34,12 @@ def _math_rule(display: bool, wrap: str):
     return rule
 
 
-def _link_rule(attribute: str):
+def _link_rule(attribute: str, mapper: str):
     def rule(self, tokens, idx, options, env):
         token = tokens[idx]
         value = token.attrGet(attribute)
         if value is not None:
-            token.attrSet(attribute, env["links"](value))
+            token.attrSet(attribute, env[mapper](value))
         if token.type == "image":
             return self.image(tokens, idx, options, env)
         return self.renderToken(tokens, idx, options, env)
@@ -67,22 +67,23 @@ def make_markdown() -> MarkdownIt:
     md.add_render_rule("math_block", _math_rule(True, "div"))
     md.add_render_rule("math_block_label", _math_rule(True, "div"))
     md.add_render_rule("amsmath", _math_rule(True, "div"))
-    md.add_render_rule("link_open", _link_rule("href"))
-    md.add_render_rule("image", _link_rule("src"))
+    md.add_render_rule("link_open", _link_rule("href", "links"))
+    md.add_render_rule("image", _link_rule("src", "images"))
     return md
 
 
 _MARKDOWN = make_markdown()
 
 
-def render_markdown(text: str, math: MathBatch, links: LinkMapper, where: str) -> str:
-    """HTML for `text`; its math goes into `math` and comes back as placeholders."""
-    return _MARKDOWN.render(text, {"math": math, "links": links, "where": where})
+def render_markdown(text: str, math: MathBatch, links: LinkMapper, where: str, images: LinkMapper | None = None) -> str:
+    """HTML for `text`; its math goes into `math` and comes back as placeholders. `links` maps the targets of links,
+    `images` the sources of images (`links` when not given)."""
+    return _MARKDOWN.render(text, {"math": math, "links": links, "images": images or links, "where": where})
 
 
 def render_inline(text: str, math: MathBatch, links: LinkMapper, where: str) -> str:
     """HTML for one line of markdown, such as a summary, without the paragraph around it."""
-    return _MARKDOWN.renderInline(text, {"math": math, "links": links, "where": where})
+    return _MARKDOWN.renderInline(text, {"math": math, "links": links, "images": links, "where": where})
 
 
 _MATH_SEGMENT = re.compile(r"\$\$.+?\$\$|\$[^$\n]+?\$|\\begin\{(\w+\*?)\}.*?\\end\{\1\}", re.DOTALL)

@@ -22,10 +22,12 @@ PYGMENTS_STYLE = "friendly"
 LABELS = {
     "en": {"home": "home", "crumbs": "Breadcrumbs", "source": "View source", "contents": "Contents",
            "in_folder": "In this folder", "section": "Link to this section", "colab": "Open in Colab",
-           "generated": "Generated from", "language": "English", "switch": "Read in"},
+           "generated": "Generated from", "language": "English", "switch": "Read in",
+           "pager": "Previous and next page", "previous": "Previous", "next": "Next", "english_only": "(English)"},
     "ko": {"home": "홈", "crumbs": "위치", "source": "소스 코드 보기", "contents": "목차",
            "in_folder": "이 폴더의 페이지", "section": "이 구역으로 가는 링크", "colab": "Colab에서 열기",
-           "generated": "원본 소스:", "language": "한국어", "switch": "다른 언어:"},
+           "generated": "원본 소스:", "language": "한국어", "switch": "다른 언어:",
+           "pager": "이전 페이지와 다음 페이지", "previous": "이전", "next": "다음", "english_only": "(English)"},
 }
 
 
@@ -128,8 +130,13 @@ def render_rows(rows: list[Row], lang: str, prose: bool) -> str:
     return "\n".join(out)
 
 
-def render_page(*, page: Page, title: str, description: str, breadcrumbs: str, page_links: str, body: str,
-                footer: str, prose: bool) -> str:
+def _pager(links: str, where: str, lang: str) -> str:
+    return f'<nav class="pager pager-{where}" aria-label="{labels(lang)["pager"]}">{links}</nav>' if links else ""
+
+
+def render_page(*, page: Page, title: str, description: str, breadcrumbs: str, page_links: str, pager: str,
+                body: str, footer: str, prose: bool) -> str:
+    """The whole page; `pager` (the previous and next links) goes above and below the sections."""
     return TEMPLATE.substitute(
         lang=page.lang,
         title=escape(title),
@@ -139,6 +146,8 @@ def render_page(*, page: Page, title: str, description: str, breadcrumbs: str, p
         crumbs_label=labels(page.lang)["crumbs"],
         breadcrumbs=breadcrumbs,
         page_links=page_links,
+        pager_top=_pager(pager, "top", page.lang),
+        pager_bottom=_pager(pager, "bottom", page.lang),
         sections=body,
         footer=footer,
     )

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import posixpath
+import re
 import shutil
 from dataclasses import dataclass, field
+from functools import cached_property
 from html import escape
 from pathlib import Path
+from urllib.parse import unquote
 
 import yaml
 
@@ -19,6 +22,10 @@ from .translate import Report, assemble, load_entries, translate, units
 
 GENERATOR_DIR = Path(__file__).resolve().parent.parent
 ASSET_FILES = ["style.css", "colab-badge.svg"]
+# Where the images that notes show are copied, under their path in the repository.
+FIGURES = "assets/figures"
+IMAGE_TYPES = {".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp"}
+_SCHEME = re.compile(r"^(?:[a-zA-Z][a-zA-Z0-9+.-]*:|//)")
 
 
 @dataclass
@@ -40,6 +47,13 @@ def find_sources(config: Config) -> list[str]:
     return found
 
 
+def short_title(title: str, source: str) -> str:
+    """`title` without a trailing `(name)` or `(name.ext)` that repeats the file name of `source`."""
+    name = posixpath.basename(source)
+    names = "|".join(re.escape(part) for part in (name, name.rsplit(".", 1)[0]))
+    return re.sub(rf"\s*\((?:{names})\)\s*$", "", title, flags=re.IGNORECASE) or title
+
+
 def _is_external(href: str) -> bool:
     return href.startswith(("#", "//", "mailto:")) or "://" in href.split("#", 1)[0]
 
@@ -53,6 +67,7 @@ class Site:
         self.math = katex.MathBatch()
         self.pages: list[Page] = []
         self.translations: dict[str, tuple[list[str | None], str, str]] = {}
+        self.images: dict[str, Path] = {}  # output path of each image the notes show: its file in the repository
         for source in find_sources(config):
             text = (config.source_dir / source).read_text(encoding="utf-8")
             try:
@@ -114,6 +129,29 @@ class Site:
 
         return mapper
 
+    def image_mapper(self, page: Page, where: str):
+        """Images in notes are files in the repository, written relative to the source file: each is copied to
+        `assets/figures/<its path in the repository>` and the page points at the copy. A missing file, or one
+        outside the repository or not an image, is an error."""
+
+        def mapper(src: str) -> str:
+            if _SCHEME.match(src) or src.startswith("#"):
+                return src  # remote images fail the check as remote assets
+            path = (self.config.source_dir / page.folder / unquote(src.split("#", 1)[0].split("?", 1)[0])).resolve()
+            root = self.config.root.resolve()
+            if not path.is_relative_to(root) or path.suffix.lower() not in IMAGE_TYPES:
+                self.result.errors.append(f"{where}: image {src} is not an image file in the repository")
+                return src
+            if not path.is_file():
+                self.result.errors.append(f"{where}: missing image {src} ({path.relative_to(root).as_posix()} "
+                                          "does not exist)")
+                return src
+            out = f"{FIGURES}/{path.relative_to(root).as_posix()}"
+            self.images[out] = path
+            return relative(out, page.out)
+
+        return mapper
+
     def edition(self, out: str, lang: str) -> str:
         """The page for English output path `out` in `lang`, or the English one."""
         return f"{lang}/{out}" if lang != "en" and f"{lang}/{out}" in self.by_out else out
@@ -152,45 +190,111 @@ class Site:
                          ' width="117" height="20"></a>')
         return "\n".join(links)
 
-    def listing(self, page: Page, folder: str) -> str:
-        """Nested list of the pages under `folder` (English pages, or their translations where they exist), in the
-        reading order that the folder's `__init__.py` gives in its front matter (`contents:`), the rest after."""
+    def entries(self, folder: str) -> list[tuple[str, Page | None]]:
+        """The English pages and the subfolders directly in `folder`, as `(name, page)`, in the reading order that the
+        folder's `__init__.py` gives in its front matter (`contents:`), the rest after (pages, then subfolders, by
+        name). A subfolder's name ends with `/` and its page is its index (`None` if it has none)."""
         english = [p for p in self.pages if p.lang == "en"]
-        entries = {posixpath.basename(other.source): self._item(page, other) for other in english
-                   if other.folder == folder and other.out != posixpath.join(folder, "index.html")}
+        index_out = posixpath.join(folder, "index.html")
+        entries: dict[str, Page | None] = {posixpath.basename(other.source): other for other in english
+                                           if other.folder == folder and other.out != index_out}
         prefix = folder + "/" if folder else ""
-        subfolders = sorted({p.folder[len(prefix):].split("/")[0] for p in english
-                             if p.folder != folder and p.folder.startswith(prefix)})
-        for name in subfolders:
-            sub = prefix + name
-            index = self.by_out.get(sub + "/index.html")
-            head = self._item(page, index).removesuffix("</li>") if index else f"<li><span>{escape(name)}/</span>"
-            entries[name + "/"] = head + self.listing(page, sub) + "</li>"
-        folder_index = self.by_out.get(posixpath.join(folder, "index.html"))
+        for name in sorted({p.folder[len(prefix):].split("/")[0] for p in english
+                            if p.folder != folder and p.folder.startswith(prefix)}):
+            entries[name + "/"] = self.by_out.get(prefix + name + "/index.html")
+        folder_index = self.by_out.get(index_out)
         order = list(folder_index.doc.front_matter.get("contents") or []) if folder_index else []
         unknown = [name for name in order if name not in entries]
         if unknown:
             raise ValueError(f"{folder or '.'}/__init__.py lists contents that do not exist: {unknown}")
-        names = order + [name for name in entries if name not in order]
-        items = [entries[name] for name in names]
+        return [(name, entries[name]) for name in order + [name for name in entries if name not in order]]
+
+    @cached_property
+    def reading_order(self) -> list[str]:
+        """English output paths in the order of the home page's table of contents: the home page, then each entry
+        followed by what its folder holds."""
+        order = ["index.html"] if "index.html" in self.by_out else []
+
+        def walk(folder: str) -> None:
+            for name, other in self.entries(folder):
+                if other is not None:
+                    order.append(other.out)
+                if name.endswith("/"):
+                    walk(posixpath.join(folder, name[:-1]))
+
+        walk("")
+        return order
+
+    def listing(self, page: Page, folder: str) -> str:
+        """Nested list of the pages under `folder` in reading order (see `entries`): English pages, or their
+        translations where they exist."""
+        items = []
+        for name, other in self.entries(folder):
+            if not name.endswith("/"):
+                items.append(self._item(page, other))
+                continue
+            head = self._item(page, other).removesuffix("</li>") if other else f"<li><span>{escape(name)}</span>"
+            items.append(head + self.listing(page, posixpath.join(folder, name[:-1])) + "</li>")
         return f"<ul>{''.join(items)}</ul>" if items else ""
 
+    def link_title(self, page: Page, target: Page, short: bool = False) -> str:
+        """HTML of `target`'s title as a link text on `page`; `short`: without a trailing `(readme)` or
+        `(readme.md)` that names its own file (the contents show the file name apart, the previous/next links do not,
+        so they keep it to tell a readme from its folder's page)."""
+        title = short_title(self.title(target), target.source) if short else self.title(target)
+        return render_inline(title, self.math, lambda href: href, f"{page.out} (links)")
+
+    def english_only(self, page: Page, target: Page) -> str:
+        """The mark after a link from a translated page to a page that has no translation."""
+        if target.lang == page.lang:
+            return ""
+        return f' <span class="only-en">{escape(labels(page.lang)["english_only"])}</span>'
+
     def _item(self, page: Page, other: Page) -> str:
+        """One entry of the contents: the title (linked), the file name apart, the other editions or the mark of an
+        untranslated page, and the summary."""
         target = self.by_out[self.edition(other.out, page.lang)]
         where = f"{page.out} (contents)"
-        title = render_inline(self.title(target), self.math, lambda href: href, where)
-        summary = self.summary(target)
-        extra = f' <span class="summary">— {render_inline(summary, self.math, lambda href: href, where)}</span>' \
-            if summary else ""
+        # On the element of each text, not on the `<li>`: the entries nested in it may be in the page's language
         lang = f' lang="{target.lang}"' if target.lang != page.lang else ""
+        summary = self.summary(target)
+        extra = f' <span class="summary"{lang}>— {render_inline(summary, self.math, lambda href: href, where)}</span>' \
+            if summary else ""
+        name = posixpath.basename(other.source)
+        if name == "__init__.py":
+            name = posixpath.basename(other.folder) + "/"
         editions = "".join(
             f' <a class="edition" lang="{code}" hreflang="{code}" href="{relative(f"{code}/{other.out}", page.out)}">'
-            f'{escape(name)}</a>' for code, name in self.config.languages.items()
+            f'{escape(language)}</a>' for code, language in self.config.languages.items()
             if page.lang == "en" and f"{code}/{other.out}" in self.by_out)
-        if other.doc.language == "markdown":
-            # A readme often shares its folder's title: say which file it is.
-            title += f' <span class="file">({escape(posixpath.basename(other.source))})</span>'
-        return f'<li{lang}><a href="{relative(target.out, page.out)}">{title}</a>{editions}{extra}</li>'
+        return (f'<li><a href="{relative(target.out, page.out)}"{lang}>{self.link_title(page, target, short=True)}</a>'
+                f' <span class="file">{escape(name)}</span>{self.english_only(page, target)}{editions}{extra}</li>')
+
+    def neighbours(self, page: Page) -> tuple[Page | None, Page | None]:
+        """The pages before and after `page` in the reading order, in its language where they have an edition."""
+        order = self.reading_order
+        if page.base not in order:
+            return None, None
+        number = order.index(page.base)
+        around = (order[number - 1] if number > 0 else None, order[number + 1] if number + 1 < len(order) else None)
+        return tuple(self.by_out[self.edition(out, page.lang)] if out else None for out in around)
+
+    def pager(self, page: Page) -> str:
+        """Links to the previous and next pages of the reading order (the same links go at the top and the bottom)."""
+        words = labels(page.lang)
+        links = []
+        # The words "Previous" and "Next" apart from the arrows, to leave them out where space is short
+        directions = (f'← <span class="pager-word">{words["previous"]}</span>',
+                      f'<span class="pager-word">{words["next"]}</span> →')
+        for rel, target, direction in zip(("prev", "next"), self.neighbours(page), directions):
+            if target is None:
+                continue
+            lang = f' lang="{target.lang}"' if target.lang != page.lang else ""
+            links.append(f'<a class="pager-{rel}" rel="{rel}" href="{relative(target.out, page.out)}">'
+                         f'<span class="pager-dir">{direction}</span> '
+                         f'<span class="pager-title"{lang}>{self.link_title(page, target)}</span>'
+                         f'{self.english_only(page, target)}</a>')
+        return "".join(links)
 
     def render(self, page: Page) -> str:
         words = labels(page.lang)
@@ -200,7 +304,8 @@ class Site:
         rows = []
         for number, (section, note) in enumerate(zip(page.doc.sections, notes)):
             where = f"{page.out}#section-{number}"
-            html = render_markdown(note if note is not None else section.note, self.math, self.link_mapper(page), where)
+            html = render_markdown(note if note is not None else section.note, self.math, self.link_mapper(page), where,
+                                   self.image_mapper(page, where))
             fallback = "en" if page.lang != "en" and note is None and section.note else None
             rows.append(Row(f"section-{number}", section.names, html, section.code, fallback))
         if page.source == "__init__.py" and not any(section.note for section in page.doc.sections):
@@ -213,7 +318,7 @@ class Site:
         source = f"{self.config.package}/{page.source}"
         footer = f'{words["generated"]} <a href="{escape(self.config.source_url(page.source))}">{escape(source)}</a>'
         return render_page(page=page, title=self.title(page), description=self.summary(page),
-                           breadcrumbs=self.breadcrumbs(page), page_links=self.page_links(page),
+                           breadcrumbs=self.breadcrumbs(page), page_links=self.page_links(page), pager=self.pager(page),
                            body=render_rows(rows, page.lang, prose), footer=footer, prose=prose)
 
 
@@ -232,6 +337,9 @@ def build(config: Config, out_dir: Path) -> BuildResult:
         path.write_text(katex.fill_placeholders(text, rendered.html), encoding="utf-8")
         site.result.pages.append(out)
     _copy_assets(out_dir / "assets")
+    for out, source in sorted(site.images.items()):
+        (out_dir / out).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, out_dir / out)
     (out_dir / ".nojekyll").write_text("", encoding="utf-8")
     return site.result
 

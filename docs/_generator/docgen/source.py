@@ -9,6 +9,8 @@ Rules for Python files, all read from the source text (nothing is imported):
   paragraph break; a bare `#` line on its own starts a new section with no note.
 * Trailing comments stay in the code.
 * Every class or function starts a section (with or without a note), so its name anchor points at its own code.
+* A class or function whose body is only its docstring shows `...` under its header in the code column (the body
+  is the note on the left), so that the header does not look cut off.
 * A fenced block in a note whose info string is `python beside` (an example, in a module docstring) goes to the
   code column: the note is cut at the heading above the block, and that part becomes a section of its own whose
   code is the block.
@@ -96,6 +98,7 @@ class _Docstring:
     doc_last: int
     text: str
     name: str | None  # qualified name, `None` for the module
+    empty_body: str | None = None  # the `...` line to show when the body is only the docstring
 
 
 def _docstrings(tree: ast.Module) -> dict[int, _Docstring]:
@@ -110,8 +113,9 @@ def _docstrings(tree: ast.Module) -> dict[int, _Docstring]:
                 # A docstring on the header's own line (`def f(): "doc"`) stays in the code.
                 if doc is not None and doc.lineno > child.lineno:
                     first = min([child.lineno] + [d.lineno for d in child.decorator_list])
+                    empty = " " * doc.col_offset + "..." if len(child.body) == 1 else None
                     found[first] = _Docstring(first, doc.lineno - 1, doc.lineno, doc.end_lineno,
-                                              inspect.cleandoc(doc.value.value), name)
+                                              inspect.cleandoc(doc.value.value), name, empty)
                 visit(child, name + ".")
             else:
                 visit(child, prefix)
@@ -196,6 +200,8 @@ def parse_python(text: str) -> Document:
             section = start_section(doc.text)
             section.names.append(doc.name)
             section.code.extend(lines[doc.first - 1:doc.header_end])
+            if doc.empty_body:
+                section.code.append(doc.empty_body)
             number = doc.doc_last + 1
         elif number in comments:
             block = []
