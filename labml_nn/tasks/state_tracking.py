@@ -167,8 +167,8 @@ def held_out_streams(programs: List[Program], vocab: List[str], n_streams: int, 
         if length < seq_len:
             raise ValueError(f"{len(programs)} programs cut into {n_streams} rows give rows of {length} words, "
                              f"shorter than seq_len={seq_len}")
-        return LabeledStreams(*(t[:n_streams * length].view(n_streams, length) for t in (tokens, labels, cells)),
-                              seq_len=seq_len)
+        rows = [t[:n_streams * length].view(n_streams, length) for t in (tokens, labels, cells)]
+        return LabeledStreams(rows[0], rows[1], seq_len, facts=rows[2])
     dealt: List[List[Program]] = [[] for _ in range(n_streams)]
     sizes = [0] * n_streams
     for program in programs:

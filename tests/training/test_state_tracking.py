@@ -3,6 +3,8 @@ The state-tracking task: programs against an independent interpreter, the gramma
 splits, streams, the masked loss, and the experiment end to end on a tiny configuration.
 """
 
+import json
+import os
 import random
 import subprocess
 import sys
@@ -16,15 +18,18 @@ from support import REPO
 from labml_nn.experiments.labml_adapter import config_default, config_options, set_values
 from labml_nn.experiments.trainer import Trainer
 from labml_nn.tasks.programs import (
+    Program,
     ProgramSpec,
     ProgramSplits,
     encode_stream,
     generate_program,
     generate_programs,
+    print_facts,
     vocabulary,
 )
 from labml_nn.tasks.state_tracking import (
     NO_LABEL_ID,
+    Breakdown,
     held_out_streams,
     masked_loss,
     parse_train_statements,
@@ -381,3 +386,131 @@ def test_cosine_schedule_knows_the_run_length():
         conf.optimizer.step()
     # 3 epochs of 3 segments: warm-up over 2 steps, then down to 0 at step 9
     assert conf.total_steps() == 9 and rates[1] == pytest.approx(0.1) and conf.optimizer.learning_rate < 1e-12
+
+
+# ## What each print asks of a model
+
+def test_print_facts_of_a_hand_counted_program():
+    """Distances and last changes, counted by hand on a two-variable program."""
+    text = ('x = 3 ; x ++ ; print x ; y = 9 ; if x < y : x ++ ; print x ; if y < 2 : x -- ; print x ; '
+            'print y ; if x > 4 : y -- ; y ++ ; print y ; if y < 10 : x = 7 ; print x ; END')
+    words = tuple(text.split())
+    labels = tuple('_' for _ in words)
+    facts = print_facts(Program(words, labels))
+    # Word 2 assigns x = 3, word 12 y = 9. The `;` of the prints: 9 (x = 4 after `x ++`), 24 (x = 5: `x < y` held),
+    # 35 (still 5: `y < 2` did not hold, so the last change is the taken `if`), 38 (y = 9, its assignment), 52
+    # (y = 9 again: `x > 4` held, `y --`, then `y ++`), 64 (x = 7, assigned at word 60 inside a taken `if`)
+    assert [(f.position, f.value, f.distance, f.changed_by) for f in facts] == [
+        (9, 4, 7, '++/--'), (24, 5, 22, 'if'), (35, 5, 33, 'if'), (38, 9, 26, '='), (52, 9, 40, '++/--'),
+        (64, 7, 4, 'if')]
+    assert [f.bucket for f in facts] == [0, 0, 1, 0, 1, 0]
+    # The generator's labels agree with the facts' values on real programs
+    for program in generate_programs(ProgramSpec(3, 60), 20, 'facts'):
+        facts = print_facts(program)
+        assert [program.labels[f.position] for f in facts] == [str(f.value) for f in facts]
+        assert len(facts) == sum(label != '_' for label in program.labels)
+
+
+def test_held_out_facts_and_the_cut_layout():
+    spec = ProgramSpec(1, 30)
+    vocab = vocabulary(spec)
+    programs = generate_programs(spec, 12, 'cut')
+    whole = held_out_streams(programs, vocab, n_streams=4, seq_len=16)
+    cut = held_out_streams(programs, vocab, n_streams=4, seq_len=16, layout='cut')
+    # Every print has a cell, nothing else does
+    for streams in (whole, cut):
+        assert torch.equal(streams.facts >= 0, streams.labels != NO_LABEL_ID)
+    # `cut`: the programs one after the other in 4 equal rows, the rest dropped (the authors' batchify)
+    flat = encode_stream(programs, vocab)[0]
+    length = flat.shape[0] // 4
+    torch.testing.assert_close(cut.streams.reshape(-1), flat[:4 * length])
+    assert cut.streams.shape == (4, length)
+    # The breakdown of a whole layout counts every print once
+    breakdown = Breakdown(whole)
+    for idx, data, target in whole.iterate(0, 0, len(whole)):
+        breakdown.add(idx, F.one_hot(target, len(vocab)).float(), target)
+    report = breakdown.report()
+    n_prints = sum(len(print_facts(p)) for p in programs)
+    assert sum(c['prints'] for c in report['distance'].values()) == n_prints
+    assert all(c['accuracy'] == 1.0 for c in report['changed_by'].values() if c['prints'])
+
+
+def test_a_training_pool_is_reused_every_epoch():
+    spec = ProgramSpec(1, 10)
+    splits = ProgramSplits(spec, seed=1, valid_programs=4, test_programs=4, train_seed=2)
+    vocab = vocabulary(spec)
+    pool = {p.tokens for p in splits.pool(6)}
+    assert len(pool) == 6 and splits.pool(6) is splits.pool(6)
+    streams = [training_streams(splits, 10, vocab, epoch, range(2), 4, 16, pool=6) for epoch in (0, 1)]
+    assert not torch.equal(streams[0].streams, streams[1].streams), 'another draw every epoch'
+    # Every program of every stream is one of the pool's
+    for s in streams:
+        words = ' '.join(vocab[t] for t in s.streams[0].tolist())
+        for program in words.split('END')[:-1]:
+            assert tuple((program.strip() + ' END').split()) in pool
+    # The held-out programs depend on the data seed only; the training programs on the training seed
+    other = ProgramSplits(spec, seed=1, valid_programs=4, test_programs=4, train_seed=3)
+    assert other.test == splits.test and other.pool(6) != splits.pool(6)
+
+
+# ## What each baseline can see
+
+@pytest.mark.parametrize('row', ['transformer_window', 'transformer_full', 'feedback_transformer_kv'])
+def test_each_rows_visibility(row):
+    """
+    The script's `visible_words` for a row (its spans scaled down by 64 for a small test) is what the model really
+    reaches: a change `k` words back changes the output iff `k <= visible_words`, across carried segments; a
+    Feedback Transformer reaches further than span x layers.
+    """
+    sys.path.insert(0, str(REPO / 'experiments'))
+    from state_tracking import PRESETS, settings_of, visible_words
+    args = PRESETS['cpu']['rows'][row]
+    span = max(2, int(settings_of(args)['memory_span']) // 64)
+    args = [*args, f'memory_span={span}']
+    visible = visible_words(args)
+    s = settings_of(args)
+    from labml_nn.transformers.feedback.build import ModelConfig, build_model
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(s['model'], n_vocab=11, d_model=8, heads=2, d_ff=16,
+                                    n_layers=int(s['n_layers']), memory_span=span)).double().eval()
+    n = 3 * (visible or span * int(s['n_layers'])) + 4
+    x = torch.randint(11, (n, 1))
+    t = n - 1
+    changed = []
+    for k in range(1, n):
+        y = x.clone()
+        y[t - k] = (y[t - k] + 1) % 11
+        # Read in segments of 3 with the state carried, as training and evaluation read the streams
+        outs = []
+        for tokens in (x, y):
+            state, pieces = None, []
+            for i in range(0, n, 3):
+                out, state = model(tokens[i:i + 3], state=state, return_state=True)
+                pieces.append(out)
+            outs.append(torch.cat(pieces)[t])
+        changed.append(bool((outs[0] - outs[1]).abs().max() > 1e-9))
+    if visible is None:
+        assert all(changed), 'the recurrent memory reaches every earlier word'
+    else:
+        assert changed == [k <= visible for k in range(1, n)]
+
+
+@pytest.mark.slow
+def test_the_script_runs_seeds_and_reports_visibility(tmp_path):
+    """`--seeds 2` on a tiny setting: two test accuracies a row, what each row sees, the longest test program."""
+    args = ['--rows', 'feedback_transformer_kv', 'transformer_window', '--seeds', '2', '--out', str(tmp_path / 'out'),
+            'epochs=1', 'epoch_segments=2', 'valid_programs=32', 'test_programs=32', 'd_model=16', 'heads=2',
+            'd_ff=32', 'statements=30']
+    result = subprocess.run([sys.executable, str(REPO / 'experiments' / 'state_tracking.py'), *args], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, 'PYTHONPATH': str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(last['accuracy']) == {'feedback_transformer_kv', 'transformer_window'}
+    assert all(len(v) == 2 for v in last['accuracy_seeds'].values())
+    assert last['accuracy']['transformer_window'] == pytest.approx(
+        sum(last['accuracy_seeds']['transformer_window']) / 2, abs=1e-4)
+    assert last['visible_words'] == {'feedback_transformer_kv': None, 'transformer_window': 32}
+    programs = ProgramSplits(ProgramSpec(1, 30), 5, 32, 32).test
+    assert last['program_words'] == max(len(p.tokens) for p in programs)
+    assert set(last['distance']['transformer_window']) == {'<=32', '33-100', '>100'}
