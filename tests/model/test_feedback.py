@@ -1,5 +1,7 @@
 """Tests of both Feedback Transformers against the naive reference in `reference.py`, and of their state API."""
 
+import copy
+
 import pytest
 import torch
 from conftest import make_transformer
@@ -8,6 +10,7 @@ from torch.func import functional_call
 
 from labml_nn.transformers.feedback import FeedbackState
 from labml_nn.transformers.feedback.fused_records import DropoutMasks
+from labml_nn.transformers.feedback.fused_steps import loop_config
 
 
 def _loss(out):
@@ -281,8 +284,8 @@ def test_fused_and_autograd_loops_agree_with_dropout(kind):
     assert (model(x) - fused_out).abs().max() > 1e-3
     # The masks the fused loop drew (its seed is the first draw after `manual_seed(0)`)
     torch.manual_seed(0)
-    cfg = model._loop_config(0, False, True, None)
-    masks = DropoutMasks(cfg, x, T, B, D, model.layers[0].feed_forward.layer1.out_features)
+    cfg = loop_config(model, 0, False, True, None)
+    masks = DropoutMasks(cfg, x, T, B, D, model.layers[0].feed_forward.layer1.out_features, n_max=T - 1)
     # The module loop's dropout calls, step by step and layer by layer: attention probabilities and the
     # attention branch (steps with memory), the hidden units, the feed-forward branch
     order = []
@@ -361,6 +364,55 @@ def test_inference_cache_follows_parameter_changes(kind):
         torch.testing.assert_close(model(x), other(x), rtol=0, atol=1e-12)
     # And the fused training loop agrees with the inference path after all that
     torch.testing.assert_close(model(x).detach(), other(x).detach(), rtol=0, atol=1e-12)
+
+
+def test_inference_follows_every_parameter_change(kind):
+    # After each change the inference path (fused, without autograd) gives what the module loop computes afresh
+    model = make_transformer(kind)
+    x = torch.randn(5, 2, 8, dtype=torch.float64)
+
+    def check(x=x, atol=1e-12):
+        with torch.no_grad():
+            fast = model(x)
+            model.fused = False
+            slow = model(x)
+            model.fused = True
+        torch.testing.assert_close(fast, slow, rtol=0, atol=atol)
+
+    check()
+    # Inference keeps what it derives from the parameters (and every check below must see through it)
+    assert model.inference_cache.kept is not None
+    # An optimizer step (through the fused training loop)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _loss(model(x)).backward()
+    optimizer.step()
+    check()
+    # A state dict copied in, and one assigned (new parameter objects)
+    model.load_state_dict(make_transformer(kind, seed=2).state_dict())
+    check()
+    model.load_state_dict(make_transformer(kind, seed=3).state_dict(), assign=True)
+    check()
+    # A parameter replaced by attribute, and a parameter's data replaced
+    model.layers[0].attn.output.weight = torch.nn.Parameter(torch.randn(8, 8, dtype=torch.float64))
+    check()
+    model.weights.data = torch.randn_like(model.weights)
+    check()
+    # A submodule replaced on the way to parameters
+    model.layers[1].feed_forward.layer1 = torch.nn.Linear(8, 16, dtype=torch.float64)
+    check()
+    # Other parameters for one call only
+    params = {name: p + 0.1 for name, p in model.named_parameters()}
+    with torch.no_grad():
+        swapped = functional_call(model, params, (x,))
+        model.fused = False
+        torch.testing.assert_close(swapped, functional_call(model, params, (x,)), rtol=0, atol=1e-12)
+        model.fused = True
+    check()
+    # A copy starts without the original's kept tensors
+    assert copy.deepcopy(model).inference_cache.kept is None
+    # Converted: new tensors in the same parameter objects
+    model.float()
+    check(x.float(), atol=1e-5)
 
 
 def test_recency_init():

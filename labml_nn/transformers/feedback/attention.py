@@ -115,7 +115,6 @@ class FeedbackAttention(nn.Module):
         r"""
         Position embeddings `[n, heads, d_k]` and biases `[n, heads]` for memory slots at distances
         $n, n-1, \dots, 1$ (oldest first, like the memory), clipped to the table: row $\min(\Delta, P) - 1$.
-        (Generation keeps them between tokens: [fast_paths.py](fast_paths.html).)
         """
         distance = torch.arange(n, 0, -1, device=self.key_pos_bias.device)
         rows = distance.clamp_(max=self.max_distance) - 1

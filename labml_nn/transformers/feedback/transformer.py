@@ -48,11 +48,16 @@ what later steps can see, so a long generation costs the same per token at its e
 
 ## Three ways to run the same function
 
-This page is the model as the paper writes it: `_module_loop` runs the layers above step by step, with autograd
-recording every operation. Two fast paths compute exactly the same function ([fast_paths.py](fast_paths.html)):
-training runs the whole loop as one autograd function with a hand-written backward pass
-([fused.py](fused.html), [fused_backward.py](fused_backward.html)), and calls without autograd (evaluation,
-generation) run the same steps straight into the state's cache. `fused=False` keeps the module loop.
+This page is the model as the paper writes it: `forward` runs the layers above step by step, with autograd
+recording every operation. Two fast paths compute exactly the same function, each one call from `forward` that
+takes the transformer as its argument:
+
+* `fused_forward` ([fused.py](fused.html)), with autograd (training): the whole loop as one autograd function
+  with a hand-written backward pass ([fused_backward.py](fused_backward.html));
+* `inference_forward` ([inference.py](inference.html)), without autograd (evaluation, generation): the same
+  steps ([fused_steps.py](fused_steps.html)) straight into the state's cache.
+
+`fused=False` keeps the module loop.
 """
 
 from typing import List, Optional, Tuple, Union
@@ -61,9 +66,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labml_nn.transformers.feedback import fused as fused_loop
 from labml_nn.transformers.feedback.attention import FeedbackAttention
-from labml_nn.transformers.feedback.fast_paths import FastPaths
+from labml_nn.transformers.feedback.fused import fused_forward
+from labml_nn.transformers.feedback.fused_steps import products_dtype, supports
+from labml_nn.transformers.feedback.inference import InferenceCache, inference_forward
 from labml_nn.transformers.feedback.stack import Stack, n_visible
 from labml_nn.transformers.feedback.state import FeedbackState
 from labml_nn.transformers.pre_norm import PreNormLayer
@@ -102,7 +108,7 @@ class FeedbackTransformerLayer(PreNormLayer):
         return self.feed_forward_block(x)
 
 
-class _FeedbackLoop(FastPaths, nn.Module):
+class _FeedbackLoop(nn.Module):
     r"""
     What both Feedback Transformers share: the layers, the memory weights $w$, the final norm, the state
     handling and the step loop. Subclasses say how the memory is projected to keys and values.
@@ -128,11 +134,14 @@ class _FeedbackLoop(FastPaths, nn.Module):
         # Normalize each memory vector before its key/value projection (the authors' pre-norm memory)
         self.memory_norm = bool(memory_norm)
         # Train with the fused loop when the layers' building blocks allow it
-        self.fused = fused and fused_loop.supports(layer)
+        self.fused = fused and supports(layer)
         # Final layer norm
         self.norm = nn.LayerNorm([layer.size])
         # $w \in \mathbb{R}^{L+1}$, the memory weights over the embedding and the $L$ layer outputs
         self.weights = nn.Parameter(torch.ones(n_layers + 1))
+        # What inference derives from the parameters, kept between calls while they are unchanged
+        # ([inference.py](inference.html))
+        self.inference_cache = InferenceCache()
 
     def memory_weights(self) -> torch.Tensor:
         r"""$\mathrm{softmax}(w)$, `[n_layers + 1]`."""
@@ -187,14 +196,14 @@ class _FeedbackLoop(FastPaths, nn.Module):
             # Under autocast (checked above): the residual stream keeps the parameters' precision
             x_seq = x_seq.to(self.weights.dtype)
         if self.fused:
-            # The same function, fast ([fast_paths.py](fast_paths.html))
+            # The same function, fast
             if torch.is_grad_enabled():
-                return self._forward_fused(x_seq, state, return_state)
-            return self._forward_inference(x_seq, state, return_state)
-        return self._module_loop(x_seq, state, return_state)
+                # Training: the whole loop as one autograd function ([fused.py](fused.html))
+                return fused_forward(self, x_seq, state, return_state)
+            # Without autograd: the same steps, straight into the state's cache ([inference.py](inference.html))
+            return inference_forward(self, x_seq, state, return_state)
 
-    def _module_loop(self, x_seq: torch.Tensor, state: Optional[FeedbackState], return_state: bool):
-        """The loop as the paper writes it: the layers step by step, autograd recording every operation."""
+        # The loop as the paper writes it: the layers step by step, autograd recording every operation
         seq_len, batch_size, _ = x_seq.shape
         # The cache of keys and values ([layout](state.html#layout)) and what the first step sees
         if state is None:
@@ -246,6 +255,10 @@ class _FeedbackLoop(FastPaths, nn.Module):
         if return_state:
             return out, FeedbackState(stack, n_start + seq_len, visible)
         return out
+
+    def cache_dtype(self, x_seq: torch.Tensor) -> torch.dtype:
+        """The dtype of the keys and values a call makes: the products' (under autocast), else the parameters'."""
+        return products_dtype(x_seq, self.weights.dtype) or self.weights.dtype
 
     def state_from_payload(self, payload: dict, device: torch.device) -> FeedbackState:
         """The state that `FeedbackState.to_payload()` saved (in a checkpoint), for this model, on `device`."""
