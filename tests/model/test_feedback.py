@@ -9,6 +9,7 @@ from reference import reference_forward
 from torch.func import functional_call
 
 from labml_nn.transformers.feedback import FeedbackState
+from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel
 from labml_nn.transformers.feedback.fused_records import DropoutMasks
 from labml_nn.transformers.feedback.fused_steps import loop_config
 
@@ -333,13 +334,61 @@ def test_memory_norm_parameters_and_continuation(kind):
     # The norm changes the function (it is not silently ignored)...
     x = torch.randn(7, 2, 8, dtype=torch.float64)
     if kind == 'weighted':
-        normed.load_state_dict(plain.state_dict())
+        # The same weights (a state dict would refuse: it carries memory_norm)
+        with torch.no_grad():
+            for p, q in zip(normed.parameters(), plain.parameters()):
+                p.copy_(q)
     assert (normed(x) - plain(x)).abs().max() > 1e-3
     # ...and a sequence continued in chunks equals one call
     out = normed(x)
     a, state = normed(x[:3], return_state=True)
     b, _ = normed(x[3:], state=state, return_state=True)
     torch.testing.assert_close(torch.cat([a, b]), out, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('saved, built', [(True, False), (False, True)])
+def test_memory_norm_mismatch_is_an_error_at_load(kind, saved, built):
+    # The weighted model's memory_norm adds no parameter: only the saved setting tells weights made with it apart
+    source, target = make_transformer(kind, memory_norm=saved), make_transformer(kind, memory_norm=built)
+    name = type(target).__name__
+    message = rf"saved from a {name} with memory_norm={saved}, but this {name} has memory_norm={built}"
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=message):
+            target.load_state_dict(source.state_dict(), strict=strict)
+    # Inside a language model too
+    lm = AutoregressiveModel(11, 8, make_transformer(kind, memory_norm=built))
+    with pytest.raises(ValueError, match=message):
+        lm.load_state_dict(AutoregressiveModel(11, 8, source).state_dict())
+
+
+def test_memory_norm_is_saved_with_the_weights(kind, tmp_path):
+    model = make_transformer(kind, memory_norm=True)
+    state = model.state_dict()
+    # A tensor, as every entry of a state dict, so weights-only checkpoints keep it
+    assert state['_extra_state'].dtype == torch.bool and bool(state['_extra_state'])
+    assert not bool(make_transformer(kind).state_dict()['_extra_state'])
+    torch.save(state, tmp_path / 'weights.pt')
+    other = make_transformer(kind, memory_norm=True, seed=1)
+    other.load_state_dict(torch.load(tmp_path / 'weights.pt', weights_only=True))
+    x = torch.randn(5, 2, 8, dtype=torch.float64)
+    torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('memory_norm', [False, True])
+def test_state_dict_without_the_setting_loads_as_before(kind, memory_norm):
+    # labml_nn's state dicts and checkpoints saved before the setting was kept have no extra state: they load
+    # strictly, into either setting (there is nothing to check them against)
+    source = make_transformer(kind, memory_norm=memory_norm, seed=1)
+    old = {k: v for k, v in source.state_dict().items() if k != '_extra_state'}
+    model = make_transformer(kind, memory_norm=memory_norm)
+    model.load_state_dict(old)
+    x = torch.randn(5, 2, 8, dtype=torch.float64)
+    torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
+    lm = AutoregressiveModel(11, 8, make_transformer(kind, memory_norm=memory_norm))
+    lm.load_state_dict({k: v for k, v in AutoregressiveModel(11, 8, source).state_dict().items()
+                        if not k.endswith('_extra_state')})
+    if kind == 'weighted':
+        make_transformer(kind, memory_norm=not memory_norm).load_state_dict(old)
 
 
 def test_input_dtype_must_match_the_parameters(kind):

@@ -39,6 +39,11 @@ and so does `memory_norm=True`: each layer uses its own pre-attention norm, and 
 all layers. Without it (labml_nn's model) the memory is a linear mix of the layers' residual streams, and when
 memory is carried over many training batches nothing stops it from growing step after step.
 
+In the weighted variant the setting adds no parameter, so the weights alone do not say whether they were trained
+with it. The state dict says it: `memory_norm` is saved with the weights (as the module's extra state), and
+loading weights into a model with the other setting is an error. State dicts without it (labml_nn's, older
+checkpoints) load as before.
+
 ## Memory span
 
 With `memory_span` $= S$ each step attends only to the last $S$ memory vectors, $m_{t-S} \dots m_{t-1}$ (the
@@ -60,7 +65,7 @@ takes the transformer as its argument:
 `fused=False` keeps the module loop.
 """
 
-from typing import List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +79,9 @@ from labml_nn.transformers.feedback.stack import Stack, n_visible
 from labml_nn.transformers.feedback.state import FeedbackState
 from labml_nn.transformers.pre_norm import PreNormLayer
 from labml_nn.utils import check_memory_span, clone_module_list
+
+# The state-dict key of a module's extra state, after its prefix (PyTorch's name, `get_extra_state`)
+_EXTRA_STATE = '_extra_state'
 
 
 class FeedbackTransformerLayer(PreNormLayer):
@@ -180,6 +188,32 @@ class _FeedbackLoop(nn.Module):
     def memory_eps(self) -> float:
         r"""The $\epsilon$ of the memory's normalization (every group's norm has the same: they are copies)."""
         return self.memory_norms()[0].eps if self.memory_norm else 0.0
+
+    def get_extra_state(self) -> torch.Tensor:
+        """
+        Saved in the state dict beside the weights: `memory_norm`, which changes what the weights compute. A
+        0-dimensional bool tensor, as every other entry of a state dict is a tensor.
+        """
+        return torch.tensor(self.memory_norm)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Check the `memory_norm` saved with the weights: weights made with the other setting are an error."""
+        if not isinstance(state, torch.Tensor) or state.numel() != 1:
+            raise ValueError(f"the state dict's extra state for {type(self).__name__} should be its memory_norm "
+                             f"setting (a bool tensor), got {state!r}")
+        saved = bool(state)
+        if saved != self.memory_norm:
+            raise ValueError(f"the state dict was saved from a {type(self).__name__} with memory_norm={saved}, but "
+                             f"this {type(self).__name__} has memory_norm={self.memory_norm}: build it with "
+                             f"memory_norm={saved} to load these weights")
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args) -> None:
+        # A state dict without the setting (labml_nn's, or a checkpoint saved before it was kept) loads as before:
+        # this model's own setting stands in for it (`load_state_dict` hands modules a copy of the dict to change)
+        key = prefix + _EXTRA_STATE
+        if key not in state_dict:
+            state_dict[key] = self.get_extra_state()
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x_seq: torch.Tensor, state: Optional[FeedbackState] = None,
                 return_state: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, FeedbackState]]:
@@ -318,7 +352,8 @@ class FeedbackTransformer(_FeedbackLoop):
     * `fused`: train with the fused loop of `fused.py` (same results, several times faster); `False` uses
       autograd over the module-by-module loop
     * `memory_norm`: layer $l$ projects $\mathrm{LN}^l(m_j)$ instead of $m_j$, with its own pre-attention norm
-      `norm_self_attn` (as the authors' pre-norm code does); adds no parameters
+      `norm_self_attn` (as the authors' pre-norm code does); adds no parameters, but is saved in the state dict, so
+      weights load only into a model with the same setting
     """
 
     def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, *, memory_span: Optional[int] = None,
