@@ -83,7 +83,7 @@ def seconds(fn: Callable[..., object], *args, **kwargs) -> float:
 def cached_tokens_per_second(model: AutoregressiveModel, batch: int, args: argparse.Namespace) -> float:
     """Median tokens/s of `generate()` over the repeats (after a warm-up run)."""
     prompt = torch.randint(args.vocab, (args.prompt_len, batch))
-    times = [seconds(model.generate, prompt, args.tokens, temperature=1.0, generator=torch.Generator().manual_seed(r))
+    times = [seconds(model.generate, prompt, args.tokens, temperature=1.0, rng=torch.Generator().manual_seed(r))
              for r in range(args.repeats + 1)]
     return batch * args.tokens / statistics.median(times[1:])
 
@@ -105,7 +105,7 @@ def growth(model: AutoregressiveModel, args: argparse.Namespace) -> Dict[str, fl
     handle = model.register_forward_hook(lambda *_: stamps.append(clock()))
     try:
         model.generate(torch.randint(args.vocab, (args.prompt_len, 1)), args.growth_tokens,
-                       generator=torch.Generator().manual_seed(0))
+                       rng=torch.Generator().manual_seed(0))
     finally:
         handle.remove()
     # `steps[i]`: the time from the end of call i to the end of call i + 1 (sample a token, one model step)

@@ -232,10 +232,10 @@ for name, (model, text) in TRAINED.items():
     device = model.src_embed.weight.device
     # The prompt's character ids, `[prompt_len, batch_size = 1]`
     prompt = torch.tensor([text.stoi[c] for c in PROMPT], device=device)[:, None]
-    generator = torch.Generator(device=device).manual_seed(1)
+    rng = torch.Generator(device=device).manual_seed(1)
     start = time.perf_counter()
     # `[prompt_len + N_TOKENS, 1]`: the prompt followed by the sampled characters
-    tokens = model.generate(prompt, N_TOKENS, temperature=0.8, top_k=10, generator=generator)
+    tokens = model.generate(prompt, N_TOKENS, temperature=0.8, top_k=10, rng=rng)
     seconds = time.perf_counter() - start
     sample = ''.join(text.itos[i] for i in tokens[:, 0].tolist())
     print(f'--- {name} ({N_TOKENS / seconds:,.0f} characters/s) ---')

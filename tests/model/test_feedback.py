@@ -1,5 +1,7 @@
 """Tests of both Feedback Transformers against the naive reference in `reference.py`, and of their state API."""
 
+import copy
+
 import pytest
 import torch
 from conftest import make_transformer
@@ -7,7 +9,9 @@ from reference import reference_forward
 from torch.func import functional_call
 
 from labml_nn.transformers.feedback import FeedbackState
+from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel
 from labml_nn.transformers.feedback.fused_records import DropoutMasks
+from labml_nn.transformers.feedback.fused_steps import loop_config
 
 
 def _loss(out):
@@ -281,8 +285,8 @@ def test_fused_and_autograd_loops_agree_with_dropout(kind):
     assert (model(x) - fused_out).abs().max() > 1e-3
     # The masks the fused loop drew (its seed is the first draw after `manual_seed(0)`)
     torch.manual_seed(0)
-    cfg = model._loop_config(0, False, True, None)
-    masks = DropoutMasks(cfg, x, T, B, D, model.layers[0].feed_forward.layer1.out_features)
+    cfg = loop_config(model, 0, False, True, None)
+    masks = DropoutMasks(cfg, x, T, B, D, model.layers[0].feed_forward.layer1.out_features, n_max=T - 1)
     # The module loop's dropout calls, step by step and layer by layer: attention probabilities and the
     # attention branch (steps with memory), the hidden units, the feed-forward branch
     order = []
@@ -330,13 +334,61 @@ def test_memory_norm_parameters_and_continuation(kind):
     # The norm changes the function (it is not silently ignored)...
     x = torch.randn(7, 2, 8, dtype=torch.float64)
     if kind == 'weighted':
-        normed.load_state_dict(plain.state_dict())
+        # The same weights (a state dict would refuse: it carries memory_norm)
+        with torch.no_grad():
+            for p, q in zip(normed.parameters(), plain.parameters()):
+                p.copy_(q)
     assert (normed(x) - plain(x)).abs().max() > 1e-3
     # ...and a sequence continued in chunks equals one call
     out = normed(x)
     a, state = normed(x[:3], return_state=True)
     b, _ = normed(x[3:], state=state, return_state=True)
     torch.testing.assert_close(torch.cat([a, b]), out, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('saved, built', [(True, False), (False, True)])
+def test_memory_norm_mismatch_is_an_error_at_load(kind, saved, built):
+    # The weighted model's memory_norm adds no parameter: only the saved setting tells weights made with it apart
+    source, target = make_transformer(kind, memory_norm=saved), make_transformer(kind, memory_norm=built)
+    name = type(target).__name__
+    message = rf"saved from a {name} with memory_norm={saved}, but this {name} has memory_norm={built}"
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=message):
+            target.load_state_dict(source.state_dict(), strict=strict)
+    # Inside a language model too
+    lm = AutoregressiveModel(11, 8, make_transformer(kind, memory_norm=built))
+    with pytest.raises(ValueError, match=message):
+        lm.load_state_dict(AutoregressiveModel(11, 8, source).state_dict())
+
+
+def test_memory_norm_is_saved_with_the_weights(kind, tmp_path):
+    model = make_transformer(kind, memory_norm=True)
+    state = model.state_dict()
+    # A tensor, as every entry of a state dict, so weights-only checkpoints keep it
+    assert state['_extra_state'].dtype == torch.bool and bool(state['_extra_state'])
+    assert not bool(make_transformer(kind).state_dict()['_extra_state'])
+    torch.save(state, tmp_path / 'weights.pt')
+    other = make_transformer(kind, memory_norm=True, seed=1)
+    other.load_state_dict(torch.load(tmp_path / 'weights.pt', weights_only=True))
+    x = torch.randn(5, 2, 8, dtype=torch.float64)
+    torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('memory_norm', [False, True])
+def test_state_dict_without_the_setting_loads_as_before(kind, memory_norm):
+    # labml_nn's state dicts and checkpoints saved before the setting was kept have no extra state: they load
+    # strictly, into either setting (there is nothing to check them against)
+    source = make_transformer(kind, memory_norm=memory_norm, seed=1)
+    old = {k: v for k, v in source.state_dict().items() if k != '_extra_state'}
+    model = make_transformer(kind, memory_norm=memory_norm)
+    model.load_state_dict(old)
+    x = torch.randn(5, 2, 8, dtype=torch.float64)
+    torch.testing.assert_close(model(x), source(x), rtol=0, atol=0)
+    lm = AutoregressiveModel(11, 8, make_transformer(kind, memory_norm=memory_norm))
+    lm.load_state_dict({k: v for k, v in AutoregressiveModel(11, 8, source).state_dict().items()
+                        if not k.endswith('_extra_state')})
+    if kind == 'weighted':
+        make_transformer(kind, memory_norm=not memory_norm).load_state_dict(old)
 
 
 def test_input_dtype_must_match_the_parameters(kind):
@@ -361,6 +413,55 @@ def test_inference_cache_follows_parameter_changes(kind):
         torch.testing.assert_close(model(x), other(x), rtol=0, atol=1e-12)
     # And the fused training loop agrees with the inference path after all that
     torch.testing.assert_close(model(x).detach(), other(x).detach(), rtol=0, atol=1e-12)
+
+
+def test_inference_follows_every_parameter_change(kind):
+    # After each change the inference path (fused, without autograd) gives what the module loop computes afresh
+    model = make_transformer(kind)
+    x = torch.randn(5, 2, 8, dtype=torch.float64)
+
+    def check(x=x, atol=1e-12):
+        with torch.no_grad():
+            fast = model(x)
+            model.fused = False
+            slow = model(x)
+            model.fused = True
+        torch.testing.assert_close(fast, slow, rtol=0, atol=atol)
+
+    check()
+    # Inference keeps what it derives from the parameters (and every check below must see through it)
+    assert model.inference_cache.kept is not None
+    # An optimizer step (through the fused training loop)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _loss(model(x)).backward()
+    optimizer.step()
+    check()
+    # A state dict copied in, and one assigned (new parameter objects)
+    model.load_state_dict(make_transformer(kind, seed=2).state_dict())
+    check()
+    model.load_state_dict(make_transformer(kind, seed=3).state_dict(), assign=True)
+    check()
+    # A parameter replaced by attribute, and a parameter's data replaced
+    model.layers[0].attn.output.weight = torch.nn.Parameter(torch.randn(8, 8, dtype=torch.float64))
+    check()
+    model.weights.data = torch.randn_like(model.weights)
+    check()
+    # A submodule replaced on the way to parameters
+    model.layers[1].feed_forward.layer1 = torch.nn.Linear(8, 16, dtype=torch.float64)
+    check()
+    # Other parameters for one call only
+    params = {name: p + 0.1 for name, p in model.named_parameters()}
+    with torch.no_grad():
+        swapped = functional_call(model, params, (x,))
+        model.fused = False
+        torch.testing.assert_close(swapped, functional_call(model, params, (x,)), rtol=0, atol=1e-12)
+        model.fused = True
+    check()
+    # A copy starts without the original's kept tensors
+    assert copy.deepcopy(model).inference_cache.kept is None
+    # Converted: new tensors in the same parameter objects
+    model.float()
+    check(x.float(), atol=1e-5)
 
 
 def test_recency_init():

@@ -53,11 +53,11 @@ def test_one_token_prompt_and_zero_new_tokens(variant):
 def test_seeded_generator_is_reproducible(variant):
     model = make_model(variant)
     prompt = torch.randint(N_VOCAB, (3, 4))
-    a = model.generate(prompt, 30, temperature=1.5, generator=torch.Generator().manual_seed(7))
+    a = model.generate(prompt, 30, temperature=1.5, rng=torch.Generator().manual_seed(7))
     # The global random state must not matter when a generator is given
     torch.manual_seed(123)
-    b = model.generate(prompt, 30, temperature=1.5, generator=torch.Generator().manual_seed(7))
-    c = model.generate(prompt, 30, temperature=1.5, generator=torch.Generator().manual_seed(8))
+    b = model.generate(prompt, 30, temperature=1.5, rng=torch.Generator().manual_seed(7))
+    c = model.generate(prompt, 30, temperature=1.5, rng=torch.Generator().manual_seed(8))
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert torch.equal(a[:3], prompt)
@@ -73,14 +73,14 @@ def test_top_k_one_is_greedy(variant):
     model = make_model(variant)
     prompt = torch.randint(N_VOCAB, (2, 3))
     greedy = greedy_by_recomputation(model, prompt, 15)
-    sampled = model.generate(prompt, 15, temperature=0.7, top_k=1, generator=torch.Generator().manual_seed(0))
+    sampled = model.generate(prompt, 15, temperature=0.7, top_k=1, rng=torch.Generator().manual_seed(0))
     assert torch.equal(sampled, greedy)
 
 
 def test_top_k_samples_only_the_k_most_likely():
     model = make_model("kv")
     prompt = torch.randint(N_VOCAB, (2, 8))
-    out = model.generate(prompt, 12, temperature=3.0, top_k=3, generator=torch.Generator().manual_seed(1))
+    out = model.generate(prompt, 12, temperature=3.0, top_k=3, rng=torch.Generator().manual_seed(1))
     model.eval()
     with torch.no_grad():
         logits = model(out[:-1])
@@ -88,7 +88,7 @@ def test_top_k_samples_only_the_k_most_likely():
     top3 = logits.topk(3, dim=-1).indices[1:]
     assert (top3 == out[2:, :, None]).any(dim=-1).all()
     # A large temperature over all tokens does leave the top 3 somewhere
-    wide = model.generate(prompt, 12, temperature=3.0, generator=torch.Generator().manual_seed(1))
+    wide = model.generate(prompt, 12, temperature=3.0, rng=torch.Generator().manual_seed(1))
     with torch.no_grad():
         top3 = model(wide[:-1]).topk(3, dim=-1).indices[1:]
     assert not (top3 == wide[2:, :, None]).any(dim=-1).all()
@@ -158,7 +158,7 @@ def test_generate_does_not_train_or_leak():
     (dict(top_k=0), ValueError, r"top_k must be None \(no limit\) or an int >= 1"),
     (dict(top_k=-3), ValueError, "top_k must be None"),
     (dict(top_k=2.5), ValueError, "top_k must be None"),
-    (dict(generator=123), TypeError, "generator must be a torch.Generator"),
+    (dict(rng=123), TypeError, "rng must be a torch.Generator"),
 ])
 def test_bad_arguments(kwargs, error, match):
     model = make_model("kv")
@@ -196,8 +196,8 @@ def test_parallel_baseline_with_key_value_cache():
             p.add_(0.3 * torch.randn_like(p))
     prompt = torch.randint(N_VOCAB, (4, 3))
     assert torch.equal(model.generate(prompt, 20, temperature=0), greedy_by_recomputation(model, prompt, 20))
-    a = model.generate(prompt, 20, top_k=3, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(a, model.generate(prompt, 20, top_k=3, generator=torch.Generator().manual_seed(2)))
+    a = model.generate(prompt, 20, top_k=3, rng=torch.Generator().manual_seed(2))
+    assert torch.equal(a, model.generate(prompt, 20, top_k=3, rng=torch.Generator().manual_seed(2)))
 
 
 def test_model_built_under_inference_mode_generates():

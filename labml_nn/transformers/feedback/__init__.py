@@ -3,8 +3,9 @@ r"""
 title: Feedback Transformer
 summary: An annotated, fast PyTorch implementation of the Feedback Transformer (Fan et al., 2020), with cached
   keys and values, a state API for continuing sequences, and a shared key/value variant.
-contents: [readme.md, transformer.py, attention.py, stack.py, state.py, fast_paths.py, fused.py, fused_records.py,
-  fused_backward.py, autoregressive.py, build.py, generate.py, experiment.py, state_tracking.py, init_from.py]
+contents: [readme.md, transformer.py, attention.py, stack.py, state.py, fused.py, fused_steps.py, fused_backward.py,
+  fused_records.py, inference.py, autoregressive.py, build.py, generate.py, experiment.py, state_tracking.py,
+  init_from.py]
 ---
 
 # Feedback Transformer
@@ -41,13 +42,15 @@ other, in training too. This implementation keeps that loop as small as it can:
   Transformer-XL style relative positions.
 * [transformer.py](transformer.html): `FeedbackTransformerLayer`, and the loops `FeedbackTransformer`
   (weighted-sum memory, per-layer keys and values) and `FeedbackTransformerKV` (keys and values shared by all
-  layers, the paper's cheaper variant).
+  layers, the paper's cheaper variant): the module loop, as in labml_nn, and one call into each fast path.
 * [stack.py](stack.html): `Stack` and `StackFunction`, the cache.
 * [state.py](state.html): `FeedbackState`, to continue a sequence across calls (cached generation, memory
   carried across training batches), and the cache's layout.
-* [fast_paths.py](fast_paths.html), [fused.py](fused.html), [fused_records.py](fused_records.html),
-  [fused_backward.py](fused_backward.html): the same function, fast: the training loop as one autograd function
-  with a hand-written backward pass, and the named records they share.
+* The same function, fast. Training: [fused.py](fused.html), the whole loop as one autograd function, whose
+  forward runs the loop's steps on plain tensors ([fused_steps.py](fused_steps.html)) and whose backward pass is
+  written by hand ([fused_backward.py](fused_backward.html)), both reading the named records of
+  [fused_records.py](fused_records.html). Inference: [inference.py](inference.html), the same steps without
+  autograd, straight into the state's cache.
 * [autoregressive.py](autoregressive.html): `AutoregressiveModel`, the language model around a transformer.
 * [build.py](build.html): `ModelConfig` and `build_model`, the one recipe that assembles any of the models.
 * [generate.py](generate.html): sampling text from a trained checkpoint.

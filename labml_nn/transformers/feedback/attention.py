@@ -68,8 +68,9 @@ class FeedbackAttention(nn.Module):
     Attention of one step's query over earlier memory.
 
     * `heads`: number of heads $h$; `d_model` must be divisible by it.
-    * `is_kv_precomputed`: the keys and values arrive already projected (`FeedbackTransformerKV`
-      shares one projection between all layers), so this module has no `key` / `value` layers.
+    * `is_kv_precomputed`: no `key` / `value` layers of its own (`FeedbackTransformerKV` shares one projection
+      between all layers). Either way the keys and values arrive projected: the transformer projects each memory
+      vector once, with this layer's $W_k, W_v$ or the shared ones, and caches the result.
     * `max_distance`: size $P$ of the relative position table; longer distances are clipped to $P$.
     * `recency_init`: start the position bias $s_\Delta$ with ALiBi's recency slopes instead of zeros.
     """
@@ -91,7 +92,7 @@ class FeedbackAttention(nn.Module):
         # $W_q$
         self.query = PrepareForMultiHeadAttention(d_model, heads, self.d_k, bias=False)
         if not is_kv_precomputed:
-            # $W_k$ and $W_v$ of this layer
+            # $W_k$ and $W_v$ of this layer (`FeedbackTransformer` applies them to each memory vector once)
             self.key = PrepareForMultiHeadAttention(d_model, heads, self.d_k, bias=False)
             self.value = PrepareForMultiHeadAttention(d_model, heads, self.d_k, bias=False)
         # $W_o, b_o$
@@ -110,18 +111,10 @@ class FeedbackAttention(nn.Module):
             with torch.no_grad():
                 self.key_pos_bias.copy_(recency_bias(max_distance, heads, self.d_k))
 
-    def project_memory(self, memory: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values `[..., heads, d_k]` of memory vectors `[..., d_model]`."""
-        if self.is_kv_precomputed:
-            raise RuntimeError("this FeedbackAttention was built with is_kv_precomputed=True: it has no "
-                               "key/value projections; the transformer projects the memory")
-        return self.key(memory), self.value(memory)
-
     def relative_terms(self, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
         r"""
         Position embeddings `[n, heads, d_k]` and biases `[n, heads]` for memory slots at distances
         $n, n-1, \dots, 1$ (oldest first, like the memory), clipped to the table: row $\min(\Delta, P) - 1$.
-        (Generation keeps them between tokens: [fast_paths.py](fast_paths.html).)
         """
         distance = torch.arange(n, 0, -1, device=self.key_pos_bias.device)
         rows = distance.clamp_(max=self.max_distance) - 1
@@ -132,17 +125,13 @@ class FeedbackAttention(nn.Module):
                 pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         r"""
         * `query`: the normalised input of this step, `[batch_size, d_model]`.
-        * `key`, `value`: the visible memory, oldest first, either projected, `[n, batch_size, heads, d_k]`,
-          or (without `is_kv_precomputed`) raw memory vectors `[n, batch_size, d_model]` that this module
-          projects.
+        * `key`, `value`: the keys and values of the visible memory, oldest first, `[n, batch_size, heads, d_k]`
+          (the transformers project each memory vector once and cache its keys and values)
         * `pos_emb`, `pos_bias`: `relative_terms(N)` for some `N >= n`; this step uses their last `n` rows.
           Computed here when omitted.
 
         Returns `[batch_size, d_model]`.
         """
-        if key.dim() == 3:
-            # Raw memory: project it (the transformers pass cached projections instead)
-            key, value = self.project_memory(key)[0], self.project_memory(value)[1]
         # The number of visible memory slots
         n = key.shape[0]
         if pos_emb is None or pos_bias is None:

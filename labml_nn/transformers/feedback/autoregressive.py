@@ -96,7 +96,7 @@ class AutoregressiveModel(nn.Module):
                              f"outside the vocabulary [0, {self.n_vocab - 1}]")
 
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 top_k: Optional[int] = None, rng: Optional[torch.Generator] = None) -> torch.Tensor:
         r"""
         Continue `prompt` by `max_new_tokens` tokens, each sampled from the model given all tokens before it.
 
@@ -105,7 +105,7 @@ class AutoregressiveModel(nn.Module):
         * `temperature`: $\tau \ge 0$; `0` is greedy decoding (the most likely token, `top_k` then has no effect)
         * `top_k`: sample only among the `top_k` most likely tokens (`None`: all; values above the vocabulary
           size mean all)
-        * `generator`: the `torch.Generator` that `torch.multinomial` draws from, on the model's device, for
+        * `rng`: the `torch.Generator` that `torch.multinomial` draws from, on the model's device, for
           reproducible samples independent of the global random state; `None` uses the global generator
           (so `torch.manual_seed` makes it reproducible too)
 
@@ -116,7 +116,7 @@ class AutoregressiveModel(nn.Module):
         restored afterwards. Nothing is kept between calls.
         """
         self.check_tokens(prompt, "prompt")
-        _check_sampling_args(max_new_tokens, temperature, top_k, generator, self.src_embed.weight.device)
+        _check_sampling_args(max_new_tokens, temperature, top_k, rng, self.src_embed.weight.device)
         if prompt.device != self.src_embed.weight.device:
             raise ValueError(f"prompt is on {prompt.device} but the model is on "
                              f"{self.src_embed.weight.device}")
@@ -135,7 +135,7 @@ class AutoregressiveModel(nn.Module):
                     # The whole prompt in one call: logits for the first new token and the state after the prompt
                     logits, state = self(tokens[:prompt_len], return_state=True)
                     for t in range(prompt_len, prompt_len + max_new_tokens):
-                        tokens[t] = sample_token(logits[-1], temperature, top_k, generator)
+                        tokens[t] = sample_token(logits[-1], temperature, top_k, rng)
                         if t + 1 < tokens.shape[0]:
                             # One step from the cached state: only the new token goes in, `[1, batch_size]`
                             logits, state = self(tokens[t:t + 1], state=state, return_state=True)
@@ -147,7 +147,7 @@ class AutoregressiveModel(nn.Module):
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_k: Optional[int],
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 rng: Optional[torch.Generator] = None) -> torch.Tensor:
     r"""
     Pick one token per row of `logits` `[batch_size, n_vocab]`: the most likely when `temperature` is 0,
     otherwise a draw from $\mathrm{softmax}(z / \tau)$ over the `top_k` largest logits (all when `None`).
@@ -171,14 +171,14 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: Optional[int],
     # Divided by $\tau$: no overflow however small $\tau$ is ($-\infty$ at worst), and exactly 0 at the maximum
     logits = torch.where(shifted == 0, torch.zeros_like(shifted), shifted / temperature)
     # One draw per row from $p \propto \exp(\cdot)$, `[batch_size, 1]`
-    choice = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+    choice = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng)
     if ids is not None:
         choice = ids.gather(-1, choice)
     return choice.squeeze(-1)
 
 
 def _check_sampling_args(max_new_tokens: int, temperature: float, top_k: Optional[int],
-                         generator: Optional[torch.Generator], device: torch.device) -> None:
+                         rng: Optional[torch.Generator], device: torch.device) -> None:
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
@@ -186,11 +186,11 @@ def _check_sampling_args(max_new_tokens: int, temperature: float, top_k: Optiona
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"top_k must be None (no limit) or an int >= 1, got {top_k!r}")
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        if generator.device.type != device.type:
-            raise ValueError(f"generator is on {generator.device} but the model is on {device}; "
+    if rng is not None:
+        if not isinstance(rng, torch.Generator):
+            raise TypeError(f"rng must be a torch.Generator or None, got {type(rng).__name__}")
+        if rng.device.type != device.type:
+            raise ValueError(f"rng is on {rng.device} but the model is on {device}; "
                              f"make it with torch.Generator(device={str(device)!r})")
 
 

@@ -7,7 +7,7 @@ summary: What the fused training loop reads and keeps - its configuration, each 
 
 # The fused loop's named structures
 
-[The fused loop](fused.html) runs the Feedback Transformer's steps on plain tensors, and
+[The fused loop's steps](fused_steps.html) run the Feedback Transformer on plain tensors, and
 [its backward pass](fused_backward.html) walks them in reverse. Both read the same records, named here so that
 each line of the loop can be checked against the math by name (`layer.w_q`, `saved.p`) and not by position:
 
@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
-
-from labml_nn.transformers.feedback.stack import n_visible
 
 
 class LoopConfig(NamedTuple):
@@ -142,7 +140,7 @@ class DropoutMasks:
     backward pass multiplies by the same masks.
     """
 
-    def __init__(self, cfg: LoopConfig, like: torch.Tensor, T: int, B: int, D: int, d_ff: int):
+    def __init__(self, cfg: LoopConfig, like: torch.Tensor, T: int, B: int, D: int, d_ff: int, *, n_max: int):
         gen = torch.Generator(device=like.device)
         gen.manual_seed(cfg.seed)
         L = cfg.n_layers
@@ -150,8 +148,8 @@ class DropoutMasks:
         self.resid = self._draw((2, L, T, B, D), cfg.p_resid, like, gen)
         # On the hidden units, `[L, T, B, d_ff]`, in the products' dtype (the hidden units are a product's output)
         self.hidden = self._draw((L, T, B, d_ff), cfg.p_hidden, like, gen, cfg.dtype)
-        # On the attention probabilities, right-aligned: step `i` uses the last `n` of `n_max` slots
-        n_max = max(1, n_visible(cfg.n_start + T - 1, cfg.memory_span))
+        # On the attention probabilities, right-aligned: step `i` uses the last `n` of `n_max` slots (`n_max`: the
+        # most memory a step of the call sees)
         self.attn = self._draw((L, T, B, cfg.heads, n_max), cfg.p_attn, like, gen)
 
     @staticmethod

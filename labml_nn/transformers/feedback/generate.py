@@ -145,8 +145,8 @@ def sample_text(model: AutoregressiveModel, itos: List[str], stoi: Dict[str, int
     device = model.src_embed.weight.device
     # `[prompt_len, samples]`: the same prompt in every column
     ids = encode_prompt(prompt, stoi)[:, None].expand(-1, samples).to(device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    out = model.generate(ids, tokens, temperature=temperature, top_k=top_k, generator=generator)
+    rng = torch.Generator(device=device).manual_seed(seed)
+    out = model.generate(ids, tokens, temperature=temperature, top_k=top_k, rng=rng)
     return [''.join(itos[i] for i in column) for column in out.t().tolist()]
 
 

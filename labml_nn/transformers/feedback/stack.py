@@ -169,10 +169,6 @@ class Stack:
         """The view returned by the last `append`, or `None` if empty."""
         return self._last
 
-    def free(self) -> None:
-        """Drop the buffers; the stack starts empty again (views already handed out stay valid)."""
-        self.__init__(self.capacity_hint, memory_span=self.memory_span, dim=self.dim)
-
     def reserve(self, n_more: int, like: torch.Tensor) -> Tuple[torch.Tensor, int]:
         """
         Make room for `n_more` entries like `like` after the current ones, in one buffer that also holds every

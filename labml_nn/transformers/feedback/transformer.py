@@ -39,6 +39,11 @@ and so does `memory_norm=True`: each layer uses its own pre-attention norm, and 
 all layers. Without it (labml_nn's model) the memory is a linear mix of the layers' residual streams, and when
 memory is carried over many training batches nothing stops it from growing step after step.
 
+In the weighted variant the setting adds no parameter, so the weights alone do not say whether they were trained
+with it. The state dict says it: `memory_norm` is saved with the weights (as the module's extra state), and
+loading weights into a model with the other setting is an error. State dicts without it (labml_nn's, older
+checkpoints) load as before.
+
 ## Memory span
 
 With `memory_span` $= S$ each step attends only to the last $S$ memory vectors, $m_{t-S} \dots m_{t-1}$ (the
@@ -48,26 +53,35 @@ what later steps can see, so a long generation costs the same per token at its e
 
 ## Three ways to run the same function
 
-This page is the model as the paper writes it: `_module_loop` runs the layers above step by step, with autograd
-recording every operation. Two fast paths compute exactly the same function ([fast_paths.py](fast_paths.html)):
-training runs the whole loop as one autograd function with a hand-written backward pass
-([fused.py](fused.html), [fused_backward.py](fused_backward.html)), and calls without autograd (evaluation,
-generation) run the same steps straight into the state's cache. `fused=False` keeps the module loop.
+This page is the model as the paper writes it: `forward` runs the layers above step by step, with autograd
+recording every operation. Two fast paths compute exactly the same function, each one call from `forward` that
+takes the transformer as its argument:
+
+* `fused_forward` ([fused.py](fused.html)), with autograd (training): the whole loop as one autograd function
+  with a hand-written backward pass ([fused_backward.py](fused_backward.html));
+* `inference_forward` ([inference.py](inference.html)), without autograd (evaluation, generation): the same
+  steps ([fused_steps.py](fused_steps.html)) straight into the state's cache.
+
+`fused=False` keeps the module loop.
 """
 
-from typing import List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from labml_nn.transformers.feedback import fused as fused_loop
 from labml_nn.transformers.feedback.attention import FeedbackAttention
-from labml_nn.transformers.feedback.fast_paths import FastPaths
+from labml_nn.transformers.feedback.fused import fused_forward
+from labml_nn.transformers.feedback.fused_steps import products_dtype, supports
+from labml_nn.transformers.feedback.inference import InferenceCache, inference_forward
 from labml_nn.transformers.feedback.stack import Stack, n_visible
 from labml_nn.transformers.feedback.state import FeedbackState
 from labml_nn.transformers.pre_norm import PreNormLayer
 from labml_nn.utils import check_memory_span, clone_module_list
+
+# The state-dict key of a module's extra state, after its prefix (PyTorch's name, `get_extra_state`)
+_EXTRA_STATE = '_extra_state'
 
 
 class FeedbackTransformerLayer(PreNormLayer):
@@ -102,7 +116,7 @@ class FeedbackTransformerLayer(PreNormLayer):
         return self.feed_forward_block(x)
 
 
-class _FeedbackLoop(FastPaths, nn.Module):
+class _FeedbackLoop(nn.Module):
     r"""
     What both Feedback Transformers share: the layers, the memory weights $w$, the final norm, the state
     handling and the step loop. Subclasses say how the memory is projected to keys and values.
@@ -128,11 +142,14 @@ class _FeedbackLoop(FastPaths, nn.Module):
         # Normalize each memory vector before its key/value projection (the authors' pre-norm memory)
         self.memory_norm = bool(memory_norm)
         # Train with the fused loop when the layers' building blocks allow it
-        self.fused = fused and fused_loop.supports(layer)
+        self.fused = fused and supports(layer)
         # Final layer norm
         self.norm = nn.LayerNorm([layer.size])
         # $w \in \mathbb{R}^{L+1}$, the memory weights over the embedding and the $L$ layer outputs
         self.weights = nn.Parameter(torch.ones(n_layers + 1))
+        # What inference derives from the parameters, kept between calls while they are unchanged
+        # ([inference.py](inference.html))
+        self.inference_cache = InferenceCache()
 
     def memory_weights(self) -> torch.Tensor:
         r"""$\mathrm{softmax}(w)$, `[n_layers + 1]`."""
@@ -172,6 +189,32 @@ class _FeedbackLoop(FastPaths, nn.Module):
         r"""The $\epsilon$ of the memory's normalization (every group's norm has the same: they are copies)."""
         return self.memory_norms()[0].eps if self.memory_norm else 0.0
 
+    def get_extra_state(self) -> torch.Tensor:
+        """
+        Saved in the state dict beside the weights: `memory_norm`, which changes what the weights compute. A
+        0-dimensional bool tensor, as every other entry of a state dict is a tensor.
+        """
+        return torch.tensor(self.memory_norm)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Check the `memory_norm` saved with the weights: weights made with the other setting are an error."""
+        if not isinstance(state, torch.Tensor) or state.numel() != 1:
+            raise ValueError(f"the state dict's extra state for {type(self).__name__} should be its memory_norm "
+                             f"setting (a bool tensor), got {state!r}")
+        saved = bool(state)
+        if saved != self.memory_norm:
+            raise ValueError(f"the state dict was saved from a {type(self).__name__} with memory_norm={saved}, but "
+                             f"this {type(self).__name__} has memory_norm={self.memory_norm}: build it with "
+                             f"memory_norm={saved} to load these weights")
+
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args) -> None:
+        # A state dict without the setting (labml_nn's, or a checkpoint saved before it was kept) loads as before:
+        # this model's own setting stands in for it (`load_state_dict` hands modules a copy of the dict to change)
+        key = prefix + _EXTRA_STATE
+        if key not in state_dict:
+            state_dict[key] = self.get_extra_state()
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def forward(self, x_seq: torch.Tensor, state: Optional[FeedbackState] = None,
                 return_state: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, FeedbackState]]:
         r"""
@@ -187,14 +230,14 @@ class _FeedbackLoop(FastPaths, nn.Module):
             # Under autocast (checked above): the residual stream keeps the parameters' precision
             x_seq = x_seq.to(self.weights.dtype)
         if self.fused:
-            # The same function, fast ([fast_paths.py](fast_paths.html))
+            # The same function, fast
             if torch.is_grad_enabled():
-                return self._forward_fused(x_seq, state, return_state)
-            return self._forward_inference(x_seq, state, return_state)
-        return self._module_loop(x_seq, state, return_state)
+                # Training: the whole loop as one autograd function ([fused.py](fused.html))
+                return fused_forward(self, x_seq, state, return_state)
+            # Without autograd: the same steps, straight into the state's cache ([inference.py](inference.html))
+            return inference_forward(self, x_seq, state, return_state)
 
-    def _module_loop(self, x_seq: torch.Tensor, state: Optional[FeedbackState], return_state: bool):
-        """The loop as the paper writes it: the layers step by step, autograd recording every operation."""
+        # The loop as the paper writes it: the layers step by step, autograd recording every operation
         seq_len, batch_size, _ = x_seq.shape
         # The cache of keys and values ([layout](state.html#layout)) and what the first step sees
         if state is None:
@@ -246,6 +289,10 @@ class _FeedbackLoop(FastPaths, nn.Module):
         if return_state:
             return out, FeedbackState(stack, n_start + seq_len, visible)
         return out
+
+    def cache_dtype(self, x_seq: torch.Tensor) -> torch.dtype:
+        """The dtype of the keys and values a call makes: the products' (under autocast), else the parameters'."""
+        return products_dtype(x_seq, self.weights.dtype) or self.weights.dtype
 
     def state_from_payload(self, payload: dict, device: torch.device) -> FeedbackState:
         """The state that `FeedbackState.to_payload()` saved (in a checkpoint), for this model, on `device`."""
@@ -305,7 +352,8 @@ class FeedbackTransformer(_FeedbackLoop):
     * `fused`: train with the fused loop of `fused.py` (same results, several times faster); `False` uses
       autograd over the module-by-module loop
     * `memory_norm`: layer $l$ projects $\mathrm{LN}^l(m_j)$ instead of $m_j$, with its own pre-attention norm
-      `norm_self_attn` (as the authors' pre-norm code does); adds no parameters
+      `norm_self_attn` (as the authors' pre-norm code does); adds no parameters, but is saved in the state dict, so
+      weights load only into a model with the same setting
     """
 
     def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, *, memory_span: Optional[int] = None,
