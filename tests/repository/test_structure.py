@@ -71,9 +71,10 @@ def levels() -> Dict[str, int]:
 def test_import_floors():
     found = levels()
     table = ', '.join(f'{m} {n}' for m, n in sorted(found.items(), key=lambda item: (item[1], item[0])))
-    # The model (transformer.py) stands on at most three floors of parts, the builder on it
+    # The model (transformer.py) stands on at most three floors of parts, the builder on it, the experiments on that
     assert found['transformer'] <= 4, table
     assert found['build'] <= 5, table
+    assert max(found.values()) <= 6, table
     # The parts the model is made of import nothing of the package above them
     assert found['stack'] == found['attention'] == found['fused_records'] == 1, table
 
@@ -83,6 +84,40 @@ def test_level_counts_imports_inside_functions(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], 'FOLDER', tmp_path)
     (tmp_path / 'lazy.py').write_text(source)
     assert package_imports('lazy') == {'fused'}
+
+
+def test_the_experiments_import_no_model():
+    """The training machinery knows a model only through its configs' options: it imports no model package."""
+    for path in (ROOT / 'labml_nn' / 'experiments').glob('*.py'):
+        for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ''] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.startswith('labml_nn.transformers') for n in names), (path.name, names)
+
+
+def test_configs_stand_at_most_three_classes_below_labml():
+    """Every configs class of the library is at most 3 classes below labml's `BaseConfigs` (labml's own excluded)."""
+    import importlib
+    import pkgutil
+
+    import labml_nn
+    from labml.configs import BaseConfigs
+    for module in pkgutil.walk_packages(labml_nn.__path__, 'labml_nn.'):
+        importlib.import_module(module.name)
+
+    def depth(cls: type) -> int:
+        if cls is BaseConfigs or not cls.__module__.startswith('labml_nn'):
+            return 0
+        return 1 + max(depth(b) for b in cls.__bases__ if issubclass(b, BaseConfigs))
+
+    def subclasses(cls: type):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    ours = {c for c in subclasses(BaseConfigs) if c.__module__.startswith('labml_nn')}
+    deepest = max(ours, key=depth)
+    assert len(ours) >= 4 and depth(deepest) <= 3, (deepest, depth(deepest))
 
 
 def test_no_module_is_too_long():

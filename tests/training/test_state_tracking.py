@@ -427,7 +427,7 @@ def test_held_out_facts_and_the_cut_layout():
     assert cut.streams.shape == (4, length)
     # The breakdown of a whole layout counts every print once
     breakdown = Breakdown(whole)
-    for idx, data, target in whole.iterate(0, 0, len(whole)):
+    for idx, _, target in whole.iterate(0, 0, len(whole)):
         breakdown.add(idx, F.one_hot(target, len(vocab)).float(), target)
     report = breakdown.report()
     n_prints = sum(len(print_facts(p)) for p in programs)

@@ -37,14 +37,13 @@ This is the same parametrization as labml_nn's [multi-head attention](../mha.htm
 ## Starting with a preference for recent memory
 
 The position table starts at zero (labml_nn's initialization): at first every head attends evenly to all the
-memory it sees. With `recency_init=True` the position bias starts as in ALiBi
-([Press et al., 2021](https://arxiv.org/abs/2108.12409)): head $h$ of $H$ prefers recent slots with its own
-slope $m_h = 2^{-8h/H}$,
+memory it sees. With `recency_init=True` the position bias starts with [ALiBi's slopes](../recency.html): head $h$
+of $H$ prefers recent slots with its own slope $m_h = 2^{-8h/H}$,
 
 $$s_\Delta = -\sqrt{d_k}\; m_h\, (\Delta - 1),$$
 
-(the $\sqrt{d_k}$ because our scores are divided by it after $s_\Delta$ is added), and learns from there. This
-matters when a step sees a wide memory that carries no gradient: memory carried across training batches. With
+(the nearest memory vector, $\Delta = 1$, has no penalty), and learns from there. This matters when a step sees
+a wide memory that carries no gradient: memory carried across training batches. With
 even attention over 64 carried memory vectors a small model settles into using their average and stops improving
 (see the README's measurements); a recency preference at the start lets it find the recent tokens first.
 
@@ -61,6 +60,7 @@ import torch
 from torch import nn
 
 from labml_nn.transformers.mha import PrepareForMultiHeadAttention
+from labml_nn.transformers.recency import recency_bias
 
 
 class FeedbackAttention(nn.Module):
@@ -157,14 +157,3 @@ class FeedbackAttention(nn.Module):
         # Concatenate the heads and apply $W_o, b_o$
         return self.output(out.reshape(batch_size, self.d_model))
 
-
-def recency_bias(max_distance: int, heads: int, d_k: int) -> torch.Tensor:
-    r"""
-    ALiBi's recency bias as a starting point for $s_\Delta$, `[max_distance, heads]`: row $\Delta - 1$, head $h$
-    holds $-\sqrt{d_k}\, m_h (\Delta - 1)$ with $m_h = 2^{-8h/H}$, $h = 1 \dots H$.
-    """
-    # $m_h$, `[heads]`: a geometric sequence from $2^{-8/H}$ down to $2^{-8}$
-    slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads)
-    # $\Delta - 1$ for the table's rows, `[max_distance, 1]`
-    offsets = torch.arange(max_distance, dtype=torch.float32)[:, None]
-    return -math.sqrt(d_k) * offsets * slopes[None, :]

@@ -42,7 +42,7 @@ parallel transformer whose state is a key/value cache.
 """
 
 import math
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -116,7 +116,7 @@ class AutoregressiveModel(nn.Module):
         restored afterwards. Nothing is kept between calls.
         """
         self.check_tokens(prompt, "prompt")
-        _check_sampling_args(max_new_tokens, temperature, top_k, rng, self.src_embed.weight.device)
+        check_sampling_args(max_new_tokens, temperature, top_k, rng, self.src_embed.weight.device)
         if prompt.device != self.src_embed.weight.device:
             raise ValueError(f"prompt is on {prompt.device} but the model is on "
                              f"{self.src_embed.weight.device}")
@@ -177,37 +177,23 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: Optional[int],
     return choice.squeeze(-1)
 
 
-def _check_sampling_args(max_new_tokens: int, temperature: float, top_k: Optional[int],
-                         rng: Optional[torch.Generator], device: torch.device) -> None:
+def check_sampling_args(max_new_tokens: int, temperature: float, top_k: Optional[int],
+                        rng: Optional[torch.Generator] = None, device: Optional[torch.device] = None, *,
+                        tokens_name: str = 'max_new_tokens') -> None:
+    """
+    The one check of the sampling arguments (`generate()` and the sampling command, which calls the number of new
+    tokens `tokens_name`): a `ValueError` or `TypeError` naming the first bad one.
+    """
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        raise ValueError(f"{tokens_name} must be an int >= 0, got {max_new_tokens!r}")
     if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
             or not math.isfinite(temperature) or temperature < 0):
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"top_k must be None (no limit) or an int >= 1, got {top_k!r}")
-    if rng is not None:
-        if not isinstance(rng, torch.Generator):
-            raise TypeError(f"rng must be a torch.Generator or None, got {type(rng).__name__}")
-        if rng.device.type != device.type:
-            raise ValueError(f"rng is on {rng.device} but the model is on {device}; "
-                             f"make it with torch.Generator(device={str(device)!r})")
+    if rng is not None and not isinstance(rng, torch.Generator):
+        raise TypeError(f"rng must be a torch.Generator or None, got {type(rng).__name__}")
+    if rng is not None and device is not None and rng.device.type != device.type:
+        raise ValueError(f"rng is on {rng.device} but the model is on {device}; "
+                         f"make it with torch.Generator(device={str(device)!r})")
 
-
-@torch.no_grad()
-def greedy_continuation(model: nn.Module, prompt: torch.Tensor, n_tokens: int) -> List[int]:
-    """
-    Continue the 1-D token tensor `prompt` greedily by `n_tokens` tokens, feeding one token at a time through the
-    model's state (a key/value or memory cache), so each new token costs one step and not a re-run of the prefix.
-    A model with a `generate()` of its own (the autoregressive model) continues with it, at temperature 0.
-    """
-    if hasattr(model, 'generate'):
-        return model.generate(prompt[:, None], n_tokens, temperature=0.0)[len(prompt):, 0].tolist()
-    logits, state = model(prompt[:, None], return_state=True)
-    out = []
-    for _ in range(n_tokens):
-        # `[1, 1]`: the most likely next token
-        token = logits[-1].argmax(dim=-1, keepdim=True)
-        out.append(int(token.item()))
-        logits, state = model(token, state=state, return_state=True)
-    return out

@@ -29,14 +29,14 @@ The three models are the experiment's:
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 from labml.configs import option
 from torch import nn
 
 from labml_nn.experiments.configs import TrainingConfigs
-from labml_nn.experiments.labml_adapter import public_options
+from labml_nn.experiments.labml_adapter import config_default, public_options
 from labml_nn.transformers.causal import CausalAttention, CausalTransformer, CausalTransformerLayer
 from labml_nn.transformers.feed_forward import FeedForward
 from labml_nn.transformers.feedback.attention import FeedbackAttention
@@ -186,6 +186,20 @@ class ModelConfigs(TrainingConfigs):
         if self.carry_memory and self.memory_span == 0:
             raise ValueError("carry_memory=True needs a memory_span >= 1: the carried memory would otherwise "
                              "grow with every batch of the epoch")
+
+
+def model_config_of(config: Dict[str, Any], n_vocab: int) -> ModelConfig:
+    """
+    The model of a run's stored configuration (the `key=value` values it was given, over `ModelConfigs`' defaults),
+    for a vocabulary of `n_vocab`: what a checkpoint of the text experiment needs to be rebuilt without its configs.
+    """
+    def value(key: str) -> Any:
+        return config.get(key, config_default(ModelConfigs, key))
+
+    return ModelConfig(config.get('model', MODELS[0]), n_vocab=n_vocab, d_model=value('d_model'),
+                       heads=value('heads'), d_ff=value('d_ff'), n_layers=value('n_layers'), dropout=value('dropout'),
+                       memory_span=value('memory_span') or None, memory_norm=value('memory_norm'),
+                       recency_init=value('recency_init'))
 
 
 @option(ModelConfigs.model, 'feedback_transformer')

@@ -36,15 +36,17 @@ prompt character outside the vocabulary stops the command with a message and exi
 """
 
 import contextlib
-import math
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from labml import lab
 
-from labml_nn.experiments.cli import convert, parse_key_values
-from labml_nn.tasks.text import Vocabulary
-from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel
+from labml_nn.experiments import checkpoint as ckpt
+from labml_nn.experiments.cli import configure_lab, convert, parse_key_values
+from labml_nn.tasks.text import Vocabulary, character_tokenizer, load_text, resolve_text_path
+from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel, check_sampling_args
+from labml_nn.transformers.feedback.build import build_model, model_config_of
 
 # The command's keys, with their types and defaults
 ARGUMENTS: Dict[str, Any] = {
@@ -74,13 +76,8 @@ def parse_arguments(argv: List[str]) -> Dict[str, Any]:
     values.update(parse_key_values(argv, convert_one, keys=', '.join(ARGUMENTS)))
     if values['checkpoint'] is None:
         raise ValueError("checkpoint= is required: a checkpoint file, a run folder or a run UUID")
-    if values['tokens'] < 0:
-        raise ValueError(f"tokens must be an int >= 0, got {values['tokens']}")
-    if not math.isfinite(values['temperature']) or values['temperature'] < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), "
-                         f"got {values['temperature']}")
-    if values['top_k'] is not None and values['top_k'] < 1:
-        raise ValueError(f"top_k must be an int >= 1, got {values['top_k']}")
+    # The sampling arguments as `generate()` checks them, before a checkpoint is read
+    check_sampling_args(values['tokens'], values['temperature'], values['top_k'], tokens_name='tokens')
     if values['samples'] < 1:
         raise ValueError(f"samples must be an int >= 1, got {values['samples']}")
     return values
@@ -88,17 +85,10 @@ def parse_arguments(argv: List[str]) -> Dict[str, Any]:
 
 def load_model(checkpoint: str, text_path: Optional[str] = None) -> Tuple[AutoregressiveModel, Vocabulary]:
     """
-    Rebuild the model of a training checkpoint with the experiment's configs and load its weights. Returns
-    `(model, vocabulary)`: the vocabulary stored in the checkpoint, or, for an older checkpoint without one, the
-    vocabulary of its training text (`text_path`, else the one it was trained with).
+    Rebuild the model of a training checkpoint from the configuration it stores ([build.py](build.html)) and load
+    its weights. Returns `(model, vocabulary)`: the vocabulary stored in the checkpoint, or, for an older checkpoint
+    without one, the vocabulary of its training text (`text_path`, else the one it was trained with).
     """
-    # The experiment and its checkpoints (imported here: they pull in labml's configs)
-    from labml import experiment, lab
-
-    from labml_nn.experiments import checkpoint as ckpt
-    from labml_nn.experiments.cli import configure_lab
-    from labml_nn.transformers.feedback.experiment import Configs
-
     configure_lab()
     try:
         path = ckpt.find_checkpoint(checkpoint, lab.get_experiments_path())
@@ -106,26 +96,21 @@ def load_model(checkpoint: str, text_path: Optional[str] = None) -> Tuple[Autore
         # The experiment words it for its `resume=` argument
         raise FileNotFoundError(str(e).replace('resume=', 'checkpoint=', 1)) from None
     payload = ckpt.load_checkpoint(path)
-    config = dict(payload['config'])
+    config = payload['config']
     itos = (payload.get('data') or {}).get('itos')
-    if itos is not None:
-        # The model needs only the vocabulary's size; no text is read
-        config['n_tokens'] = len(itos)
-        if text_path is not None:
-            print(f"text_path={text_path} is not used: the checkpoint stores its vocabulary", file=sys.stderr)
+    if itos is None:
+        # An older checkpoint: the vocabulary of the text it was trained on
+        text = resolve_text_path(text_path or config.get('text_path', ''), lab.get_data_path())
+        itos = load_text(text, character_tokenizer).itos
     elif text_path is not None:
-        config['text_path'] = text_path
-    conf = Configs()
-    # An evaluation experiment records nothing; it lets the configs compute the model (and the text)
-    experiment.evaluate()
-    experiment.configs(conf, config)
-    model: AutoregressiveModel = conf.model
+        print(f"text_path={text_path} is not used: the checkpoint stores its vocabulary", file=sys.stderr)
+    model = build_model(model_config_of(config, len(itos)))
     try:
         model.load_state_dict(payload['model'])
     except RuntimeError as e:
         raise ValueError(f"the checkpoint's weights do not fit the model its configuration builds "
                          f"(is text_path the text it was trained on?): {e}") from None
-    return model, Vocabulary.of(itos if itos is not None else conf.text.itos)
+    return model, Vocabulary.of(itos)
 
 
 def encode_prompt(prompt: str, stoi: Dict[str, int]) -> torch.Tensor:
