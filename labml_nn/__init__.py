@@ -3,7 +3,7 @@ r"""
 title: labml_nn, the Feedback Transformer annotated
 summary: An annotated, tested and fast PyTorch implementation of the Feedback Transformer (Fan et al., 2020), written
   as a book, with the math beside the code, page by page.
-contents: [transformers/, experiments/, utils.py]
+contents: [transformers/, tasks/, experiments/, utils.py]
 ---
 
 # labml_nn: the Feedback Transformer, annotated
@@ -34,8 +34,10 @@ one after the other, in training too. The library makes that affordable and chec
 4. [The fused loop](transformers/feedback/fused.html) and
    [its backward pass](transformers/feedback/fused_backward.html): backpropagation through time by hand, every
    gradient beside its formula.
-5. [The experiment](transformers/feedback/experiment.html): training on Tiny Shakespeare, and
-   [the training loop](experiments/nlp_autoregression.html) under it.
+5. [The tasks](tasks/index.html): [next-character prediction](tasks/text.html) on Tiny Shakespeare and the paper's
+   [state-tracking task](tasks/state_tracking.html).
+6. [The experiment](transformers/feedback/experiment.html): training on Tiny Shakespeare, and
+   [the trainer](experiments/trainer.html) under it, which owns the parts of a run.
 
 The repository's README has the measured results: training and generation speed, quality on Tiny Shakespeare,
 the paper's training accelerators, and mixed precision.
