@@ -22,7 +22,7 @@ from figure import NO_MATPLOTLIB, can_plot, new_figure, save_figure
 from runs import commit, run_and_load
 from train_cpu import CPU_RECIPE
 
-MODELS = ['feedback_transformer', 'feedback_transformer_kv', 'transformer']
+from labml_nn.transformers.feedback.build import MODELS
 
 # labml_nn's KV quality setting: 1 epoch of Tiny Shakespeare, about 490 steps
 PRESETS = {

@@ -72,6 +72,7 @@ os.environ.setdefault('_', sys.executable)
 from labml import experiment, lab
 
 from labml_nn.experiments import checkpoint as ckpt
+from labml_nn.transformers.feedback.build import MODELS
 from labml_nn.transformers.feedback.experiment import main as run_experiment
 from labml_nn.transformers.feedback.generate import load_model
 
@@ -103,7 +104,6 @@ else:
     SIZE = {'d_model': 128, 'heads': 4, 'd_ff': 256, 'n_layers': 4, 'seq_len': 64, 'batch_size': 32}
     BUDGET = {'train_steps': 300, 'optimizer.optimizer': 'Noam', 'optimizer.learning_rate': 1.0,
               'optimizer.warmup': 400, 'sample_tokens': 40, 'num_threads': 1}
-MODELS = ['feedback_transformer_kv', 'feedback_transformer', 'transformer']
 
 # An epoch is split into `inner_iterations` parts, each followed by a validation on a share of the validation
 # set. We want about `VALID_POINTS` of them within `train_steps`, so we count the training batches of an epoch:

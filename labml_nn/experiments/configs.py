@@ -229,8 +229,7 @@ def _trainer(c: TrainingConfigs) -> Trainer:
     torch.manual_seed(c.seed + 7919 * c._dist.rank)
     # The data first (its checks give the clear errors), then the optimizer, which reads the run's length
     c.check_data()
-    settings = TrainSettings(seq_len=c.seq_len, batch_size=c.batch_size, epochs=c.epochs,
-                             inner_iterations=c.inner_iterations, train_steps=c.train_steps,
+    settings = TrainSettings(epochs=c.epochs, inner_iterations=c.inner_iterations, train_steps=c.train_steps,
                              valid_batches=c.valid_batches, grad_norm_clip=c.grad_norm_clip,
                              validate_at_start=c.validate_at_start, experiment_name=c.experiment_name(),
                              module=type(c).__module__, config=c._overrides)

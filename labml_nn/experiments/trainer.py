@@ -67,10 +67,9 @@ from labml_nn.experiments.run_control import RunControl
 @dataclass
 class TrainSettings:
     """The plain settings of a run (the training configs' values)."""
-    # Sequence length and the *global* batch size
-    seq_len: int
-    batch_size: int
     epochs: int
+    # The configuration values a checkpoint stores (what was set, by the command line or Python)
+    config: Optional[Dict[str, Any]] = None
     # Times per epoch to sample, train on a share of the batches, and validate on a share
     inner_iterations: int = 1
     # Stop after this many steps (0: run all epochs); validation batches per epoch (0: all)
@@ -80,11 +79,9 @@ class TrainSettings:
     grad_norm_clip: float = 1.0
     # Validate on the whole validation set before the first step too
     validate_at_start: bool = False
-    # The experiment's name (its runs' folder), its module (to say how to resume), and the configuration values a
-    # checkpoint stores
+    # The experiment's name (its runs' folder) and its module (to say how to resume)
     experiment_name: str = 'nlp_autoregression'
     module: str = '__main__'
-    config: Optional[Dict[str, Any]] = None
 
 
 class Trainer:
@@ -106,7 +103,7 @@ class Trainer:
                                          'skipped_steps': 0}
         self.history: Dict[str, Any] = {'train': [], 'valid': [], 'evaluations': []}
         # The segment length the curriculum trained on last (to log its changes)
-        self.stage_length = settings.seq_len
+        self.stage_length = curriculum.seq_len
         # The flags of the last step, summed over ranks: `[non-finite, stop, save]`
         self.step_flags: List[float] = [0.0, 0.0, 0.0]
 
@@ -176,7 +173,8 @@ class Trainer:
                 p['train_seconds'] += time.perf_counter() - start
                 p['batch'] = idx + 1
                 p['step'] += 1
-                p['tokens'] += s.seq_len * s.batch_size
+                # Tokens of the global batch (every rank's rows)
+                p['tokens'] += data.numel() * self.dist.world_size
                 self.history['train'].append({'step': p['step'], 'loss': loss})
                 tracker.set_global_step(p['step'])
                 last = p['step'] == s.train_steps or p['batch'] == n_batches

@@ -100,8 +100,9 @@ def test_configs_stand_at_most_three_classes_below_labml():
     import importlib
     import pkgutil
 
-    import labml_nn
     from labml.configs import BaseConfigs
+
+    import labml_nn
     for module in pkgutil.walk_packages(labml_nn.__path__, 'labml_nn.'):
         importlib.import_module(module.name)
 

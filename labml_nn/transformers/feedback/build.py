@@ -57,9 +57,11 @@ class ModelConfig:
     """
     * `model`: one of `MODELS`
     * `n_vocab`: vocabulary size (only `build_model` uses it)
-    * `d_model`, `heads`, `d_ff`, `n_layers`: sizes; `d_model` must be a multiple of `heads`
+    * `d_model`, `heads`: the width and the attention heads; `d_model` must be a multiple of `heads`
+    * `memory_span`: feedback models attend to at most this many latest memory vectors, the parallel transformer to
+      a window of this many positions (`None`: all)
+    * `d_ff`, `n_layers`: the feed-forward network's hidden size, and the number of layers
     * `dropout`: on attention probabilities, residual branches and hidden units
-    * `memory_span`: feedback models attend to at most this many latest memory vectors (`None`: all)
     * `memory_norm`: feedback models normalize the memory before projecting it (the authors' pre-norm memory; on by
       default here, off by default in the constructors, which keep labml_nn's parameters)
     * `max_distance`: size of the relative position tables
@@ -75,10 +77,10 @@ class ModelConfig:
     n_vocab: int = 65
     d_model: int = 512
     heads: int = 8
+    memory_span: Optional[int] = None
     d_ff: int = 2048
     n_layers: int = 6
     dropout: float = 0.0
-    memory_span: Optional[int] = None
     memory_norm: bool = True
     max_distance: int = 128
     recency_init: bool = True
