@@ -44,3 +44,4 @@ def test_tests_and_files_the_readme_names_exist():
         assert re.search(rf'^def {name}\(', (ROOT / path).read_text(), re.M), f'{path}::{name}'
     for path in re.findall(r'`((?:labml_nn|experiments|tests)/[\w/]+\.(?:py|md|sh))`', text):
         assert (ROOT / path).exists(), path
+

@@ -61,7 +61,8 @@ other, in training too. This implementation keeps that loop as small as it can:
 
 ## Using it
 
-A small model, a sequence through it in one call and in two, the second continuing the first from its state.
+A small model, a sequence through it in one call and in two, the second continuing the first from its state. In
+evaluation mode (no dropout) the two give the same outputs; in training mode every call draws new dropout masks.
 
 ```python beside
 import torch
@@ -71,12 +72,13 @@ from labml_nn.transformers.feedback import (FeedbackAttention, FeedbackTransform
 d_model, heads, d_ff, n_layers = 128, 4, 256, 4
 layer = FeedbackTransformerLayer(d_model=d_model, attn=FeedbackAttention(heads, d_model),
                                  feed_forward=FeedForward(d_model, d_ff), dropout_prob=0.1)
-transformer = FeedbackTransformer(layer, n_layers)
+transformer = FeedbackTransformer(layer, n_layers).eval()
 x = torch.randn(64, 16, d_model)              # [seq_len, batch_size, d_model]
 y = transformer(x)                            # [seq_len, batch_size, d_model]
-# Continue a sequence: same result as one call over the concatenation
+# Continue a sequence: the same result as one call over the concatenation
 y1, state = transformer(x[:40], return_state=True)
 y2, state = transformer(x[40:], state=state, return_state=True)
+assert torch.allclose(torch.cat([y1, y2]), y, atol=1e-5)
 ```
 """
 
