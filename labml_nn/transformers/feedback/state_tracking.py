@@ -1,8 +1,8 @@
 r"""
 ---
 title: The algorithmic state-tracking task
-summary: Train the Feedback Transformers and a windowed parallel transformer to read long programs and say the value
-  of every printed variable; held-out test accuracy on print positions.
+summary: Train the Feedback Transformers and parallel transformers (a local window, and one that sees every program
+  whole) to read long programs and say the value of every printed variable; test accuracy on the prints.
 ---
 
 # State tracking: what the feedback memory buys
@@ -15,37 +15,70 @@ The paper's algorithmic task (section 4.1.2; [the task](../../tasks/state_tracki
 python -m labml_nn.transformers.feedback.state_tracking \
     model=feedback_transformer_kv
 python -m labml_nn.transformers.feedback.state_tracking \
-    model=transformer n_layers=4
+    model=transformer n_layers=4 memory_span=512
 python -m labml_nn.transformers.feedback.state_tracking \
     variables=3 train_statements=100
 ```
 
 The defaults are the CPU setting of the README: one variable, training programs of 20 statements, validation and
 test programs of 100 statements (the paper's length), `memory_span=8`, $d_{model} = 64$, 2 layers.
+`experiments/state_tracking.py` runs the comparison: its settings search (on validation only), seeds, and the
+test's breakdown.
+
+## What each model can see
 
 As in the authors' setup, programs are read as long streams (one per batch row, programs one after the other)
-cut into segments of `seq_len` tokens, and both kinds of model carry their state from one segment to the next
-(`carry_memory=True`, the state detached between segments), with the same `memory_span` $S$:
+cut into segments of `seq_len` words, and every model carries its state from one segment to the next
+(`carry_memory=True`, the state detached between segments):
 
-* a **Feedback Transformer** at step $t$ attends to the memory vectors $m_{t-S} \dots m_{t-1}$; each of them was
-  made from the memory before it, so the recurrence can keep a value for as long as it is needed;
-* the **parallel transformer** (`model=transformer`, `CausalTransformer(memory_span=S)`) at position $t$ and layer
-  $l$ attends to layer $l-1$ at positions $t-S \dots t$, through its key/value cache across segments; with $L$
-  layers nothing older than $t - LS$ can reach position $t$. Given programs much longer than $LS$ it cannot see
-  the assignment of a variable printed late in the program; the paper gives it twice the feedback model's layers.
+* a **Feedback Transformer** with `memory_span` $S$ attends at step $t$ to the memory vectors
+  $m_{t-S} \dots m_{t-1}$; each of them was made from the memory before it, so the recurrence can keep a value
+  for as long as it is needed: step $t$ can depend on **every** earlier word;
+* the **parallel transformer** (`model=transformer`, [`CausalTransformer`](../causal.html)) with a window of $S$
+  attends at position $t$ and layer $l$ to layer $l-1$ at positions $t-S \dots t$, through its key/value cache
+  across segments. With $L$ layers it can reach $LS$ words back and nothing older. The comparison has two of them,
+  with twice the feedback models' layers: a **local window** ($S = 8$, 4 layers: the last 32 words) and a
+  **full view** ($S = 512$: every layer sees every word of every test program, the longest of which has 447
+  words). The first cannot see the assignment of a variable printed late in a program; the second sees it, and has
+  to compute the value from what it sees.
 
 ## Epochs, curriculum and evaluation
 
-Training programs are drawn fresh for every epoch and stream, never equal to a validation or test program. An
-epoch is `epoch_segments` segments of every stream, and at its end the model is evaluated on the whole validation
-set (the accuracy curve); after the last epoch, on the test programs. The memory starts empty at every epoch and
-at every evaluation; held-out streams are made of whole programs, so every program is read from its start.
+Training programs are drawn fresh for every epoch and stream (or from a fixed pool, `train_programs`), never equal
+to a validation or test program. An epoch is `epoch_segments` segments of every stream, and at its end the model is
+evaluated on the whole validation set (the accuracy curve); after the last epoch, once, on the test programs
+(`evaluate_test=false` leaves the test out, for runs that choose settings). The memory starts empty at every epoch
+and at every evaluation. The validation and test programs are named by `data_seed`, so every seed of a model is
+tested on the same programs.
 
 Training programs have `statements` statements unless `train_statements` says otherwise: `train_statements=20`
 trains on programs of 20 statements throughout (validation and test always use `statements`), and stages,
 `train_statements="10:0,40:0.5"`, make a curriculum: 10 statements in the first half of the epochs, 40 from
 half-way. Short programs fit in a segment or two, so the gradient reaches from a print back to the statements that
 made its value.
+
+## The authors' setup
+
+`experiments/state_tracking.py --preset paper` is the authors' `algorithmic_3var.sh` (facebookresearch/
+transformer-sequential) in every respect that changes what is learned: 3 variables, programs of 100 statements for
+training and test, a fixed set of 10,000 training programs reused every epoch (`train_programs=10000`), 1,000
+validation and 1,000 test programs whose rows are cut from their concatenation (`held_out_layout=cut`, as their
+`batchify`), $d_{model} = 256$, 4 heads, $d_{ff} = 1024$, dropout 0.2, segments of 64 words with carried memory,
+an attention span of 100, Adam at $10^{-4}$ with 1,000 warm-up steps, gradient clipping 0.1, pre-norm layers,
+50 epochs of 1,000 batches of 512 streams, 4 feedback layers and 8 transformer layers (the transformer reaches 800
+words back: every test program). Where it differs, and why:
+
+* the authors' training rows are one fixed concatenation of the 10,000 programs, read on with a random offset when
+  a row ends; here every epoch draws each row's programs from the pool at random. The pool, and so what can be
+  memorized, is the same;
+* their transformer's query does not attend to its own position; ours does (as any causal transformer), so its
+  window holds the query and the 100 words before it;
+* their accuracy is the mean of each batch's error rate, ours the fraction of all prints; the two differ only by
+  the weighting of batches with more or fewer prints;
+* their validation during training reads a tenth of the validation batches; ours reads all of them (the test is
+  read whole in both).
+
+The preset needs a GPU: its run is 50,000 steps of 32,768 words each.
 """
 
 from typing import List, Optional
