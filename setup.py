@@ -24,15 +24,16 @@ setuptools.setup(
     install_requires=[
         "torch>=2.1",
         "numpy",
-        # labml_nn/experiments/labml_adapter.py uses a few private labml APIs and checks them at import;
-        # tests/test_labml_adapter.py holds it to the versions tested here (also labml_adapter.TESTED_LABML)
+        # labml_nn/experiments/labml_adapter.py uses a few private labml APIs and checks them when an experiment is
+        # set up; tests/training/test_labml_adapter.py holds it to the versions tested here (labml_adapter.TESTED_LABML)
         "labml>=0.5.3,<0.6",
         "labml-helpers>=0.4.89,<0.5",
     ],
     extras_require={
-        # tests/test_docs.py builds docs, so the tests need the docs generator's libraries too. IPython (through
-        # ipykernel) is not pinned: labml 0.5.3's notebook logger imports names that IPython 9 moved, and
-        # labml_nn/experiments/labml_adapter.py puts them back (tests/test_notebook.py runs on the newest IPython).
+        # tests/repository/test_docs.py builds docs, so the tests need the docs generator's libraries too. IPython
+        # (through ipykernel) is not pinned: labml 0.5.3's notebook logger imports names that IPython 9 moved, and
+        # labml_nn/experiments/labml_adapter.py puts them back (tests/training/test_notebook.py runs on the newest
+        # IPython).
         "test": ["pytest>=7", "ruff==0.17.6", "matplotlib", "nbclient", "nbformat", "ipykernel",
                  "jupytext"] + docs_requires,
         "docs": docs_requires,

@@ -45,3 +45,10 @@ def test_tests_and_files_the_readme_names_exist():
     for path in re.findall(r'`((?:labml_nn|experiments|tests)/[\w/]+\.(?:py|md|sh))`', text):
         assert (ROOT / path).exists(), path
 
+
+
+def test_paths_in_setup_py_exist():
+    """setup.py's comments point at files that are there."""
+    import re
+    for path in re.findall(r'\b((?:labml_nn|tests|docs)/[\w/]+\.py)', (ROOT / 'setup.py').read_text()):
+        assert (ROOT / path).exists(), path
