@@ -8,7 +8,8 @@ Train the three models of the experiment on an equal budget and compare them.
 Each model runs as its own `python -m labml_nn.transformers.feedback.experiment` process with the same configs
 (same data order, same number of steps and tokens). The script reads every run's checkpoint and writes, into
 `--out` (default `results/`), a markdown table `<preset>.md`, the numbers as `<preset>.json`, and the loss
-curves `<preset>.png`.
+curves `<preset>.png`, and prints one JSON line last (per model: the final validation loss and accuracy, training
+tokens/s, wall time and steps).
 """
 
 import argparse
@@ -95,7 +96,11 @@ def main() -> None:
         [{k: v for k, v in r.items() if k != 'history'} for r in results], indent=2))
     if can_plot():
         plot(results, args.out / f'{args.preset}.png', f"Tiny Shakespeare, {args.preset}: {' '.join(run_args)}")
-    print(header + md)
+    print(header + md, flush=True)
+    print(json.dumps({'preset': args.preset, 'settings': ' '.join(run_args), 'commit': commit(),
+                      **{key: {r['model']: round(r[key], 4) for r in results}
+                         for key in ('valid_loss', 'valid_accuracy', 'tokens_per_second', 'wall_seconds')},
+                      'steps': {r['model']: r['steps'] for r in results}}))
 
 
 if __name__ == '__main__':
