@@ -64,12 +64,15 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         # The rows of a plain run (within 30 minutes on 2 cores); `--rows` picks others
         'default_rows': ['feedback_transformer_kv', 'feedback_transformer', 'transformer_window',
                          'transformer_full'],
+        # `feedback_transformer_kv` and `transformer_full` by their own `--search` (the log has the grid); the rows
+        # whose search did not finish borrow a sibling's: `feedback_transformer` the KV model's,
+        # `transformer_full_train100` the full view's, `transformer_window` the rate of the log's earlier runs
         'settings': {
             'feedback_transformer_kv': ['optimizer.learning_rate=3e-3', 'optimizer.warmup=100'],
             'feedback_transformer': ['optimizer.learning_rate=3e-3', 'optimizer.warmup=100'],
             'transformer_window': ['optimizer.learning_rate=3e-3', 'optimizer.warmup=100'],
-            'transformer_full': ['optimizer.learning_rate=1e-3', 'optimizer.warmup=100'],
-            'transformer_full_train100': ['optimizer.learning_rate=1e-3', 'optimizer.warmup=100'],
+            'transformer_full': ['optimizer.learning_rate=3e-3', 'optimizer.warmup=800'],
+            'transformer_full_train100': ['optimizer.learning_rate=3e-3', 'optimizer.warmup=800'],
         },
         # The settings search: every row over these learning rates and warm-ups
         'search': {'optimizer.learning_rate': ['3e-4', '1e-3', '3e-3'], 'optimizer.warmup': ['100', '800']},
