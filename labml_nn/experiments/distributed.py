@@ -19,6 +19,7 @@ the loss, its gradients and the hyper-parameters mean the same as on one process
 Without `torchrun` (`WORLD_SIZE` unset or 1) nothing here starts a process group and the helpers are no-ops.
 """
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable, List
@@ -78,7 +79,12 @@ def wrap_ddp(ctx: DistributedContext, model: torch.nn.Module, device: torch.devi
 
 
 def shutdown_distributed(ctx: DistributedContext) -> None:
+    """
+    Destroy the process group, after collecting the objects in reference cycles that may still hold it (a
+    `DistributedDataParallel` destroyed after its group aborts the process).
+    """
     if ctx.is_distributed and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -4,6 +4,8 @@ process with batch 2b, keep identical parameters, and resume like a single proce
 """
 
 
+import gc
+
 import pytest
 import torch
 from conftest import make_transformer
@@ -73,9 +75,15 @@ def _two_ranks_worker(rank: int, port: int, out_path: str, worker, args):
     torch.set_num_threads(1)
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
     gathered = [None, None]
-    dist.all_gather_object(gathered, worker(rank, *args))
+    result = worker(rank, *args)
+    # The worker's objects (a trainer's DistributedDataParallel among them, often held in reference cycles) go
+    # before the process group does: one collected at exit, after the group, aborted the process in a CI run
+    # ("terminate called without an active exception")
+    gc.collect()
+    dist.all_gather_object(gathered, result)
     if rank == 0:
         torch.save(gathered, out_path)
+    dist.barrier()
     dist.destroy_process_group()
 
 
