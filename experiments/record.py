@@ -11,7 +11,8 @@ writes `experiments/results/<name>.json`:
     {"name": ..., "command": "python experiments/benchmark.py --compile", "started": "2026-12-02 14:05 UTC",
      "minutes": 12.5, "commit": "abc1234", "machine": {...}, "result": <the command's last JSON line>}
 
-and copies the files named by `--keep` beside it. The command's whole output goes to `<name>.log` in the same
+and copies the files named by `--keep` beside it, as `<name>.png`, `<name>.md`, ... (a JSON file as
+`<name>.runs.json`). The command's whole output goes to `<name>.log` in the same
 folder (not committed), so a run that failed or printed no JSON line leaves its log (and nothing else).
 `results_page.py` builds the results page from these files.
 """
@@ -69,6 +70,11 @@ def last_json(output: str) -> Any:
     raise ValueError('the command printed no JSON line')
 
 
+def kept_name(name: str, path: Path) -> str:
+    """A kept file's name beside the record: `<name>.png`, `<name>.md`; a JSON file `<name>.runs.json`."""
+    return f'{name}.runs.json' if path.suffix == '.json' else f'{name}{path.suffix}'
+
+
 def main(argv: List[str]) -> int:
     if '--' not in argv:
         print(__doc__, file=sys.stderr)
@@ -94,7 +100,7 @@ def main(argv: List[str]) -> int:
               'minutes': round(minutes, 1), 'commit': commit(), 'uncommitted_changes': uncommitted(),
               'machine': machine(), 'result': last_json(process.stdout)}
     for path in map(Path, args.keep):
-        shutil.copy(path, RESULTS / path.name)
+        shutil.copy(path, RESULTS / kept_name(args.name, path))
     (RESULTS / f'{args.name}.json').write_text(json.dumps(record, indent=1) + '\n')
     print(f'{RESULTS / args.name}.json ({minutes:.1f} min)')
     return 0

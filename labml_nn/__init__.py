@@ -3,7 +3,7 @@ r"""
 title: labml_nn, the Feedback Transformer annotated
 summary: An annotated, tested and fast PyTorch implementation of the Feedback Transformer (Fan et al., 2020), written
   as a book, with the math beside the code, page by page.
-contents: [transformers/, tasks/, experiments/, utils.py]
+contents: [transformers/, tasks/, experiments/, utils.py, guide.md, results.md]
 ---
 
 # labml_nn: the Feedback Transformer, annotated
@@ -39,6 +39,7 @@ one after the other, in training too. The library makes that affordable and chec
 6. [The experiment](transformers/feedback/experiment.html): training on Tiny Shakespeare, and
    [the trainer](experiments/trainer.html) under it, which owns the parts of a run.
 
-The repository's README has the measured results: training and generation speed, quality on Tiny Shakespeare,
-the paper's training accelerators, and mixed precision.
+Then: the [user guide](guide.html) has every option of the experiment (training, checkpoints, data-parallel runs,
+mixed precision, sampling), and the [results](results.html) every measured figure (state tracking, training and
+generation speed, quality on Tiny Shakespeare), each with the command that made it.
 """

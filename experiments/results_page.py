@@ -1,0 +1,441 @@
+"""
+The results page: every measured figure of the project, in one place, made from the records that
+`experiments/record.py` keeps (`experiments/results/<name>.json`, one run of one command each).
+
+    python experiments/results_page.py            # writes labml_nn/results.md, its Korean edition, the README's figures
+    python experiments/results_page.py --check    # exit 1 if any differs from what the records give
+
+The page is a markdown page of the annotated docs (`docs/results.html`); its Korean edition is the translation
+file `docs/_generator/translations/ko/results.md.yaml`, written here too, so neither language can drift from the
+records; the README's figures (between `<!-- results:NAME -->` markers) come from the same records. Each table
+says once which command made it, when, at which commit and on which machine; a section whose records are missing
+is left out. `--figures` also draws `experiments/results/state_tracking_cpu.png` from the runs'
+curves (`<name>.runs.json`, the scripts' own JSON files kept beside the records).
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'docs' / '_generator'))
+from docgen.source import split_at_headings  # noqa: E402
+
+RESULTS = ROOT / 'experiments' / 'results'
+PAGE = ROOT / 'labml_nn' / 'results.md'
+KOREAN = ROOT / 'docs' / '_generator' / 'translations' / 'ko' / 'results.md.yaml'
+# Paths as the page (in labml_nn/) sees them
+FROM_PAGE = '../experiments/results'
+LOG = 'https://github.com/labml-feedback/labml_nn/blob/main/experiments/state_tracking_log.md'
+
+Record = Dict[str, Any]
+# A section of the page in both languages
+Section = Tuple[str, str]
+
+TITLE = ('Results', '결과')
+SUMMARY = ('Every measured figure of the project in one place: state tracking, training and generation speed, '
+           'quality on Tiny Shakespeare; each table from one run of one command.',
+           '이 프로젝트에서 측정한 모든 수치를 한곳에 모았습니다: 상태 추적, 학습과 생성 속도, Tiny Shakespeare에서의 '
+           '품질. 표마다 명령 하나를 한 번 실행한 결과입니다.')
+
+
+def load_records(folder: Path) -> Dict[str, Record]:
+    """Every record in `folder`, by name."""
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob('*.json'))
+            if not p.name.endswith('.runs.json')}
+
+
+def n(x: float, digits: int = 0) -> str:
+    """A number with thousands separators."""
+    return f'{x:,.{digits}f}'
+
+
+def provenance(records: List[Record]) -> Section:
+    """Which commands made a table, when, at which commit, on which machine (stated once where all agree)."""
+    en, ko = [], []
+    for r in records:
+        dirty = ' (with uncommitted changes)' if r.get('uncommitted_changes') else ''
+        dirty_ko = ' (커밋되지 않은 변경 포함)' if r.get('uncommitted_changes') else ''
+        en.append(f"`{r['command']}`: {r['started']}, {r['minutes']} min, commit `{r['commit']}`{dirty}")
+        ko.append(f"`{r['command']}`: {r['started']}, {r['minutes']} min, 커밋 `{r['commit']}`{dirty_ko}")
+    machines = {json.dumps(r['machine'], sort_keys=True) for r in records}
+    m = records[0]['machine']
+    where = f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}" + (
+        f", {m['cuda']}" if m.get('cuda') else '')
+    lines_en = '\n'.join(f'* {line}' for line in en)
+    lines_ko = '\n'.join(f'* {line}' for line in ko)
+    if len(machines) == 1:
+        return (f'Made by\n\n{lines_en}\n\non {where}.', f'만든 명령\n\n{lines_ko}\n\n실행한 기계: {where}.')
+    return f'Made by\n\n{lines_en}', f'만든 명령\n\n{lines_ko}'
+
+
+# ## State tracking
+
+# Rows in reading order, with what they are
+ROWS = {
+    'feedback_transformer_kv': ('Feedback Transformer (shared keys/values), 2 layers',
+                                '피드백 트랜스포머 (키/값 공유), 2층'),
+    'feedback_transformer': ('Feedback Transformer, 2 layers', '피드백 트랜스포머, 2층'),
+    'transformer_window': ('parallel transformer, 4 layers, window 8', '병렬 트랜스포머, 4층, 윈도 8'),
+    'transformer_full': ('parallel transformer, 4 layers, window 512', '병렬 트랜스포머, 4층, 윈도 512'),
+    'transformer_full_train100': ('the same, trained on 100-statement programs',
+                                  '같은 모델, 100문장 프로그램으로 학습'),
+}
+
+
+def state_tracking_rows(records: List[Record]) -> Dict[str, Dict[str, Any]]:
+    """Every row of every state-tracking record: its seeds' accuracies and breakdowns."""
+    rows: Dict[str, Dict[str, Any]] = {}
+    for r in records:
+        res = r['result']
+        for row, seeds in res['accuracy_seeds'].items():
+            settings = dict(a.split('=', 1) for a in res['settings'][row].split())
+            rows[row] = {'seeds': seeds, 'visible': res['visible_words'][row], 'words': res['program_words'],
+                         'distance': res['distance'][row], 'changed_by': res['changed_by'][row],
+                         'train_statements': settings['train_statements'], 'wall': res['wall_seconds'][row],
+                         'rate': settings.get('optimizer.learning_rate'), 'warmup': settings.get('optimizer.warmup')}
+    return {row: rows[row] for row in [*ROWS, *sorted(set(rows) - set(ROWS))] if row in rows}
+
+
+def sees(row: Dict[str, Any]) -> Tuple[str, str]:
+    v, words = row['visible'], row['words']
+    if v is None:
+        return 'every earlier word, through its recurrent memory', '앞의 모든 단어 (재귀 메모리를 통해)'
+    if v >= words:
+        return f'{v} words back: every test program whole', f'{v}단어 전까지: 모든 테스트 프로그램 전체'
+    return f'the last {v} words only', f'마지막 {v}단어만'
+
+
+def state_tracking(records: Dict[str, Record]) -> List[Section]:
+    mine = [r for name, r in records.items() if name.startswith('state_tracking_cpu')]
+    if not mine:
+        return []
+    rows = state_tracking_rows(mine)
+    words = next(iter(rows.values()))['words']
+    head_en = ('<a id="state-tracking"></a>\n\n## State tracking: one variable\n\n'
+               "The paper's algorithmic task ([the task](tasks/state_tracking.html)): read a program one word at a "
+               'time and say the value of the variable at every `print`. Models train on programs of 20 statements '
+               f'and are tested once, at the end of each run, on 500 held-out programs of 100 statements (at most '
+               f'{words} words); settings were chosen on validation accuracy only '
+               f'([the log]({LOG}) has every run). Chance is 0.10.')
+    head_ko = ('<a id="state-tracking"></a>\n\n## 상태 추적: 변수 하나\n\n'
+               '논문의 알고리즘 과제입니다 ([과제](tasks/state_tracking.html)): 프로그램을 한 단어씩 읽고 `print`마다 '
+               '변수의 값을 말합니다. 모델은 20문장 프로그램으로 학습하고, 실행이 끝날 때 한 번, 따로 떼어 둔 100문장 '
+               f'프로그램 500개 (최대 {words}단어)로 테스트합니다. 설정은 검증 정확도로만 골랐습니다 '
+               f'([기록]({LOG})에 모든 실행이 있습니다). 무작위 추측은 0.10입니다.')
+    table_en = ['| model | sees without recurrence | trained on | test accuracy (mean) | min | max | seeds | '
+                'rate, warm-up | minutes a run |', '|---|---|---|---:|---:|---:|---:|---|---:|']
+    table_ko = ['| 모델 | 재귀 없이 보는 범위 | 학습 프로그램 | 테스트 정확도 (평균) | 최소 | 최대 | 시드 | '
+                '학습률, 워밍업 | 실행당 분 |', '|---|---|---|---:|---:|---:|---:|---|---:|']
+    for name, row in rows.items():
+        s = row['seeds']
+        what = ROWS.get(name, (name, name))
+        see = sees(row)
+        cells = (f"**{statistics.fmean(s):.3f}** | {min(s):.3f} | {max(s):.3f} | {len(s)} | "
+                 f"{row['rate']}, {row['warmup']} | {row['wall'] / 60:.1f} |")
+        table_en.append(f"| `{name}`: {what[0]} | {see[0]} | {row['train_statements']} statements | {cells}")
+        table_ko.append(f"| `{name}`: {what[1]} | {see[1]} | {row['train_statements']}문장 | {cells}")
+    breakdown_en, breakdown_ko = [], []
+    first = next(iter(rows.values()))
+    for kind, en, ko in (('distance', 'words from the print back to the assignment',
+                          'print에서 대입까지의 단어 수'),
+                         ('changed_by', 'the statement that last changed the variable',
+                          '변수를 마지막으로 바꾼 문장')):
+        names = list(first[kind])
+        header = '| model | ' + ' | '.join(f'`{x}`' for x in names) + ' |'
+        rule = '|---|' + '---:|' * len(names)
+        body = [f'| `{name}` | ' + ' | '.join(f'{row[kind][x]:.3f}' for x in names) + ' |'
+                for name, row in rows.items()]
+        breakdown_en += ['', f'Test accuracy by {en} (mean over seeds):', '', header, rule, *body]
+        breakdown_ko += ['', f'{ko}에 따른 테스트 정확도 (시드 평균):', '',
+                         header.replace('| model |', '| 모델 |'), rule, *body]
+    prov = provenance(mine)
+    figure = RESULTS / 'state_tracking_cpu.png'
+    image = (f'\n\n![Validation accuracy on the print positions against training steps, every run]'
+             f'({FROM_PAGE}/state_tracking_cpu.png)') if figure.exists() else ''
+    image_ko = (f'\n\n![학습 단계에 따른 print 위치의 검증 정확도, 모든 실행]'
+                f'({FROM_PAGE}/state_tracking_cpu.png)') if figure.exists() else ''
+    return [(head_en + '\n\n' + '\n'.join(table_en) + '\n'.join(['', *breakdown_en]) + image + '\n\n' + prov[0],
+             head_ko + '\n\n' + '\n'.join(table_ko) + '\n'.join(['', *breakdown_ko]) + image_ko + '\n\n' + prov[1])]
+
+
+# ## Speed
+
+MODEL_NAMES = {'parallel': 'parallel `nn.TransformerEncoder`', 'transformer': 'parallel `transformer` (ours)'}
+
+
+def size_of(config: Dict[str, Any]) -> str:
+    return (f"d{config['d_model']}, {config['heads']} heads, d_ff {config['d_ff']}, {config['n_layers']} layers, "
+            f"seq {config['seq_len']}, batch {config['batch']}, {config['threads']} threads, {config['precision']}")
+
+
+SPEED_COLUMNS = [  # (result key, English header, Korean header, format)
+    ('tokens_per_s', 'tokens/s', '토큰/초', lambda v: n(v)),
+    ('slowdown_vs_parallel', 'time per token vs parallel', '병렬 대비 토큰당 시간', lambda v: f'{v:.2f}x'),
+    ('compiled_tokens_per_s', 'compiled tokens/s', '컴파일 토큰/초', lambda v: n(v)),
+    ('compiled_slowdown_vs_parallel', 'compiled vs parallel', '컴파일, 병렬 대비', lambda v: f'{v:.2f}x'),
+    ('floor_fraction', 'fraction of its floor', '하한 대비 비율', lambda v: f'{v:.2f}'),
+    ('peak_mb', 'peak MB', '최대 MB', lambda v: n(v)),
+]
+
+
+def speed(records: Dict[str, Record]) -> List[Section]:
+    mine = [r for name, r in records.items() if name.startswith('speed_')]
+    if not mine:
+        return []
+    en = ['<a id="training-speed"></a>', '', '## Training speed and memory', '',
+          '`experiments/benchmark.py`: a full training step (forward, cross-entropy, backward, gradient clipping, '
+          'Adam) on random tokens, the models taking turns step by step; medians.']
+    ko = ['<a id="training-speed"></a>', '', '## 학습 속도와 메모리', '',
+          '`experiments/benchmark.py`: 무작위 토큰으로 학습 한 단계 전체 (순전파, 교차 엔트로피, 역전파, 그래디언트 '
+          '클리핑, Adam)를 모델이 한 단계씩 번갈아 재고, 중앙값을 냅니다.']
+    for r in mine:
+        res = r['result']
+        cols = [c for c in SPEED_COLUMNS if any(c[0] in x for x in res['results'])]
+        header_en = '| model | ' + ' | '.join(c[1] for c in cols) + ' |'
+        header_ko = '| 모델 | ' + ' | '.join(c[2] for c in cols) + ' |'
+        rule = '|---|' + '---:|' * len(cols)
+        body = [f"| {MODEL_NAMES.get(x['model'], '`' + x['model'] + '`')} | "
+                + ' | '.join(c[3](x[c[0]]) if c[0] in x else '' for c in cols) + ' |' for x in res['results']]
+        prov = provenance([r])
+        en += ['', f"### {size_of(res['config'])}", '', header_en, rule, *body, '', prov[0]]
+        ko += ['', f"### {size_of(res['config'])}", '', header_ko, rule, *body, '', prov[1]]
+    return [('\n'.join(en), '\n'.join(ko))]
+
+
+def generation(records: Dict[str, Record]) -> List[Section]:
+    r = records.get('generation')
+    if r is None:
+        return []
+    res = r['result']
+    names = {'weighted': '`FeedbackTransformer`', 'kv': '`FeedbackTransformerKV`',
+             'causal': '`CausalTransformer` (key/value cache)'}
+    body = []
+    for variant, per in res['results'].items():
+        for key, v in per.items():
+            if key.startswith('batch_'):
+                full = f"{v['full']:,.1f} | {v['cached'] / v['full']:,.0f}x" if v.get('full') else ' | '
+                compiled = f" | {n(v['compiled'])}" if 'compiled' in v else ''
+                body.append(f"| {names.get(variant, variant)} | {key[6:]} | {n(v['cached'])}{compiled} | {full} |")
+    compiled = any('compiled' in v for per in res['results'].values() for k, v in per.items()
+                   if k.startswith('batch_'))
+    c = res['config']
+    intro_en = (f"`experiments/benchmark_generation.py`: `generate()` of {c['tokens']} new tokens from a "
+                f"{c['prompt_len']}-token prompt, d{c['d_model']}, {c['heads']} heads, d_ff {c['d_ff']}, "
+                f"{c['n_layers']} layers, {c['threads']} threads, median of {c['repeats']} ({c['clock']} clock); "
+                'the cached generation runs one step per new token, the full re-computation re-runs the prefix '
+                "for every token (what labml_nn's sampling does).")
+    intro_ko = (f"`experiments/benchmark_generation.py`: {c['prompt_len']}토큰 프롬프트에서 새 토큰 {c['tokens']}개를 "
+                f"`generate()`로 만듭니다. d{c['d_model']}, 헤드 {c['heads']}개, d_ff {c['d_ff']}, {c['n_layers']}층, "
+                f"스레드 {c['threads']}개, {c['repeats']}번의 중앙값 ({c['clock']} clock). "
+                '캐시를 쓰는 생성은 새 토큰마다 한 단계를 돌고, 전체 재계산은 토큰마다 접두사를 다시 돌립니다 '
+                '(labml_nn의 샘플링 방식).')
+    extra_en, extra_ko = (' compiled tokens/s |', ' 컴파일 토큰/초 |') if compiled else ('', '')
+    table_en = ['| model | batch | cached tokens/s |' + extra_en + ' full re-computation tokens/s | speed-up |',
+                '|---|---:|---:|' + ('---:|' if compiled else '') + '---:|---:|', *body]
+    table_ko = ['| 모델 | 배치 | 캐시 토큰/초 |' + extra_ko + ' 전체 재계산 토큰/초 | 속도 향상 |', table_en[1], *body]
+    prov = provenance([r])
+    anchor = '<a id="generation-speed"></a>\n\n'
+    return [(anchor + '## Generation speed\n\n' + intro_en + '\n\n' + '\n'.join(table_en) + '\n\n' + prov[0],
+             anchor + '## 생성 속도\n\n' + intro_ko + '\n\n' + '\n'.join(table_ko) + '\n\n' + prov[1])]
+
+
+# ## Quality
+
+def quality(records: Dict[str, Record]) -> List[Section]:
+    r = records.get('quality_cpu')
+    if r is None:
+        return []
+    res = r['result']
+    body = [f"| `{m}` | {res['steps'][m]} | **{res['valid_loss'][m]:.3f}** | {res['valid_accuracy'][m]:.3f} | "
+            f"{n(res['tokens_per_second'][m])} | {res['wall_seconds'][m] / 60:.1f} |" for m in res['valid_loss']]
+    rule = '|---|---:|---:|---:|---:|---:|'
+    table_en = ['| model | steps | valid loss | valid accuracy | training tokens/s | minutes |', rule, *body]
+    table_ko = ['| 모델 | 단계 | 검증 손실 | 검증 정확도 | 학습 토큰/초 | 분 |', rule, *body]
+    image = RESULTS / 'quality_cpu.png'
+    plot_en = f'\n\n![Training and validation loss of the three models]({FROM_PAGE}/quality_cpu.png)' \
+        if image.exists() else ''
+    plot_ko = f'\n\n![세 모델의 학습 손실과 검증 손실]({FROM_PAGE}/quality_cpu.png)' if image.exists() else ''
+    intro_en = ('`experiments/compare_models.py --preset cpu`: the three models trained with the README\'s CPU '
+                f"recipe (`{res['settings']}`), each in its own process on the same data in the same order; the "
+                'validation loss is over the whole validation set at the end.')
+    intro_ko = ('`experiments/compare_models.py --preset cpu`: README의 CPU 레시피 '
+                f"(`{res['settings']}`)로 세 모델을 각자의 프로세스에서 같은 데이터, 같은 순서로 학습했습니다. 검증 "
+                '손실은 끝에서 검증 세트 전체로 잰 값입니다.')
+    prov = provenance([r])
+    anchor = '<a id="quality-on-tiny-shakespeare"></a>\n\n'
+    return [(anchor + '## Quality on Tiny Shakespeare\n\n' + intro_en + '\n\n' + '\n'.join(table_en) + plot_en + '\n\n'
+             + prov[0],
+             anchor + '## Tiny Shakespeare에서의 품질\n\n' + intro_ko + '\n\n' + '\n'.join(table_ko) + plot_ko + '\n\n'
+             + prov[1])]
+
+
+# ## The README's figures: blocks between `<!-- results:NAME -->` and `<!-- /results:NAME -->`
+
+README = ROOT / 'README.md'
+RESULTS_LINK = 'docs/results.html'
+
+
+def seeds_cell(seeds: List[float]) -> str:
+    mean = f'**{statistics.fmean(seeds):.3f}**'
+    return mean if len(seeds) == 1 else f'{mean} ({min(seeds):.3f}-{max(seeds):.3f}, {len(seeds)} seeds)'
+
+
+def readme_blocks(records: Dict[str, Record]) -> Dict[str, str]:
+    blocks = {'headline': [], 'state_tracking': [], 'speed': []}
+    rows = state_tracking_rows([r for k, r in records.items() if k.startswith('state_tracking_cpu')])
+    head = blocks['headline']
+    if rows:
+        st = '; '.join(f"`{name}` {seeds_cell(row['seeds'])}" for name, row in rows.items())
+        head.append(f'| state tracking, 1 variable: test accuracy on held-out 100-statement programs | {st} | '
+                    '`experiments/state_tracking.py --preset cpu` |')
+        table = ['| model | sees without recurrence | trained on | test accuracy, mean (min-max) |',
+                 '|---|---|---|---|']
+        table += [f"| `{name}` | {sees(row)[0]} | {row['train_statements']} statements | {seeds_cell(row['seeds'])} |"
+                  for name, row in rows.items()]
+        blocks['state_tracking'] = table
+    q = records.get('quality_cpu')
+    if q:
+        losses = ', '.join(f"`{m}` {v:.3f}" for m, v in q['result']['valid_loss'].items())
+        head.append(f'| Tiny Shakespeare, the CPU recipe (1 epoch): validation loss | {losses} | '
+                    '`experiments/compare_models.py --preset cpu` |')
+    for name, r in records.items():
+        if not name.startswith('speed_'):
+            continue
+        res = r['result']
+        lines = [f"| {MODEL_NAMES.get(x['model'], '`' + x['model'] + '`')} | {n(x['tokens_per_s'])} | "
+                 + (f"{x['slowdown_vs_parallel']:.2f}x" if 'slowdown_vs_parallel' in x else '1.00x')
+                 + (f" | {n(x['compiled_tokens_per_s'])}" if 'compiled_tokens_per_s' in x else '') + ' |'
+                 for x in res['results'] if 'tokens_per_s' in x]
+        compiled = any('compiled_tokens_per_s' in x for x in res['results'])
+        if not lines:
+            continue
+        blocks['speed'] += ['', f"Training, {size_of(res['config'])}:", '',
+                            '| model | tokens/s | time per token vs parallel |' + (' compiled tokens/s |'
+                                                                                    if compiled else ''),
+                            '|---|---:|---:|' + ('---:|' if compiled else ''), *lines]
+        if name == 'speed_small':
+            slow = ', '.join(f"`{x['model']}` {x['slowdown_vs_parallel']:.2f}x" for x in res['results']
+                             if 'slowdown_vs_parallel' in x)
+            head.append(f'| training step, d_model 128, 4 layers, 2 CPU threads: time per token vs the parallel '
+                        f'transformer | {slow} | `experiments/benchmark.py` |')
+    g = records.get('generation')
+    if g:
+        per = g['result']['results']
+        cells = ', '.join(f"`{v}` {n(per[v]['batch_1']['cached'])}" for v in per if 'batch_1' in per[v])
+        head.append(f'| cached generation, batch 1: tokens/s | {cells} | `experiments/benchmark_generation.py` |')
+    if head:
+        blocks['headline'] = ['| what | measured | command |', '|---|---|---|', *head]
+    return {k: '\n'.join(v).strip() for k, v in blocks.items()}
+
+
+def with_blocks(text: str, blocks: Dict[str, str]) -> str:
+    """`text` with every `<!-- results:NAME -->` block's content replaced by `blocks[NAME]`."""
+    for name, content in blocks.items():
+        start, end = f'<!-- results:{name} -->', f'<!-- /results:{name} -->'
+        if start not in text:
+            continue
+        before, rest = text.split(start, 1)
+        after = rest.split(end, 1)[1]
+        text = before + start + ('\n' + content if content else '') + '\n' + end + after
+    return text
+
+
+SECTIONS: List[Callable[[Dict[str, Record]], List[Section]]] = [state_tracking, quality, speed, generation]
+
+
+def page(records: Dict[str, Record]) -> Tuple[str, str]:
+    """The English page (markdown with front matter) and its Korean translation file (YAML)."""
+    intro = ('# Results\n\nEvery figure below is the output of one run of one command, recorded by '
+             '`experiments/record.py` in `experiments/results/` and turned into this page by '
+             '`experiments/results_page.py`: rerun a command the same way to check a figure. How each model works '
+             'is in the [reading order](index.html).',
+             '# 결과\n\n아래의 모든 수치는 명령 하나를 한 번 실행한 출력입니다. `experiments/record.py`가 '
+             '`experiments/results/`에 기록하고 `experiments/results_page.py`가 이 페이지로 만듭니다. 같은 명령을 '
+             '다시 실행하면 수치를 확인할 수 있습니다. 각 모델이 어떻게 동작하는지는 [읽는 순서](index.html)에 '
+             '있습니다.')
+    pairs = [intro] + [s for make in SECTIONS for s in make(records)]
+    body_en, body_ko = ('\n\n'.join(p[i] for p in pairs) for i in (0, 1))
+    # The generator cuts a page before every heading: a translation entry for each piece, cut the same way
+    pieces = split_at_headings(body_en), split_at_headings(body_ko)
+    if len(pieces[0]) != len(pieces[1]):
+        raise ValueError('the Korean page has other headings than the English one')
+    sections = list(zip(*pieces))
+    import yaml
+    front = '---\n' + yaml.safe_dump({'title': TITLE[0], 'summary': SUMMARY[0]}, sort_keys=False, width=116) + '---\n\n'
+    english = front + body_en + '\n'
+    entries = [{'key': 'title', 'en': TITLE[0], 'ko': TITLE[1]}, {'key': 'summary', 'en': SUMMARY[0], 'ko': SUMMARY[1]}]
+    entries += [{'key': f'module+{i}', 'en': en, 'ko': ko} for i, (en, ko) in enumerate(sections)]
+    return english, yaml_file(entries)
+
+
+def yaml_file(entries: List[Dict[str, str]]) -> str:
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper: Any, value: str) -> Any:
+        # Multi-line text as a literal block, as the other translation files keep it
+        style = '|' if '\n' in value else None
+        return dumper.represent_scalar('tag:yaml.org,2002:str', value, style=style)
+
+    Dumper.add_representer(str, text)
+    head = '# ko translation of labml_nn/results.md: written by experiments/results_page.py from the records.\n'
+    return head + yaml.dump({'entries': entries}, Dumper=Dumper, allow_unicode=True, sort_keys=False, width=120)
+
+
+def draw_state_tracking(folder: Path) -> Optional[Path]:
+    """Validation accuracy against steps of every state-tracking run, one color a row."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from figure import can_plot, new_figure, save_figure
+    runs = [r for p in sorted(folder.glob('state_tracking_cpu*.runs.json'))
+            for r in json.loads(p.read_text())['results']]
+    if not runs or not can_plot():
+        return None
+    fig, ax = new_figure()
+    colors: Dict[str, Any] = {}
+    for row in [r for r in ROWS if any(x['row'] == r for x in runs)]:
+        for r in (x for x in runs if x['row'] == row):
+            steps = [h['step'] for h in r['curve']]
+            line, = ax.plot(steps, [h['valid_accuracy'] for h in r['curve']], 'o-', markersize=2, linewidth=1,
+                            color=colors.get(row), label=None if row in colors else row)
+            colors[row] = line.get_color()
+    ax.axhline(0.1, color='gray', linestyle=':', label='chance (0.10)')
+    ax.set_xlabel('training step')
+    ax.set_ylabel('validation accuracy on print positions')
+    ax.set_ylim(0, 1.02)
+    path = folder / 'state_tracking_cpu.png'
+    save_figure(fig, ax, path, 'State tracking, one variable: every run of the results page (one line a seed)')
+    return path
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--check', action='store_true', help='fail if the page is not what the records give')
+    parser.add_argument('--figures', action='store_true', help='also draw the state-tracking figure')
+    args = parser.parse_args(argv)
+    if args.figures:
+        draw_state_tracking(RESULTS)
+    records = load_records(RESULTS)
+    english, korean = page(records)
+    readme = with_blocks(README.read_text(), readme_blocks(records))
+    if args.check:
+        stale = [str(p.relative_to(ROOT)) for p, text in ((PAGE, english), (KOREAN, korean), (README, readme))
+                 if not p.exists() or p.read_text() != text]
+        if stale:
+            print(f"stale: {', '.join(stale)} (run python experiments/results_page.py)", file=sys.stderr)
+            return 1
+        return 0
+    PAGE.write_text(english)
+    KOREAN.write_text(korean)
+    README.write_text(readme)
+    print(f"wrote {PAGE.relative_to(ROOT)}, {KOREAN.relative_to(ROOT)} and the README's figures")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
