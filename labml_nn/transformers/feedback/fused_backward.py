@@ -106,6 +106,9 @@ _relu_backward = torch.ops.aten.threshold_backward.default
 CHUNK_ROWS = 2048
 
 
+# ## The gradients of one step
+
+
 class FfnGrads(NamedTuple):
     """A feed-forward block's $\\delta f$, $\\delta a$ and $\\delta z_2$, each `[B, ...]`."""
     d_f: torch.Tensor
@@ -143,6 +146,9 @@ class LoopGrads(NamedTuple):
     kv_w: Optional[torch.Tensor]
     kv_b: Optional[torch.Tensor]
     layers: List[LayerWeights]
+
+
+# ## The loop in reverse
 
 
 def backward_loop(ctx, x_seq: torch.Tensor, mem_w: torch.Tensor, kv_w: torch.Tensor, work: torch.Tensor,
@@ -261,6 +267,9 @@ def _backward_steps(ctx, x_seq: torch.Tensor, mem_w: torch.Tensor, work: torch.T
     return LoopGrads(d_x_seq, d_prev, d_mem_w, acc.kv_w, acc.kv_b, acc.layer_grads())
 
 
+# ## The cache's gradient, all layers of a step at once
+
+
 def add_cache_gradient(d_work_rows: torch.Tensor, outer: list, lo: int, hi: int, G: int, BH: int,
                        dk: int) -> None:
     r"""
@@ -284,6 +293,9 @@ def add_cache_gradient(d_work_rows: torch.Tensor, outer: list, lo: int, hi: int,
         a = torch.stack([x for o in outer for x in (o[0], o[1])]).view(L * 2 * BH, n, 1)
         b = torch.stack([x for o in outer for x in (o[2], o[3])]).view(L * 2 * BH, 1, dk)
     d_work_rows[:, lo:hi] += torch.bmm(a, b)
+
+
+# ## Weight gradients: sums over steps
 
 
 class WeightGrads:

@@ -23,6 +23,8 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 
+# ## The loop's settings and weights
+
 
 class LoopConfig(NamedTuple):
     """What the loop needs besides tensors."""
@@ -86,6 +88,9 @@ def for_products(layer: LayerWeights, dtype: torch.dtype) -> LayerWeights:
     return layer._replace(**{k: getattr(layer, k).to(dtype) for k in PRODUCT_WEIGHTS})
 
 
+# ## What a step keeps for the backward pass
+
+
 class LoopShape(NamedTuple):
     """Sizes of one call: `T` steps of batch `B` and width `D`; the cache had `n_prev` entries and gets `n_new`."""
     T: int
@@ -134,6 +139,9 @@ class StepRecord:
     mem_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
 
+# ## Dropout masks, drawn once for the whole sequence
+
+
 class DropoutMasks:
     r"""
     Dropout masks, drawn at once for the whole call and scaled by $1 / (1 - p)$ (`None` where $p = 0$), so the
@@ -173,6 +181,9 @@ class _NoMasks:
 
 
 NO_MASKS = _NoMasks()
+
+
+# ## Precision, and weights as one flat list
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:
