@@ -279,24 +279,63 @@ README = ROOT / 'README.md'
 RESULTS_LINK = 'docs/results.html'
 
 
-def seeds_cell(seeds: List[float]) -> str:
+def seeds_cell(seeds: List[float], lang: int = 0) -> str:
     mean = f'**{statistics.fmean(seeds):.3f}**'
-    return mean if len(seeds) == 1 else f'{mean} ({min(seeds):.3f}-{max(seeds):.3f}, {len(seeds)} seeds)'
+    label = ['seeds', '시드'][lang]
+    return mean if len(seeds) == 1 else f'{mean} ({min(seeds):.3f}-{max(seeds):.3f}, {len(seeds)} {label})'
+
+
+def state_tracking_table(rows: Dict[str, Dict[str, Any]], lang: int) -> List[str]:
+    """The short state-tracking table, in English (`lang=0`) or Korean (1)."""
+    header = ['| model | sees without recurrence | trained on | test accuracy, mean (min-max) |',
+              '| 모델 | 재귀 없이 보는 범위 | 학습 프로그램 | 테스트 정확도, 평균 (최소-최대) |'][lang]
+    trained = ['{} statements', '{}문장'][lang]
+    return [header, '|---|---|---|---|'] + [
+        f"| `{name}` | {sees(row)[lang]} | {trained.format(row['train_statements'])} | "
+        f"{seeds_cell(row['seeds'], lang)} |" for name, row in rows.items()]
+
+
+# Pages of the docs that show a block: (source, its Korean translation file); the Korean gets the `_ko` block
+DOC_BLOCKS = [(ROOT / 'labml_nn' / 'transformers' / 'feedback' / 'state_tracking.py',
+               ROOT / 'docs' / '_generator' / 'translations' / 'ko' / 'transformers' / 'feedback' /
+               'state_tracking.py.yaml')]
+
+
+def with_doc_blocks(source: str, translation: str, blocks: Dict[str, str]) -> Tuple[str, str]:
+    """A docs source and its translation file with their blocks filled: the English block in the source and in the
+    translation's `en` (so the translation stays current), the Korean one in its `ko`."""
+    import yaml
+    data = yaml.safe_load(translation)
+    korean = {k[:-3]: v for k, v in blocks.items() if k.endswith('_ko')}
+    for entry in data['entries']:
+        if '<!-- results:' in entry['en']:
+            entry['en'] = with_blocks(entry['en'], blocks)
+            entry['ko'] = with_blocks(entry['ko'], korean)
+    head = translation.split('\n', 1)[0] + '\n'
+    return with_blocks(source, blocks), head + yaml_entries(data['entries'])
 
 
 def readme_blocks(records: Dict[str, Record]) -> Dict[str, str]:
-    blocks = {'headline': [], 'state_tracking': [], 'speed': []}
+    blocks: Dict[str, List[str]] = {name: [] for name in (
+        'headline', 'state_tracking', 'state_tracking_ko', 'state_tracking_figure', 'state_tracking_figure_ko',
+        'state_tracking_figure_readme', 'speed')}
     rows = state_tracking_rows([r for k, r in records.items() if k.startswith('state_tracking_cpu')])
     head = blocks['headline']
     if rows:
         st = '; '.join(f"`{name}` {seeds_cell(row['seeds'])}" for name, row in rows.items())
         head.append(f'| state tracking, 1 variable: test accuracy on held-out 100-statement programs | {st} | '
                     '`experiments/state_tracking.py --preset cpu` |')
-        table = ['| model | sees without recurrence | trained on | test accuracy, mean (min-max) |',
-                 '|---|---|---|---|']
-        table += [f"| `{name}` | {sees(row)[0]} | {row['train_statements']} statements | {seeds_cell(row['seeds'])} |"
-                  for name, row in rows.items()]
-        blocks['state_tracking'] = table
+        blocks['state_tracking'] = state_tracking_table(rows, 0)
+        blocks['state_tracking_ko'] = state_tracking_table(rows, 1)
+        if (RESULTS / 'state_tracking_cpu.png').exists():
+            # The figure, as the state-tracking page (two folders below the package) and the README see it
+            blocks['state_tracking_figure'] = [
+                '![Validation accuracy against training steps, every run](../../../experiments/results/'
+                'state_tracking_cpu.png)']
+            blocks['state_tracking_figure_ko'] = [
+                '![학습 단계에 따른 검증 정확도, 모든 실행](../../../experiments/results/state_tracking_cpu.png)']
+            blocks['state_tracking_figure_readme'] = [
+                '![Validation accuracy against training steps, every run](experiments/results/state_tracking_cpu.png)']
     q = records.get('quality_cpu')
     if q:
         losses = ', '.join(f"`{m}` {v:.3f}" for m, v in q['result']['valid_loss'].items())
@@ -372,20 +411,24 @@ def page(records: Dict[str, Record]) -> Tuple[str, str]:
     return english, yaml_file(entries)
 
 
-def yaml_file(entries: List[Dict[str, str]]) -> str:
+def yaml_entries(entries: List[Dict[str, str]]) -> str:
+    """Translation entries as YAML, multi-line text as literal blocks (as the generator's templates write them)."""
     import yaml
 
     class Dumper(yaml.SafeDumper):
         pass
 
     def text(dumper: Any, value: str) -> Any:
-        # Multi-line text as a literal block, as the other translation files keep it
         style = '|' if '\n' in value else None
         return dumper.represent_scalar('tag:yaml.org,2002:str', value, style=style)
 
     Dumper.add_representer(str, text)
+    return yaml.dump({'entries': entries}, Dumper=Dumper, allow_unicode=True, sort_keys=False, width=120)
+
+
+def yaml_file(entries: List[Dict[str, str]]) -> str:
     head = '# ko translation of labml_nn/results.md: written by experiments/results_page.py from the records.\n'
-    return head + yaml.dump({'entries': entries}, Dumper=Dumper, allow_unicode=True, sort_keys=False, width=120)
+    return head + yaml_entries(entries)
 
 
 def draw_state_tracking(folder: Path) -> Optional[Path]:
@@ -422,18 +465,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         draw_state_tracking(RESULTS)
     records = load_records(RESULTS)
     english, korean = page(records)
-    readme = with_blocks(README.read_text(), readme_blocks(records))
+    blocks = readme_blocks(records)
+    outputs = {PAGE: english, KOREAN: korean, README: with_blocks(README.read_text(), blocks)}
+    for source, translation in DOC_BLOCKS:
+        outputs[source], outputs[translation] = with_doc_blocks(source.read_text(), translation.read_text(), blocks)
     if args.check:
-        stale = [str(p.relative_to(ROOT)) for p, text in ((PAGE, english), (KOREAN, korean), (README, readme))
-                 if not p.exists() or p.read_text() != text]
+        stale = [str(p.relative_to(ROOT)) for p, text in outputs.items() if not p.exists() or p.read_text() != text]
         if stale:
             print(f"stale: {', '.join(stale)} (run python experiments/results_page.py)", file=sys.stderr)
             return 1
         return 0
-    PAGE.write_text(english)
-    KOREAN.write_text(korean)
-    README.write_text(readme)
-    print(f"wrote {PAGE.relative_to(ROOT)}, {KOREAN.relative_to(ROOT)} and the README's figures")
+    for path, text in outputs.items():
+        path.write_text(text)
+    print(f"wrote {', '.join(str(p.relative_to(ROOT)) for p in outputs)}")
     return 0
 
 

@@ -79,6 +79,17 @@ words back: every test program). Where it differs, and why:
   read whole in both).
 
 The preset needs a GPU: its run is 50,000 steps of 32,768 words each.
+
+## Results on a CPU
+
+One variable, `experiments/state_tracking.py --preset cpu` (the [results page](../../results.html) has the
+breakdowns by distance and by statement, and the command, date, commit and machine of each run):
+
+<!-- results:state_tracking -->
+<!-- /results:state_tracking -->
+
+<!-- results:state_tracking_figure -->
+<!-- /results:state_tracking_figure -->
 """
 
 from typing import List, Optional
