@@ -45,7 +45,8 @@ $$s_\Delta = -\sqrt{d_k}\; m_h\, (\Delta - 1),$$
 (the nearest memory vector, $\Delta = 1$, has no penalty), and learns from there. This matters when a step sees
 a wide memory that carries no gradient: memory carried across training batches. With
 even attention over 64 carried memory vectors a small model settles into using their average and stops improving
-(see the README's measurements); a recency preference at the start lets it find the recent tokens first.
+(the [accelerators log](https://github.com/labml-feedback/labml_nn/blob/main/experiments/accelerators_log.md)
+measures it); a recency preference at the start lets it find the recent tokens first.
 
 ## Biases
 

@@ -68,9 +68,9 @@ class ModelConfig:
     * `recency_init`: the models start their position biases with ALiBi's recency slopes (attention.py; on by
       default here)
 
-    `memory_norm` and `recency_init` are what makes memory carried across batches train (the README measures
-    it) and cost nothing otherwise; the parallel baseline ignores `memory_norm` and starts with the same recency
-    slopes.
+    `memory_norm` and `recency_init` are what makes memory carried across batches train (the accelerators
+    log measures it) and cost nothing otherwise; the parallel baseline ignores `memory_norm` and starts with the
+    same recency slopes.
     * `fused`: feedback models train with the fused loop (`False`: autograd over the modules)
     """
     model: str = 'feedback_transformer'

@@ -19,7 +19,7 @@ whatever the length of the text so far, but for the attention over it.
 
 Generation calls the model once per token, and each call would rebuild the same tensors from the parameters: the
 folded key/value matrix, $\mathrm{softmax}(w)$ and the relative position terms, a few dozen small operations that
-cost about a third of a generation step at the README's sizes on a CPU. So each transformer owns an
+cost about a third of a generation step at the benchmarks' sizes on a CPU. So each transformer owns an
 `InferenceCache` that keeps them while its parameters are unchanged. It must never hand out stale values, and it
 checks on every call, without walking the module tree (which costs more than it saves), that
 

@@ -37,7 +37,7 @@ take its last row, as the causal model itself does.
 A causal layer attends to the previous layer's outputs; a feedback layer attends to the memory, a mixture of
 all layers. The copied model is therefore not the same function as the pretrained one: it is a starting point
 whose embedding, feed-forward networks, queries and head already know the text. How much that helps is
-measured in the README.
+measured in the [accelerators log](https://github.com/labml-feedback/labml_nn/blob/main/experiments/accelerators_log.md).
 """
 
 from typing import Callable, Dict, List, Optional, Tuple

@@ -20,7 +20,7 @@ python -m labml_nn.transformers.feedback.state_tracking \
     variables=3 train_statements=100
 ```
 
-The defaults are the CPU setting of the README: one variable, training programs of 20 statements, validation and
+The defaults are the CPU setting (`--preset cpu`): one variable, training programs of 20 statements, validation and
 test programs of 100 statements (the paper's length), `memory_span=8`, $d_{model} = 64$, 2 layers.
 `experiments/state_tracking.py` runs the comparison: its settings search (on validation only), seeds, and the
 test's breakdown.
