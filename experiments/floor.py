@@ -25,7 +25,9 @@ $$\text{fraction of floor} = \frac{\text{tokens/s}}{\text{tokens/s at the floor}
   = \frac{t_\text{floor}}{t_\text{step}}.$$
 
 The element-wise work (norms, softmax, the optimizer) is left out, so the floor is a bound no implementation of
-the same products can beat, not a target one can reach.
+the same products can beat, not a target one can reach. It does include each product's own dispatch from Python
+(a few microseconds): thousands of products of a few thousand multiply-adds each cost that much on any
+implementation that launches them one by one.
 """
 
 import statistics
