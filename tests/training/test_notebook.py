@@ -105,7 +105,8 @@ def test_notebook_runs_quick(tmp_path, monkeypatch):
     everything = '\n'.join(outputs.values())
     # Every model trained, was sampled from, and the plots were drawn
     # Every model trained, and was sampled from: the prompt and 200 characters under a `--- <model> ... ---` line
-    assert list(MODELS) == re.findall(r'^(\S+) +150 steps +valid loss [0-9.]+ ', everything, re.MULTILINE), everything[-3000:]
+    trained = re.findall(r'^(\S+) +150 steps +valid loss [0-9.]+ ', everything, re.MULTILINE)
+    assert list(MODELS) == trained, everything[-3000:]
     samples = re.split(r'^--- (\S+) \([0-9,]+ characters/s\) ---\n', outputs[max(outputs)], flags=re.MULTILINE)
     assert samples[1::2] == list(MODELS), samples
     for text in samples[2::2]:
