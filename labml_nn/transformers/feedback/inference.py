@@ -39,6 +39,7 @@ from typing import Dict, List, NamedTuple, Optional, Protocol, Tuple, Union
 import torch
 from torch import nn
 
+from labml_nn.transformers.feedback.compiled import CompiledStep, run_compiled_steps
 from labml_nn.transformers.feedback.fused_records import LayerWeights
 from labml_nn.transformers.feedback.fused_steps import (
     FeedbackModel,
@@ -127,8 +128,9 @@ class InferenceCache:
 
 
 class CachingModel(FeedbackModel, Protocol):
-    """A Feedback Transformer with the `InferenceCache` it owns."""
+    """A Feedback Transformer with the `InferenceCache` it owns, and its compiled step when it has one."""
     inference_cache: InferenceCache
+    compiled_step: Optional[CompiledStep]
 
 
 def inference_forward(model: CachingModel, x_seq: torch.Tensor, state: Optional[FeedbackState],
@@ -149,15 +151,22 @@ def inference_forward(model: CachingModel, x_seq: torch.Tensor, state: Optional[
     dtype = products_dtype(x_seq, model.weights.dtype)
     low = dtype or model.weights.dtype
     cfg = loop_config(model, n_start, return_state, dropout=False, dtype=dtype)
-    # The weights, with position terms for the most memory a step of this call sees
-    n = widest_memory(n_start, seq_len, model.memory_span)
-    layers, mem_w, kv_w, kv_b = model.inference_cache.weights(model, n, low)
     # Room for the new entries `[groups, 2, batch_size, heads, d_k]` in one buffer that also holds every entry they
     # attend to; slot 0 of `cache` is absolute step `first`, as in the fused loop's work buffer
     entry = x_seq.new_empty((model.groups, 2, batch_size, model.heads, model.d_k), dtype=low)
     cache, first = stack.reserve(n_new, entry)
+    compiled = model.compiled_step
+    # The weights, with position terms for the most memory a step of this call sees (the compiled step: for every
+    # slot of the buffer, [static_step.py](static_step.html))
+    n = cache.shape[4] if compiled is not None else widest_memory(n_start, seq_len, model.memory_span)
+    layers, mem_w, kv_w, kv_b = model.inference_cache.weights(model, n, low)
+    if compiled is None:
+        last = run_steps(cfg, x_seq, layers, mem_w, kv_w, kv_b, cache, first)
+    else:
+        # One compiled fixed-shape step per position ([compiled.py](compiled.html))
+        last = run_compiled_steps(compiled, cfg, x_seq, layers, mem_w, kv_w, kv_b, cache, first)
     # $\mathrm{LN}(x_t^L)$ of every step
-    out = model.norm(run_steps(cfg, x_seq, layers, mem_w, kv_w, kv_b, cache, first))
+    out = model.norm(last)
     if not return_state:
         return out
     # The steps wrote their entries; the stack now counts them and hands out the view the next step sees

@@ -1,0 +1,103 @@
+r"""
+---
+title: One step over fixed shapes
+summary: A Feedback Transformer step whose tensors have the same shapes at every step - attention over the whole
+  preallocated cache with the slots a step may not see masked out - so that torch.compile builds it once and a
+  GPU can replay it as a CUDA graph.
+---
+
+# One step over fixed shapes
+
+[The fused loop's steps](fused_steps.html) attend over the `n` memory slots that step $t$ sees, a slice whose
+length grows with $t$, and skip attention at the first step of a sequence. Both are right, and both make every step
+a differently shaped computation: a compiler would specialise on `n` (and recompile at every step), a CUDA graph
+could not be replayed.
+
+Here a step attends over **every slot of the cache buffer**, whose capacity $C$ stays fixed between the times the
+state's cache grows ([stack.py](stack.html), by doubling), and masks the slots it may not see. For the slot range
+`lo .. hi - 1` of step $t$ (slot `hi` will hold its own memory; `hi - lo` $= n$):
+
+* $\text{valid}_j = [\mathrm{lo} \le j < \mathrm{hi}]$, and the scores of other slots are $-\infty$, so their
+  probabilities are exactly $0$;
+* slot $j$ is at distance $\Delta_j = \mathrm{hi} - j$, and its position terms $q^\top p_{\Delta_j} + s_{\Delta_j}$
+  are column $C - \Delta_j$ of the position products over the table of distances $C \dots 1$: one gather with an
+  index computed from `hi`;
+* at the first step no slot is valid; the softmax of $-\infty$ everywhere is undefined, so the probabilities are
+  set to $0$ where nothing is valid, and the attention branch is multiplied by $[\mathrm{hi} > \mathrm{lo}]$, which
+  leaves $x_1 = x$ as the loop's skipped attention does.
+
+`lo` and `hi` enter as a tensor, not as Python numbers, so nothing in the step depends on the data: the same
+compiled code runs every step. The products are those of the loop, with $C$ in place of $n$ for the two products
+over the memory (and their entries in the masked slots multiply zeros).
+
+Unwritten slots of a cache buffer are zeros (the stack makes its buffers so), so that the masked probabilities
+$0$ never meet a NaN in the values. The query, the feed-forward block and the memory entry are
+[the loop's own](fused_steps.html#attention_query); only the attention over the memory is written here again,
+over fixed shapes.
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from labml_nn.transformers.feedback.fused_records import LayerWeights, LoopConfig, caster
+from labml_nn.transformers.feedback.fused_steps import attention_query, feed_forward, memory_entry
+
+
+def static_step(cfg: LoopConfig, x: torch.Tensor, work: torch.Tensor, bounds: torch.Tensor,
+                layers: List[LayerWeights], mem_w: torch.Tensor, kv_w: torch.Tensor,
+                kv_b: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    One step of the loop over fixed shapes (see above), without dropout and without autograd's records.
+
+    * `cfg`: the loop's settings (sizes, `memory_norm`; dropout, `n_start` and the seed are not read)
+    * `x`: the step's embedding $x_t^0$ `[B, D]`
+    * `work`: the cache buffer `[G, 2, B, H, C, d_k]` ([layout](state.html#layout)); not written
+    * `bounds`: `[lo, hi]`, int64: the step sees slots `lo .. hi - 1`
+    * `layers`: the weights, with position terms for the $C$ distances $C \dots 1$
+    * `mem_w`, `kv_w`, `kv_b`: $\mathrm{softmax}(w)$ and the key/value projection
+
+    Returns the last layer's output $x_t^L$ `[B, D]` and the step's cache entry `[G, 2, B, H, d_k]`, for the caller
+    to write into slot `hi`.
+    """
+    B, D = x.shape
+    G, H, dk = cfg.groups, cfg.heads, cfg.d_k
+    C = work.shape[4]
+    to_low = caster(work.dtype, x.dtype)
+    high = x.dtype
+    scale = 1 / dk ** 0.5
+    # The slots this step sees, `[C]`, and whether it sees any
+    slots = torch.arange(C, device=x.device)
+    lo, hi = bounds[0], bounds[1]
+    valid = (slots >= lo) & (slots < hi)
+    has_memory = (hi > lo).to(high)
+    # The column of each slot's distance $\Delta_j = \mathrm{hi} - j$ in the table of distances $C \dots 1$
+    # (clamped for masked slots, whose distance may be out of the table)
+    column = (slots + C - hi).clamp(0, C - 1)
+    # Each group's keys and values as `[B * H, C, d_k]`
+    keys = [work[g, 0].reshape(B * H, C, dk) for g in range(G)]
+    values = [work[g, 1].reshape(B * H, C, dk) for g in range(G)]
+    xs = [x]
+    for l, lw in enumerate(layers):
+        g = l if G > 1 else 0
+        _, _, q, qu = attention_query(x, lw, lw.w_q.t(), cfg, to_low)
+        # $(q + u)^\top k_j$ for every slot: `[B, H, C]`
+        content = torch.bmm(qu, keys[g].transpose(1, 2)).view(B, H, C)
+        # $\frac{1}{\sqrt{d_k}}(q^\top p_\Delta + s_\Delta)$ for every distance, `[H, B, C]`, then gathered by slot
+        position = torch.baddbmm(lw.pos_bias.t()[:, None, :], q.view(B, H, dk).transpose(0, 1),
+                                 lw.pos_emb.permute(1, 2, 0), beta=scale, alpha=scale)
+        position = position.index_select(2, column)
+        # Scores of the visible slots; $-\infty$ elsewhere: `[B, H, C]`
+        scores = torch.add(position.transpose(0, 1), content, alpha=scale).masked_fill(~valid, float('-inf'))
+        # $P = \mathrm{softmax}_j$, and $0$ where no slot is visible (the first step)
+        p = torch.softmax(scores, dim=-1, dtype=high).masked_fill(~valid, 0.0)
+        # $o = \sum_j P_j v_j$, heads concatenated: `[B, D]`
+        o = torch.bmm(to_low(p).view(B * H, 1, C), values[g]).view(B, D)
+        # $x_1 = x + [\mathrm{hi} > \mathrm{lo}]\,(W_o o + b_o)$
+        x1 = x + has_memory * torch.addmm(lw.b_o, o, lw.w_o.t())
+        # The feed-forward block, as in the loop
+        x, _ = feed_forward(x1, lw, lw.w_1.t(), lw.w_2.t(), cfg, to_low)
+        xs.append(x)
+    # $m_t$'s keys and values for every group
+    _, _, kv = memory_entry(cfg, xs, mem_w, kv_w.t(), kv_b, to_low)
+    return x, kv
