@@ -33,13 +33,9 @@ that `compile=` is one of its values: the device is not known yet.
 import importlib.util
 import os
 import shutil
-from typing import List, Optional, Union
+from typing import Callable, List, Optional, Union
 
 import torch
-
-from labml_nn.transformers.feedback.fused_records import LayerWeights, LoopConfig
-from labml_nn.transformers.feedback.stack import first_visible
-from labml_nn.transformers.feedback.static_step import static_step
 
 # The values of `compile=`: off, and `torch.compile`'s modes
 COMPILE_MODES = (None, 'default', 'reduce-overhead')
@@ -103,46 +99,16 @@ class CompiledStep:
         # The device types whose toolchain was checked
         self.checked = set()
 
-    def __call__(self, device: torch.device):
-        """The compiled `static_step`, for a call on `device`."""
+    def __call__(self, fn: Callable, device: torch.device) -> Callable:
+        """`fn` compiled (the first time; the same function every time), for a call on `device`."""
         if device.type not in self.checked:
             check_compile(self.mode, device.type)
             self.checked.add(device.type)
         if self.step is None:
             # `fullgraph`: the step has no Python branch on data, so it must compile as one graph
-            self.step = torch.compile(static_step, mode=self.mode, fullgraph=True)
+            self.step = torch.compile(fn, mode=self.mode, fullgraph=True)
         return self.step
 
     def __getstate__(self) -> dict:
         # Copies of the model (`copy.deepcopy`, pickling) compile their own
         return {'mode': self.mode, 'step': None, 'checked': set()}
-
-
-def run_compiled_steps(compiled: CompiledStep, cfg: LoopConfig, x_seq: torch.Tensor, layers: List[LayerWeights],
-                       mem_w: torch.Tensor, kv_w: torch.Tensor, kv_b: Optional[torch.Tensor], work: torch.Tensor,
-                       first: int) -> torch.Tensor:
-    r"""
-    `run_steps` ([fused_steps.py](fused_steps.html)) without dropout or records, one compiled fixed-shape step per
-    position: reads the cache from and writes the new entries into `work` (slot 0 holding absolute step `first`,
-    `layers` with position terms for all of its slots). Returns the last layer's outputs $x_t^L$ `[T, B, D]`.
-    """
-    T = x_seq.shape[0]
-    n_new = T if cfg.make_last_memory else T - 1
-    step = compiled(x_seq.device)
-    # Sizes and settings only: what changes from call to call (the first step, the seed) is not among the
-    # compiled step's constants, so that it does not recompile for it
-    constants = cfg._replace(n_start=0, make_last_memory=True, seed=0)
-    outputs = []
-    # The products' dtype is followed by hand, as in the loop
-    with torch.autocast(x_seq.device.type, enabled=False):
-        for i in range(T):
-            t = cfg.n_start + i
-            # The slots step $t$ sees, `lo .. hi - 1`, in the buffer whose slot 0 is absolute step `first`
-            bounds = torch.tensor([first_visible(t, cfg.memory_span) - first, t - first], device=x_seq.device)
-            x, kv = step(constants, x_seq[i], work, bounds, layers, mem_w, kv_w, kv_b)
-            # A copy: CUDA graphs reuse their outputs' memory at the next replay
-            outputs.append(x.clone())
-            if i < n_new:
-                # The step's entry into its slot, `hi`
-                work[..., t - first, :] = kv
-    return torch.stack(outputs)

@@ -34,13 +34,12 @@ Changing a parameter through `.data` in place escapes the version counter (as it
 made under `torch.inference_mode()` have no version counter: nothing is kept for them.
 """
 
-from typing import Dict, List, NamedTuple, Optional, Protocol, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Protocol, Tuple, Union
 
 import torch
 from torch import nn
 
-from labml_nn.transformers.feedback.compiled import CompiledStep, run_compiled_steps
-from labml_nn.transformers.feedback.fused_records import LayerWeights
+from labml_nn.transformers.feedback.fused_records import LayerWeights, LoopConfig
 from labml_nn.transformers.feedback.fused_steps import (
     FeedbackModel,
     loop_config,
@@ -128,16 +127,23 @@ class InferenceCache:
 
 
 class CachingModel(FeedbackModel, Protocol):
-    """A Feedback Transformer with the `InferenceCache` it owns, and its compiled step when it has one."""
+    """A Feedback Transformer with the `InferenceCache` it owns."""
     inference_cache: InferenceCache
-    compiled_step: Optional[CompiledStep]
+
+
+# `run_steps`' arguments without dropout and records: the steps of a call, whatever runs them
+StepsRunner = Callable[[LoopConfig, torch.Tensor, List[LayerWeights], torch.Tensor, torch.Tensor,
+                        Optional[torch.Tensor], torch.Tensor, int], torch.Tensor]
 
 
 def inference_forward(model: CachingModel, x_seq: torch.Tensor, state: Optional[FeedbackState],
-                      return_state: bool) -> Union[torch.Tensor, Tuple[torch.Tensor, FeedbackState]]:
+                      return_state: bool, compiled_steps: Optional[StepsRunner] = None
+                      ) -> Union[torch.Tensor, Tuple[torch.Tensor, FeedbackState]]:
     """
     `model(x_seq, state, return_state)` (a Feedback Transformer, [transformer.py](transformer.html)) without
     autograd and without dropout: the steps write their keys and values straight into the state's cache.
+    `compiled_steps` runs the steps in place of `run_steps` when given: the compiled fixed-shape step
+    ([static_step.py](static_step.html)), which reads position terms for every slot of the cache's buffer.
     """
     seq_len, batch_size, _ = x_seq.shape
     # The cache to write into: a new one, or the state's (a fork when it was continued already)
@@ -155,16 +161,11 @@ def inference_forward(model: CachingModel, x_seq: torch.Tensor, state: Optional[
     # attend to; slot 0 of `cache` is absolute step `first`, as in the fused loop's work buffer
     entry = x_seq.new_empty((model.groups, 2, batch_size, model.heads, model.d_k), dtype=low)
     cache, first = stack.reserve(n_new, entry)
-    compiled = model.compiled_step
     # The weights, with position terms for the most memory a step of this call sees (the compiled step: for every
-    # slot of the buffer, [static_step.py](static_step.html))
-    n = cache.shape[4] if compiled is not None else widest_memory(n_start, seq_len, model.memory_span)
+    # slot of the buffer)
+    n = cache.shape[4] if compiled_steps is not None else widest_memory(n_start, seq_len, model.memory_span)
     layers, mem_w, kv_w, kv_b = model.inference_cache.weights(model, n, low)
-    if compiled is None:
-        last = run_steps(cfg, x_seq, layers, mem_w, kv_w, kv_b, cache, first)
-    else:
-        # One compiled fixed-shape step per position ([compiled.py](compiled.html))
-        last = run_compiled_steps(compiled, cfg, x_seq, layers, mem_w, kv_w, kv_b, cache, first)
+    last = (compiled_steps or run_steps)(cfg, x_seq, layers, mem_w, kv_w, kv_b, cache, first)
     # $\mathrm{LN}(x_t^L)$ of every step
     out = model.norm(last)
     if not return_state:

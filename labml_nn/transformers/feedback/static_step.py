@@ -40,8 +40,10 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from labml_nn.transformers.feedback.compiled import CompiledStep
 from labml_nn.transformers.feedback.fused_records import LayerWeights, LoopConfig, caster
 from labml_nn.transformers.feedback.fused_steps import attention_query, feed_forward, memory_entry
+from labml_nn.transformers.feedback.stack import first_visible
 
 
 def static_step(cfg: LoopConfig, x: torch.Tensor, work: torch.Tensor, bounds: torch.Tensor,
@@ -101,3 +103,33 @@ def static_step(cfg: LoopConfig, x: torch.Tensor, work: torch.Tensor, bounds: to
     # $m_t$'s keys and values for every group
     _, _, kv = memory_entry(cfg, xs, mem_w, kv_w.t(), kv_b, to_low)
     return x, kv
+
+
+def run_compiled_steps(compiled: CompiledStep, cfg: LoopConfig, x_seq: torch.Tensor, layers: List[LayerWeights],
+                       mem_w: torch.Tensor, kv_w: torch.Tensor, kv_b: Optional[torch.Tensor], work: torch.Tensor,
+                       first: int) -> torch.Tensor:
+    r"""
+    `run_steps` ([fused_steps.py](fused_steps.html)) without dropout or records, one compiled fixed-shape step per
+    position: reads the cache from and writes the new entries into `work` (slot 0 holding absolute step `first`,
+    `layers` with position terms for all of its slots). Returns the last layer's outputs $x_t^L$ `[T, B, D]`.
+    """
+    T = x_seq.shape[0]
+    n_new = T if cfg.make_last_memory else T - 1
+    step = compiled(static_step, x_seq.device)
+    # Sizes and settings only: what changes from call to call (the first step, the seed) is not among the
+    # compiled step's constants, so that it does not recompile for it
+    constants = cfg._replace(n_start=0, make_last_memory=True, seed=0)
+    outputs = []
+    # The products' dtype is followed by hand, as in the loop
+    with torch.autocast(x_seq.device.type, enabled=False):
+        for i in range(T):
+            t = cfg.n_start + i
+            # The slots step $t$ sees, `lo .. hi - 1`, in the buffer whose slot 0 is absolute step `first`
+            bounds = torch.tensor([first_visible(t, cfg.memory_span) - first, t - first], device=x_seq.device)
+            x, kv = step(constants, x_seq[i], work, bounds, layers, mem_w, kv_w, kv_b)
+            # A copy: CUDA graphs reuse their outputs' memory at the next replay
+            outputs.append(x.clone())
+            if i < n_new:
+                # The step's entry into its slot, `hi`
+                work[..., t - first, :] = kv
+    return torch.stack(outputs)

@@ -66,6 +66,7 @@ takes the transformer as its argument:
 fixed shapes ([compiled.py](compiled.html)).
 """
 
+from functools import partial
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -79,6 +80,7 @@ from labml_nn.transformers.feedback.fused_steps import products_dtype, supports
 from labml_nn.transformers.feedback.inference import InferenceCache, inference_forward
 from labml_nn.transformers.feedback.stack import Stack, n_visible
 from labml_nn.transformers.feedback.state import FeedbackState
+from labml_nn.transformers.feedback.static_step import run_compiled_steps
 from labml_nn.transformers.pre_norm import PreNormLayer
 from labml_nn.utils import check_memory_span, clone_module_list
 
@@ -243,8 +245,10 @@ class _FeedbackLoop(nn.Module):
             if torch.is_grad_enabled():
                 # Training: the whole loop as one autograd function ([fused.py](fused.html))
                 return fused_forward(self, x_seq, state, return_state)
-            # Without autograd: the same steps, straight into the state's cache ([inference.py](inference.html))
-            return inference_forward(self, x_seq, state, return_state)
+            # Without autograd: the same steps, straight into the state's cache ([inference.py](inference.html)),
+            # with `compile` one compiled step over fixed shapes per position ([static_step.py](static_step.html))
+            steps = None if self.compiled_step is None else partial(run_compiled_steps, self.compiled_step)
+            return inference_forward(self, x_seq, state, return_state, steps)
 
         # The loop as the paper writes it: the layers step by step, autograd recording every operation
         seq_len, batch_size, _ = x_seq.shape
