@@ -277,37 +277,53 @@ def _steps(cfg: LoopConfig, x_seq: torch.Tensor, layers: List[LayerWeights], mem
 # The parts of a step that do not depend on how much memory it sees: the compiled step
 # ([static_step.py](static_step.html)) runs them too.
 
+class Products(NamedTuple):
+    r"""
+    How a step multiplies rows by a matrix: `mm(a, b)` $= ab$ and `addmm(c, a, b)` $= c + ab$. The loop calls the
+    library's matrix products; [the compiled step](static_step.html) of a single row writes them as sums that the
+    compiler fuses with the operations around them.
+    """
+    mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    addmm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+MATRIX_PRODUCTS = Products(torch.mm, torch.addmm)
+
+
 def attention_query(x: torch.Tensor, lw: LayerWeights, w_q_t: torch.Tensor, cfg: LoopConfig,
-                    to_low: Callable[[torch.Tensor], torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+                    to_low: Callable[[torch.Tensor], torch.Tensor],
+                    products: Products = MATRIX_PRODUCTS) -> Tuple[torch.Tensor, ...]:
     r"""
     $z = \mathrm{LN}(x)$ and $q = W_q z$ of `x` `[B, D]`: the norm's statistics, $q$ `[B, D]` and $q + u$
     `[B * H, 1, d_k]` (in the products' dtype).
     """
     B, D = x.shape
     z, mean, rstd = torch.native_layer_norm(x, (D,), lw.ln1_w, lw.ln1_b, cfg.eps)
-    q = torch.mm(to_low(z), w_q_t)
+    q = products.mm(to_low(z), w_q_t)
     qu = to_low((q.view(B, cfg.heads, cfg.d_k) + lw.u).view(B * cfg.heads, 1, cfg.d_k))
     return mean, rstd, q, qu
 
 
 def feed_forward(x1: torch.Tensor, lw: LayerWeights, w_1_t: torch.Tensor, w_2_t: torch.Tensor, cfg: LoopConfig,
                  to_low: Callable[[torch.Tensor], torch.Tensor], hidden_mask: Optional[torch.Tensor] = None,
-                 resid_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, FfnSaved]:
+                 resid_mask: Optional[torch.Tensor] = None,
+                 products: Products = MATRIX_PRODUCTS) -> Tuple[torch.Tensor, FfnSaved]:
     r"""
     $x = x_1 + \mathrm{Drop}(W_2\, \mathrm{Drop}(\mathrm{ReLU}(W_1 \mathrm{LN}(x_1) + b_1)) + b_2)$, `[B, D]`, with the
     given dropout masks (`None`: no dropout), and what the backward pass keeps of it.
     """
     z2, mean2, rstd2 = torch.native_layer_norm(x1, (x1.shape[1],), lw.ln2_w, lw.ln2_b, cfg.eps)
-    hidden = torch.relu_(torch.addmm(lw.b_1, to_low(z2), w_1_t))
+    hidden = torch.relu_(products.addmm(lw.b_1, to_low(z2), w_1_t))
     if hidden_mask is not None:
         hidden = hidden * hidden_mask
-    ff = torch.addmm(lw.b_2, hidden, w_2_t)
+    ff = products.addmm(lw.b_2, hidden, w_2_t)
     x = x1 + ff if resid_mask is None else torch.addcmul(x1, ff, resid_mask)
     return x, FfnSaved(x1, mean2, rstd2, hidden)
 
 
 def memory_entry(cfg: LoopConfig, xs: List[torch.Tensor], mem_w: torch.Tensor, kv_w_t: torch.Tensor,
-                 kv_b: Optional[torch.Tensor], to_low: Callable[[torch.Tensor], torch.Tensor]):
+                 kv_b: Optional[torch.Tensor], to_low: Callable[[torch.Tensor], torch.Tensor],
+                 products: Products = MATRIX_PRODUCTS):
     r"""
     The step's memory $m_t = \sum_l \mathrm{softmax}(w)_l x_t^l$ `[B, D]` from the layers' inputs and output `xs`,
     with `memory_norm` its statistics $(\mu, 1/\sigma)$ (else `None`), and its keys and values for every group as a
@@ -316,15 +332,15 @@ def memory_entry(cfg: LoopConfig, xs: List[torch.Tensor], mem_w: torch.Tensor, k
     L, G, H, dk = cfg.n_layers, cfg.groups, cfg.heads, cfg.d_k
     B, D = xs[0].shape
     # One product over the stacked layer outputs (high precision)
-    mem = torch.mm(mem_w.view(1, L + 1), torch.stack(xs).view(L + 1, B * D)).view(B, D)
+    mem = products.mm(mem_w.view(1, L + 1), torch.stack(xs).view(L + 1, B * D)).view(B, D)
     stats = None
     if cfg.memory_norm:
         # $\hat m_t = (m_t - \mu) / \sigma$; the norms' gains and biases are folded into `kv_w`, `kv_b`
         # ([transformer.py](transformer.html#_FeedbackLoop.kv_projection))
         mem_hat, mem_mean, mem_rstd = torch.native_layer_norm(mem, (D,), None, None, cfg.memory_eps)
         stats = (mem_mean, mem_rstd)
-        kv = torch.addmm(kv_b, to_low(mem_hat), kv_w_t)
+        kv = products.addmm(kv_b, to_low(mem_hat), kv_w_t)
     else:
-        kv = torch.mm(to_low(mem), kv_w_t)
+        kv = products.mm(to_low(mem), kv_w_t)
     # `[B, G, 2, H, d_k]` to the cache's layout
     return mem, stats, kv.view(B, G, 2, H, dk).permute(1, 2, 0, 3, 4)

@@ -26,6 +26,13 @@ state's cache grows ([stack.py](stack.html), by doubling), and masks the slots i
   set to $0$ where nothing is valid, and the attention branch is multiplied by $[\mathrm{hi} > \mathrm{lo}]$, which
   leaves $x_1 = x$ as the loop's skipped attention does.
 
+## One row
+
+Generating text runs one sequence (batch 1), and each of the step's matrix products is then one row times a
+matrix: a few thousand multiply-adds, which the library's matrix product spends more time calling than computing.
+For a single row the step writes them as sums, $(ab)_j = \sum_k a_k b_{kj}$ (`ROW_SUMS`), which the compiler turns
+into loops fused with the norms, biases and activations around them. Larger batches keep the matrix products.
+
 `lo` and `hi` enter as a tensor, not as Python numbers, so nothing in the step depends on the data: the same
 compiled code runs every step. The products are those of the loop, with $C$ in place of $n$ for the two products
 over the memory (and their entries in the masked slots multiply zeros).
@@ -42,8 +49,27 @@ import torch
 
 from labml_nn.transformers.feedback.compiled import CompiledStep
 from labml_nn.transformers.feedback.fused_records import LayerWeights, LoopConfig, caster
-from labml_nn.transformers.feedback.fused_steps import attention_query, feed_forward, memory_entry
+from labml_nn.transformers.feedback.fused_steps import (
+    MATRIX_PRODUCTS,
+    Products,
+    attention_query,
+    feed_forward,
+    memory_entry,
+)
 from labml_nn.transformers.feedback.stack import first_visible
+
+
+def _row_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # $(ab)_{ij} = \sum_k a_{ik} b_{kj}$ as a sum over `[rows, k, columns]`
+    return (a[:, :, None] * b[None]).sum(1)
+
+
+def _row_addmm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return c + _row_mm(a, b)
+
+
+# The products of a single row, written as sums for the compiler to fuse
+ROW_SUMS = Products(_row_mm, _row_addmm)
 
 
 def static_step(cfg: LoopConfig, x: torch.Tensor, work: torch.Tensor, bounds: torch.Tensor,
@@ -67,6 +93,8 @@ def static_step(cfg: LoopConfig, x: torch.Tensor, work: torch.Tensor, bounds: to
     C = work.shape[4]
     to_low = caster(work.dtype, x.dtype)
     high = x.dtype
+    # A single row: products as sums (see above); `B` is a constant of the compiled step
+    products = ROW_SUMS if B == 1 else MATRIX_PRODUCTS
     scale = 1 / dk ** 0.5
     # The slots this step sees, `[C]`, and whether it sees any
     slots = torch.arange(C, device=x.device)
@@ -82,12 +110,13 @@ def static_step(cfg: LoopConfig, x: torch.Tensor, work: torch.Tensor, bounds: to
     xs = [x]
     for l, lw in enumerate(layers):
         g = l if G > 1 else 0
-        _, _, q, qu = attention_query(x, lw, lw.w_q.t(), cfg, to_low)
+        _, _, q, qu = attention_query(x, lw, lw.w_q.t(), cfg, to_low, products)
         # $(q + u)^\top k_j$ for every slot: `[B, H, C]`
         content = torch.bmm(qu, keys[g].transpose(1, 2)).view(B, H, C)
         # $\frac{1}{\sqrt{d_k}}(q^\top p_\Delta + s_\Delta)$ for every distance, `[H, B, C]`, then gathered by slot
-        position = torch.baddbmm(lw.pos_bias.t()[:, None, :], q.view(B, H, dk).transpose(0, 1),
-                                 lw.pos_emb.permute(1, 2, 0), beta=scale, alpha=scale)
+        q_h = q.view(B, H, dk).transpose(0, 1)
+        position = lw.pos_bias.t()[:, None, :] + (q_h[:, :, :, None] * lw.pos_emb.permute(1, 2, 0)[:, None]).sum(2)
+        position = position * scale
         position = position.index_select(2, column)
         # Scores of the visible slots; $-\infty$ elsewhere: `[B, H, C]`
         scores = torch.add(position.transpose(0, 1), content, alpha=scale).masked_fill(~valid, float('-inf'))
@@ -96,12 +125,12 @@ def static_step(cfg: LoopConfig, x: torch.Tensor, work: torch.Tensor, bounds: to
         # $o = \sum_j P_j v_j$, heads concatenated: `[B, D]`
         o = torch.bmm(to_low(p).view(B * H, 1, C), values[g]).view(B, D)
         # $x_1 = x + [\mathrm{hi} > \mathrm{lo}]\,(W_o o + b_o)$
-        x1 = x + has_memory * torch.addmm(lw.b_o, o, lw.w_o.t())
+        x1 = x + has_memory * products.addmm(lw.b_o, o, lw.w_o.t())
         # The feed-forward block, as in the loop
-        x, _ = feed_forward(x1, lw, lw.w_1.t(), lw.w_2.t(), cfg, to_low)
+        x, _ = feed_forward(x1, lw, lw.w_1.t(), lw.w_2.t(), cfg, to_low, products=products)
         xs.append(x)
     # $m_t$'s keys and values for every group
-    _, _, kv = memory_entry(cfg, xs, mem_w, kv_w.t(), kv_b, to_low)
+    _, _, kv = memory_entry(cfg, xs, mem_w, kv_w.t(), kv_b, to_low, products)
     return x, kv
 
 
