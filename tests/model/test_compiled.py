@@ -126,6 +126,28 @@ def test_generation_picks_the_same_tokens(kind):
     assert torch.equal(lm.generate(prompt, 12, temperature=0.0), lm_eager.generate(prompt, 12, temperature=0.0))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (experiments/gpu_check.sh runs it)")
+@pytest.mark.parametrize('kind', ['weighted', 'kv'])
+def test_reduce_overhead_on_cuda(kind):
+    """CUDA graphs (`compile='reduce-overhead'`): a state continued token by token, and greedy generation."""
+    model = make_transformer(kind, compile='reduce-overhead', dtype=torch.float32, device='cuda', **SIZES)
+    eager = make_transformer(kind, dtype=torch.float32, device='cuda', **SIZES)
+    eager.load_state_dict(model.state_dict())
+    x = _x(10).float().cuda()
+    with torch.no_grad():
+        full = eager(x)
+        out, state = model(x[:2], return_state=True)
+        outs = [out]
+        for t in range(2, 10):
+            out, state = model(x[t:t + 1], state=state, return_state=True)
+            outs.append(out)
+        torch.testing.assert_close(torch.cat(outs), full, atol=1e-4, rtol=1e-4)
+    lm, lm_eager = AutoregressiveModel(11, 8, model).cuda(), AutoregressiveModel(11, 8, eager).cuda()
+    lm_eager.load_state_dict(lm.state_dict())
+    prompt = torch.tensor([[1], [4], [2]], device='cuda')
+    assert torch.equal(lm.generate(prompt, 12, temperature=0.0), lm_eager.generate(prompt, 12, temperature=0.0))
+
+
 # Errors: none of these needs a compiler
 
 def test_bad_compile_values():

@@ -117,8 +117,10 @@ class InferenceCache:
             layers, kv_w, kv_b = weights_for_products(loop_weights(model, size), kv_w, kv_b, dtype)
             kept = _Kept(snapshot, model.memory_norm, dtype, size, layers, model.memory_weights(), kv_w, kv_b)
             self.kept = kept if snapshot.trackable else None
-        # Distances $n \dots 1$ are the last `n` rows of the kept $N \dots 1$
-        layers = [lw._replace(pos_emb=lw.pos_emb[-n:], pos_bias=lw.pos_bias[-n:]) for lw in kept.layers]
+        # Distances $n \dots 1$ are the last `n` rows of the kept $N \dots 1$ (all of them for the compiled step, which
+        # asks for as many as its buffer has slots)
+        layers = kept.layers if n == kept.size else [lw._replace(pos_emb=lw.pos_emb[-n:], pos_bias=lw.pos_bias[-n:])
+                                                     for lw in kept.layers]
         return layers, kept.mem_w, kept.kv_w, kept.kv_b
 
     def __getstate__(self) -> dict:
