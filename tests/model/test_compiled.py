@@ -115,6 +115,15 @@ def test_training_with_compile_is_the_fused_loop(models):
 
 
 @needs_cxx
+def test_past_the_recompile_limit_the_step_runs_eagerly(models):
+    """A shape the compiler may not build any more (here: any new one) runs the same step eagerly: same values."""
+    model, eager = models
+    x = _x(4, B=3)
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
+        torch.testing.assert_close(model(x), eager(x))
+
+
+@needs_cxx
 @pytest.mark.slow
 @pytest.mark.parametrize('kind', ['weighted', 'kv'])
 def test_generation_picks_the_same_tokens(kind):
@@ -165,7 +174,7 @@ def test_missing_cxx_is_a_clear_error_before_any_step(monkeypatch):
     with torch.no_grad(), pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler"):
         model(_x(3))
     # Nothing was compiled or cached
-    assert model.compiled_step.step is None
+    assert model.compiled_step.compiled == {}
 
 
 def test_missing_triton_is_a_clear_error(monkeypatch):

@@ -33,7 +33,7 @@ that `compile=` is one of its values: the device is not known yet.
 import importlib.util
 import os
 import shutil
-from typing import Callable, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
@@ -91,24 +91,28 @@ def check_compile(compile: Union[bool, str, None], device_type: str = 'cpu') -> 
 
 
 class CompiledStep:
-    """A model's compiled step: made at the first call (never at import or construction), dropped by copies."""
+    """
+    A model's compiled steps: each function compiled at its first call (never at import or construction), and
+    dropped by copies of the model.
+    """
 
     def __init__(self, mode: str):
         self.mode = mode
-        self.step = None
+        # The compiled version of each function
+        self.compiled: Dict[Callable, Callable] = {}
         # The device types whose toolchain was checked
         self.checked = set()
 
     def __call__(self, fn: Callable, device: torch.device) -> Callable:
-        """`fn` compiled (the first time; the same function every time), for a call on `device`."""
+        """`fn` compiled (the first time; the same compiled function afterwards), for a call on `device`."""
         if device.type not in self.checked:
             check_compile(self.mode, device.type)
             self.checked.add(device.type)
-        if self.step is None:
-            # `fullgraph`: the step has no Python branch on data, so it must compile as one graph
-            self.step = torch.compile(fn, mode=self.mode, fullgraph=True)
-        return self.step
+        if fn not in self.compiled:
+            # Not `fullgraph`: past the compiler's recompile limit a call must run the function eagerly, not fail
+            self.compiled[fn] = torch.compile(fn, mode=self.mode)
+        return self.compiled[fn]
 
     def __getstate__(self) -> dict:
         # Copies of the model (`copy.deepcopy`, pickling) compile their own
-        return {'mode': self.mode, 'step': None, 'checked': set()}
+        return {'mode': self.mode, 'compiled': {}, 'checked': set()}
