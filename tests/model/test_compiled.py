@@ -157,7 +157,31 @@ def test_reduce_overhead_on_cuda(kind):
     assert torch.equal(lm.generate(prompt, 12, temperature=0.0), lm_eager.generate(prompt, 12, temperature=0.0))
 
 
+@needs_cxx
+@pytest.mark.slow
+def test_under_autocast_as_the_module_loop():
+    """Under bfloat16 autocast the compiled step follows autocast's rules as the loop does (bfloat16 cache)."""
+    model = make_transformer('kv', compile=True, dtype=torch.float32, **SIZES)
+    loop = make_transformer('kv', fused=False, dtype=torch.float32, **SIZES)
+    loop.load_state_dict(model.state_dict())
+    x = _x(6).float()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        out, state = model(x, return_state=True)
+        expected, expected_state = loop(x, return_state=True)
+    assert state.visible.dtype == expected_state.visible.dtype == torch.bfloat16
+    # bfloat16 products: a few of its units in the last place
+    torch.testing.assert_close(out, expected, atol=0.1, rtol=0.05)
+
+
 # Errors: none of these needs a compiler
+
+def test_compile_from_the_model_config():
+    """`compile=` of the builder's config reaches the model (nothing is compiled before the first call)."""
+    config = ModelConfig('feedback_transformer_kv', d_model=8, heads=2, d_ff=16, n_layers=1, compile='reduce-overhead')
+    model = build_transformer(config)
+    assert model.compiled_step.mode == 'reduce-overhead' and model.compiled_step.compiled == {}
+    assert build_transformer(ModelConfig('feedback_transformer', d_model=8, heads=2, n_layers=1)).compiled_step is None
+
 
 def test_bad_compile_values():
     with pytest.raises(ValueError, match="compile must be"):
