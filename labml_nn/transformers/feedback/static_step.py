@@ -26,13 +26,6 @@ state's cache grows ([stack.py](stack.html), by doubling), and masks the slots i
   set to $0$ where nothing is valid, and the attention branch is multiplied by $[\mathrm{hi} > \mathrm{lo}]$, which
   leaves $x_1 = x$ as the loop's skipped attention does.
 
-## One row
-
-Generating text runs one sequence (batch 1), and each of the step's matrix products is then one row times a
-matrix: a few thousand multiply-adds, which the library's matrix product spends more time calling than computing.
-For a single row the step writes them as sums, $(ab)_j = \sum_k a_k b_{kj}$ (`ROW_SUMS`), which the compiler turns
-into loops fused with the norms, biases and activations around them. Larger batches keep the matrix products.
-
 `lo` and `hi` enter as a tensor, not as Python numbers, so nothing in the step depends on the data: the same
 compiled code runs every step. The products are those of the loop, with $C$ in place of $n$ for the two products
 over the memory (and their entries in the masked slots multiply zeros).
@@ -41,6 +34,13 @@ Unwritten slots of a cache buffer are zeros (the stack makes its buffers so), so
 $0$ never meet a NaN in the values. The query, the feed-forward block and the memory entry are
 [the loop's own](fused_steps.html#attention_query); only the attention over the memory is written here again,
 over fixed shapes.
+
+## One row
+
+Generating text runs one sequence (batch 1), and each of the step's matrix products is then one row times a
+matrix: a few thousand multiply-adds, which the library's matrix product spends more time calling than computing.
+For a single row the step writes them as sums, $(ab)_j = \sum_k a_k b_{kj}$ (`ROW_SUMS`), which the compiler turns
+into loops fused with the norms, biases and activations around them. Larger batches keep the matrix products.
 """
 
 from typing import List, Optional, Tuple
