@@ -114,9 +114,12 @@ def static_step(cfg: LoopConfig, x: torch.Tensor, work: torch.Tensor, bounds: to
         # $(q + u)^\top k_j$ for every slot: `[B, H, C]`
         content = torch.bmm(qu, keys[g].transpose(1, 2)).view(B, H, C)
         # $\frac{1}{\sqrt{d_k}}(q^\top p_\Delta + s_\Delta)$ for every distance, `[H, B, C]`, then gathered by slot
-        q_h = q.view(B, H, dk).transpose(0, 1)
-        position = lw.pos_bias.t()[:, None, :] + (q_h[:, :, :, None] * lw.pos_emb.permute(1, 2, 0)[:, None]).sum(2)
-        position = position * scale
+        # (one row: as a sum, like its other products)
+        q_h, pos_k, pos_b = q.view(B, H, dk).transpose(0, 1), lw.pos_emb.permute(1, 2, 0), lw.pos_bias.t()[:, None, :]
+        if products is ROW_SUMS:
+            position = (pos_b + (q_h[:, :, :, None] * pos_k[:, None]).sum(2)) * scale
+        else:
+            position = torch.baddbmm(pos_b, q_h, pos_k, beta=scale, alpha=scale)
         position = position.index_select(2, column)
         # Scores of the visible slots; $-\infty$ elsewhere: `[B, H, C]`
         scores = torch.add(position.transpose(0, 1), content, alpha=scale).masked_fill(~valid, float('-inf'))
