@@ -55,9 +55,12 @@ def test_compiled_equals_eager_and_reference(models):
 
 @needs_cxx
 def test_carried_state_in_chunks_and_across_paths(models):
-    """A state continues one token at a time, and a compiled model's state continues eagerly (and the reverse)."""
+    """
+    A state continues one token at a time, and a compiled model's state continues eagerly (and the reverse); batch 1,
+    as in generation (the step's products of one row are sums).
+    """
     model, eager = models
-    x = _x(9)
+    x = _x(9, B=1)
     with torch.no_grad():
         full = eager(x)
         out, state = model(x[:3], return_state=True)
