@@ -15,7 +15,7 @@ from what the machine can do is the ratio of its speed to the speed of its arith
 `TorchDispatchMode`, below autograd, so it sees every matrix product the step really runs, those of the backward
 pass included: `mm`, `addmm`, `bmm`, `baddbmm`, with their operands' shapes, strides and dtypes. The fused
 attention kernels of the parallel baseline count as the batched products they contain (two forward, four
-backward).
+backward), in full: a causal kernel may skip the masked half, so that model's floor is if anything too slow.
 
 `replay_seconds` then runs exactly these products back to back on operands made once, writing into outputs made
 once (`out=`): no allocation, no Python model code, no other operation. Its time is the **floor** of the step on
