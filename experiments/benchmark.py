@@ -18,7 +18,12 @@ other's peaks).
 python experiments/benchmark.py                       # the CPU configuration of the speed issue
 python experiments/benchmark.py --d-model 512 --heads 8 --d-ff 2048 --n-layers 6 --seq-len 128 --batch 64 \
     --memory-only                                     # peak memory at labml_nn's experiment size
+python experiments/benchmark.py --floor               # and each model's speed as a fraction of its arithmetic
 ```
+
+`--floor` adds each model's [arithmetic floor](floor.py): the matrix products of one of its training steps,
+replayed back to back with nothing else; the JSON line then holds `floor_tokens_per_s` and `fraction_of_floor`
+(and the products' count, GFLOP and GFLOP/s) for every model.
 """
 
 import argparse
@@ -35,6 +40,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from experiments.floor import floor_fields, record_products  # noqa: E402
 from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel  # noqa: E402
 from labml_nn.transformers.feedback.build import ModelConfig, build_model  # noqa: E402
 
@@ -107,10 +113,15 @@ def measure_speed(names, args) -> list:
             if i >= args.warmup:
                 times.append(time.perf_counter() - start)
     results = []
-    for name, model, _, times in runs:
+    for name, model, optimizer, times in runs:
         median = statistics.median(times)
         results.append({'model': name, 'tokens_per_s': args.seq_len * args.batch / median, 'step_s': median,
                         'params': sum(p.numel() for p in model.parameters())})
+        if args.floor:
+            # The products of one more step of this model, replayed alone
+            products = record_products(lambda m=model, o=optimizer: train_step(m, o, data, target, args.vocab,
+                                                                               args.precision))
+            results[-1].update(floor_fields(products, args.seq_len * args.batch, median, args.device))
     return results
 
 
@@ -168,6 +179,8 @@ def parse(argv=None):
     p.add_argument('--only', choices=MODELS, action='append', help='measure only these models')
     p.add_argument('--memory-only', action='store_true', help='skip the speed measurement')
     p.add_argument('--no-memory', action='store_true', help='skip the memory measurement')
+    p.add_argument('--floor', action='store_true',
+                   help="also each model's arithmetic floor: its step's matrix products alone (floor.py)")
     p.add_argument('--memory-child', action='store_true', help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -199,6 +212,11 @@ def main(argv=None):
         slow = f"{r['slowdown_vs_parallel']:.2f}x" if 'slowdown_vs_parallel' in r else '-'
         mb = f"{r['peak_mb']:,.0f}" if 'peak_mb' in r else '-'
         print(f"{r['model']:<26}{tps:>12}{ms:>10}{slow:>10}{mb:>10}")
+    if any('floor_s' in r for r in results):
+        print(f"{'model':<26}{'products':>10}{'GFLOP':>8}{'floor ms':>10}{'floor tok/s':>13}{'of floor':>10}")
+        for r in (r for r in results if 'floor_s' in r):
+            print(f"{r['model']:<26}{r['floor_products']:>10}{r['floor_gflop']:>8.2f}{r['floor_s'] * 1e3:>10.1f}"
+                  f"{r['floor_tokens_per_s']:>13,.0f}{r['fraction_of_floor']:>10.1%}")
     print(json.dumps({'config': {k: v for k, v in vars(args).items() if k not in ('only', 'memory_child')},
                       'results': results}))
 

@@ -10,7 +10,14 @@ summary: Tokens per second of AutoregressiveModel.generate for the Feedback Tran
 ```
 python experiments/benchmark_generation.py                      # the issue's configuration
 python experiments/benchmark_generation.py --batch 1 --repeats 3 --full-tokens 64
+python experiments/benchmark_generation.py --variants weighted kv --batch 1 --compile --compare-eager \
+    --full-tokens 0 --growth-tokens 0                   # compiled against eager cached generation
 ```
+
+`--compile` builds the feedback models with `compile=True` (`labml_nn/transformers/feedback/compiled.py`;
+`--compile reduce-overhead` for CUDA graphs); the compile itself happens in the warm-up run and is reported apart
+(`compile_s`, the seconds of the first generation). `--compare-eager` also measures the same model eagerly, in the
+same run, and reports both and their ratio.
 
 Three measurements, on randomly initialised models (speed does not depend on the weights):
 
@@ -52,11 +59,15 @@ VARIANTS = {"weighted": "FeedbackTransformer", "kv": "FeedbackTransformerKV",
 MODEL_NAMES = {"weighted": "feedback_transformer", "kv": "feedback_transformer_kv", "baseline": "transformer"}
 
 
-def build_variant(variant: str, args: argparse.Namespace) -> AutoregressiveModel:
-    """A randomly initialised language model of the benchmark's size (dropout 0.1, so eval mode matters)."""
+def build_variant(variant: str, args: argparse.Namespace, compile: Optional[str] = None) -> AutoregressiveModel:
+    """
+    A randomly initialised language model of the benchmark's size (dropout 0.1, so eval mode matters), its
+    inference step compiled with `compile` (a `torch.compile` mode; feedback models only).
+    """
     config = ModelConfig(MODEL_NAMES[variant], n_vocab=args.vocab, d_model=args.d_model, heads=args.heads,
-                         d_ff=args.d_ff, n_layers=args.n_layers, dropout=0.1)
-    return build_model(config).eval()
+                         d_ff=args.d_ff, n_layers=args.n_layers, dropout=0.1,
+                         compile=compile if variant != 'baseline' else False)
+    return build_model(config, torch.device(args.device)).eval()
 
 
 def full_recomputation(model: nn.Module, prompt: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -77,23 +88,31 @@ def seconds(fn: Callable[..., object], *args, **kwargs) -> float:
     """Seconds of `fn(*args, **kwargs)` by `clock`."""
     start = clock()
     fn(*args, **kwargs)
+    if torch.cuda.is_initialized():
+        # A GPU runs behind the Python that launches its work
+        torch.cuda.synchronize()
     return clock() - start
 
 
-def cached_tokens_per_second(model: AutoregressiveModel, batch: int, args: argparse.Namespace) -> float:
-    """Median tokens/s of `generate()` over the repeats (after a warm-up run)."""
-    prompt = torch.randint(args.vocab, (args.prompt_len, batch))
-    times = [seconds(model.generate, prompt, args.tokens, temperature=1.0, rng=torch.Generator().manual_seed(r))
+def cached_tokens_per_second(model: AutoregressiveModel, batch: int, args: argparse.Namespace,
+                             warm_up: Optional[List[float]] = None) -> float:
+    """Median tokens/s of `generate()` over the repeats (after a warm-up run, whose seconds go to `warm_up`)."""
+    prompt = torch.randint(args.vocab, (args.prompt_len, batch), device=args.device)
+    times = [seconds(model.generate, prompt, args.tokens, temperature=1.0,
+                     rng=torch.Generator(device=args.device).manual_seed(r))
              for r in range(args.repeats + 1)]
+    if warm_up is not None:
+        warm_up.append(times[0])
     return batch * args.tokens / statistics.median(times[1:])
 
 
 def full_tokens_per_second(model: AutoregressiveModel, batch: int, args: argparse.Namespace) -> float:
     """Median tokens/s of full re-computation."""
-    prompt = torch.randint(args.vocab, (args.prompt_len, batch))
+    prompt = torch.randint(args.vocab, (args.prompt_len, batch), device=args.device)
     # A short warm-up
-    full_recomputation(model, prompt, 2, torch.Generator().manual_seed(0))
-    times = [seconds(full_recomputation, model, prompt, args.full_tokens, torch.Generator().manual_seed(r))
+    full_recomputation(model, prompt, 2, torch.Generator(device=args.device).manual_seed(0))
+    times = [seconds(full_recomputation, model, prompt, args.full_tokens,
+                     torch.Generator(device=args.device).manual_seed(r))
              for r in range(args.full_repeats)]
     return batch * args.full_tokens / statistics.median(times)
 
@@ -104,8 +123,8 @@ def growth(model: AutoregressiveModel, args: argparse.Namespace) -> Dict[str, fl
     # Called after each forward call: the prompt, then one call per generated token but the last
     handle = model.register_forward_hook(lambda *_: stamps.append(clock()))
     try:
-        model.generate(torch.randint(args.vocab, (args.prompt_len, 1)), args.growth_tokens,
-                       rng=torch.Generator().manual_seed(0))
+        model.generate(torch.randint(args.vocab, (args.prompt_len, 1), device=args.device), args.growth_tokens,
+                       rng=torch.Generator(device=args.device).manual_seed(0))
     finally:
         handle.remove()
     # `steps[i]`: the time from the end of call i to the end of call i + 1 (sample a token, one model step)
@@ -135,6 +154,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--full-repeats", type=int, default=1)
     p.add_argument("--growth-tokens", type=int, default=1024, help="length of the growth run (0: skip)")
     p.add_argument("--growth-window", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=["default", "reduce-overhead"],
+                   help="feedback models with their inference step compiled (compile=True; a torch.compile mode)")
+    p.add_argument("--compare-eager", action="store_true",
+                   help="with --compile: also the same models eagerly, and the speed-up of compiling")
     args = p.parse_args(argv)
     for name in ("d_model", "heads", "d_ff", "n_layers", "vocab", "tokens", "prompt_len", "threads", "repeats",
                  "full_repeats", "growth_window"):
@@ -142,6 +166,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if min(args.batch) < 1 or args.full_tokens < 0 or args.growth_tokens < 0:
         p.error("--batch must be >= 1, --full-tokens and --growth-tokens >= 0")
+    if args.compare_eager and not args.compile:
+        p.error("--compare-eager compares with --compile: give both")
     if args.clock == "cpu" and args.threads != 1:
         p.error("--clock cpu counts the main thread only: use it with --threads 1")
     if 0 < args.growth_tokens < 2 * args.growth_window + 1:
@@ -162,19 +188,39 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"{args.threads} threads, median of {args.repeats}, {args.clock} clock; tokens/s = batch x new tokens / s")
     header = "| model | batch | cached tokens/s | full re-computation tokens/s | speed-up |"
     rows = [header, "|---|---:|---:|---:|---:|"]
+    compiled_rows = ["| model | batch | eager tokens/s | compiled tokens/s | speed-up | compile s |",
+                     "|---|---:|---:|---:|---:|---:|"]
     for variant in args.variants:
-        model = build_variant(variant, args)
+        model = build_variant(variant, args, args.compile)
+        compiling = args.compile is not None and variant != "baseline"
+        eager = build_variant(variant, args) if compiling and args.compare_eager else None
+        if eager is not None:
+            # The same weights
+            eager.load_state_dict(model.state_dict())
         res = result["results"][variant] = {}
         for batch in args.batch:
-            cached = cached_tokens_per_second(model, batch, args)
+            warm_up: List[float] = []
+            cached = cached_tokens_per_second(model, batch, args, warm_up)
             full = full_tokens_per_second(model, batch, args) if args.full_tokens else None
             res[f"batch_{batch}"] = {"cached": cached, "full": full}
+            if compiling:
+                res[f"batch_{batch}"].update(compile=args.compile, compile_s=warm_up[0])
+            if eager is not None:
+                eager_cached = cached_tokens_per_second(eager, batch, args)
+                res[f"batch_{batch}"].update(eager_cached=eager_cached, compiled_over_eager=cached / eager_cached)
+                compiled_rows.append(f"| {VARIANTS[variant]} | {batch} | {eager_cached:,.0f} | {cached:,.0f} | "
+                                     f"{cached / eager_cached:.2f}x | {warm_up[0]:.0f} |")
+                print(compiled_rows[-1], flush=True)
             rows.append(f"| {VARIANTS[variant]} | {batch} | {cached:,.0f} | "
                         + (f"{full:,.1f} | {cached / full:,.0f}x |" if full else "- | - |"))
             print(rows[-1], flush=True)
         if args.growth_tokens:
             res["growth"] = growth(model, args)
     print("\n" + "\n".join(rows))
+    if len(compiled_rows) > 2:
+        print(f"\nCompiled ({args.compile}) against eager cached generation; compile s: the first (warm-up) "
+              f"generation, compiling included")
+        print("\n".join(compiled_rows))
     if args.growth_tokens:
         print(f"\nPer-token cost along one generation of {args.growth_tokens} tokens (batch 1): tokens/s of the "
               f"first and last {args.growth_window} generated tokens")

@@ -18,12 +18,13 @@ DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
 
 def make_transformer(kind: str, *, d_model=8, heads=2, d_ff=16, n_layers=2, dropout=0.0, dtype=torch.float64,
                      max_distance=128, memory_span=None, seed=0, randomize=True, fused=True, memory_norm=False,
-                     device='cpu'):
+                     device='cpu', compile=False):
     """A small Feedback Transformer; `randomize` gives every parameter (position tables, w) non-trivial values."""
     torch.manual_seed(seed)
     name = 'feedback_transformer_kv' if kind == 'kv' else 'feedback_transformer'
     config = ModelConfig(name, d_model=d_model, heads=heads, d_ff=d_ff, n_layers=n_layers, dropout=dropout,
-                         max_distance=max_distance, memory_span=memory_span, fused=fused, memory_norm=memory_norm)
+                         max_distance=max_distance, memory_span=memory_span, fused=fused, memory_norm=memory_norm,
+                         compile=compile)
     model = build_transformer(config).to(device=device, dtype=dtype)
     if randomize:
         with torch.no_grad():

@@ -4,8 +4,8 @@ title: Feedback Transformer
 summary: An annotated, fast PyTorch implementation of the Feedback Transformer (Fan et al., 2020), with cached
   keys and values, a state API for continuing sequences, and a shared key/value variant.
 contents: [readme.md, transformer.py, attention.py, stack.py, state.py, fused.py, fused_steps.py, fused_backward.py,
-  fused_records.py, inference.py, autoregressive.py, build.py, generate.py, experiment.py, state_tracking.py,
-  init_from.py]
+  fused_records.py, inference.py, static_step.py, compiled.py, autoregressive.py, build.py, generate.py,
+  experiment.py, state_tracking.py, init_from.py]
 ---
 
 # Feedback Transformer
@@ -50,7 +50,8 @@ other, in training too. This implementation keeps that loop as small as it can:
   forward runs the loop's steps on plain tensors ([fused_steps.py](fused_steps.html)) and whose backward pass is
   written by hand ([fused_backward.py](fused_backward.html)), both reading the named records of
   [fused_records.py](fused_records.html). Inference: [inference.py](inference.html), the same steps without
-  autograd, straight into the state's cache.
+  autograd, straight into the state's cache; with `compile=True` one step over fixed shapes
+  ([static_step.py](static_step.html)) built by `torch.compile` ([compiled.py](compiled.html)).
 * [autoregressive.py](autoregressive.html): `AutoregressiveModel`, the language model around a transformer.
 * [build.py](build.html): `ModelConfig` and `build_model`, the one recipe that assembles any of the models.
 * [generate.py](generate.html): sampling text from a trained checkpoint.

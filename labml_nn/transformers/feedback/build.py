@@ -29,7 +29,7 @@ The three models are the experiment's:
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 from labml.configs import option
@@ -41,12 +41,17 @@ from labml_nn.transformers.causal import CausalAttention, CausalTransformer, Cau
 from labml_nn.transformers.feed_forward import FeedForward
 from labml_nn.transformers.feedback.attention import FeedbackAttention
 from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel
+from labml_nn.transformers.feedback.compiled import check_compile, compile_mode
 from labml_nn.transformers.feedback.transformer import (
     FeedbackTransformer,
     FeedbackTransformerKV,
     FeedbackTransformerLayer,
 )
 from labml_nn.utils import check_memory_span
+
+# The experiments' `compile=` values, as `compile=` of the constructors takes them
+COMPILE_KEYS = {'off': None, 'false': None, 'true': 'default', 'default': 'default',
+                'reduce-overhead': 'reduce-overhead'}
 
 # The model names, as the experiment's `model=` option spells them
 MODELS = ('feedback_transformer', 'feedback_transformer_kv', 'transformer')
@@ -72,6 +77,8 @@ class ModelConfig:
     log measures it) and cost nothing otherwise; the parallel baseline ignores `memory_norm` and starts with the
     same recency slopes.
     * `fused`: feedback models train with the fused loop (`False`: autograd over the modules)
+    * `compile`: feedback models run inference with their step compiled by `torch.compile` (`True`, `'default'`,
+      `'reduce-overhead'`; [compiled.py](compiled.html)); `False`: eager
     """
     model: str = 'feedback_transformer'
     n_vocab: int = 65
@@ -85,6 +92,7 @@ class ModelConfig:
     max_distance: int = 128
     recency_init: bool = True
     fused: bool = True
+    compile: Union[bool, str, None] = False
 
     @property
     def is_feedback(self) -> bool:
@@ -103,6 +111,8 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         check_memory_span(self.memory_span)
+        if compile_mode(self.compile) is not None and not self.is_feedback:
+            raise ValueError("compile is an option of the feedback models, not of model=transformer")
 
 
 def build_transformer(config: ModelConfig) -> nn.Module:
@@ -124,7 +134,7 @@ def build_transformer(config: ModelConfig) -> nn.Module:
                              max_distance=c.max_distance, recency_init=c.recency_init)
     layer = FeedbackTransformerLayer(d_model=c.d_model, attn=attn, feed_forward=feed_forward,
                                      dropout_prob=c.dropout)
-    options = dict(memory_span=c.memory_span, fused=c.fused, memory_norm=c.memory_norm)
+    options = dict(memory_span=c.memory_span, fused=c.fused, memory_norm=c.memory_norm, compile=c.compile)
     if is_kv:
         return FeedbackTransformerKV(layer, c.n_layers, c.d_model, c.heads, **options)
     return FeedbackTransformer(layer, c.n_layers, **options)
@@ -158,6 +168,9 @@ class ModelConfigs(TrainingConfigs):
     memory_norm: bool = ModelConfig.memory_norm
     # The models start their position biases with a preference for recent positions (ALiBi's slopes)
     recency_init: bool = ModelConfig.recency_init
+    # Feedback models run inference (validation, sampling) with their step compiled by `torch.compile`: `off`,
+    # `default` (or `true`) or `reduce-overhead` (CUDA graphs)
+    compile: str = 'off'
 
     def model_name(self) -> str:
         """The `model` option of this run (given, or the first option)."""
@@ -169,7 +182,8 @@ class ModelConfigs(TrainingConfigs):
                            heads=self.heads, d_ff=self.d_ff, n_layers=self.n_layers, dropout=self.dropout,
                            # Here 0 is no limit (the builder's `None`)
                            memory_span=self.memory_span or None, memory_norm=self.memory_norm,
-                           recency_init=self.recency_init)
+                           recency_init=self.recency_init, compile=COMPILE_KEYS.get(str(self.compile).lower(),
+                                                                                    self.compile))
 
     def new_model(self, name: str) -> AutoregressiveModel:
         """The language model `name` with this run's sizes, on the run's device."""
@@ -181,7 +195,11 @@ class ModelConfigs(TrainingConfigs):
                 or self.memory_span < 0):
             raise ValueError(f"memory_span must be an int >= 1 (the latest memory vectors each step attends "
                              f"to), or 0 for no limit, got {self.memory_span!r}")
+        if str(self.compile).lower() not in COMPILE_KEYS:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_KEYS)}, got {self.compile!r}")
         self.model_config(n_vocab=1).validate()
+        # The compiler that `compile=` needs on this run's device, before the run starts
+        check_compile(self.model_config(n_vocab=1).compile, 'cuda' if torch.cuda.is_available() else 'cpu')
         # (`memory_norm` is on by default: only asking for it is an error)
         if self.model_name() == 'transformer' and self.memory_norm and 'memory_norm' in self._overrides:
             raise ValueError("memory_norm is an option of the feedback models, not of model=transformer")

@@ -39,7 +39,7 @@ says whether a layer qualifies; other configurations use the module loop. The te
 naive reference in float64.
 """
 
-from typing import List, NamedTuple, Optional, Protocol, Tuple
+from typing import Callable, List, NamedTuple, Optional, Protocol, Tuple
 
 import torch
 from torch import nn
@@ -201,7 +201,7 @@ def _steps(cfg: LoopConfig, x_seq: torch.Tensor, layers: List[LayerWeights], mem
            kv_w: torch.Tensor, kv_b: Optional[torch.Tensor], work: torch.Tensor, first: int, masks,
            records: Optional[List[Optional[StepRecord]]]) -> torch.Tensor:
     T, B, D = x_seq.shape
-    L, G, H, dk = cfg.n_layers, cfg.groups, cfg.heads, cfg.d_k
+    G, H, dk = cfg.groups, cfg.heads, cfg.d_k
     BH = B * H
     n_new = T if cfg.make_last_memory else T - 1
     # Operands of matrix products in the products' dtype (a no-op outside autocast); the residual stream, norms
@@ -231,11 +231,9 @@ def _steps(cfg: LoopConfig, x_seq: torch.Tensor, layers: List[LayerWeights], mem
             w_q_t, w_o_t, w_1_t, w_2_t = w_t[l]
             g = l if G > 1 else 0
             if n > 0:
-                # $z = \mathrm{LN}(x)$ and $q = W_q z$
-                z, mean, rstd = torch.native_layer_norm(x, (D,), lw.ln1_w, lw.ln1_b, cfg.eps)
-                q = torch.mm(to_low(z), w_q_t)
+                # $q = W_q\, \mathrm{LN}(x)$ and $q + u$
+                mean, rstd, q, qu = attention_query(x, lw, w_q_t, cfg, to_low)
                 # $(q + u)^\top k_j$ for all $j$: `[B * H, 1, n]`
-                qu = to_low((q.view(B, H, dk) + lw.u).view(BH, 1, dk))
                 content = torch.bmm(qu, keys[g][:, lo:hi].transpose(1, 2))
                 # $\frac{1}{\sqrt{d_k}}(q^\top p_\Delta + s_\Delta)$, one product per head: `[H, B, n]`
                 position = torch.baddbmm(pos_b[l][:, None, -n:], q.view(B, H, dk).transpose(0, 1),
@@ -255,34 +253,94 @@ def _steps(cfg: LoopConfig, x_seq: torch.Tensor, layers: List[LayerWeights], mem
                 # The first step of a sequence has no memory to attend to
                 x1 = x
                 attn_saved.append(None)
-            # $x \leftarrow x_1 + \mathrm{Drop}(W_2\, \mathrm{Drop}(\mathrm{ReLU}(W_1 \mathrm{LN}(x_1) + b_1)) + b_2)$
-            z2, mean2, rstd2 = torch.native_layer_norm(x1, (D,), lw.ln2_w, lw.ln2_b, cfg.eps)
-            hidden = torch.relu_(torch.addmm(lw.b_1, to_low(z2), w_1_t))
-            if masks.hidden is not None:
-                hidden = hidden * masks.hidden[l, i]
-            ff = torch.addmm(lw.b_2, hidden, w_2_t)
-            x = x1 + ff if masks.resid is None else torch.addcmul(x1, ff, masks.resid[1, l, i])
-            ffn_saved.append(FfnSaved(x1, mean2, rstd2, hidden))
+            # The feed-forward block
+            x, saved = feed_forward(x1, lw, w_1_t, w_2_t, cfg, to_low,
+                                    None if masks.hidden is None else masks.hidden[l, i],
+                                    None if masks.resid is None else masks.resid[1, l, i])
+            ffn_saved.append(saved)
             xs.append(x)
         record = None if records is None else StepRecord(xs, attn_saved, ffn_saved, lo, hi)
         outputs.append(x)
         if i < n_new:
-            # $m_t = \sum_l \mathrm{softmax}(w)_l x_t^l$, one product over the stacked layer outputs (high precision)
-            mem = torch.mm(mem_w.view(1, L + 1), torch.stack(xs).view(L + 1, B * D)).view(B, D)
-            if cfg.memory_norm:
-                # $\hat m_t = (m_t - \mu) / \sigma$; the norms' gains and biases are folded into `kv_w`, `kv_b`
-                # ([transformer.py](transformer.html#_FeedbackLoop.kv_projection))
-                mem_hat, mem_mean, mem_rstd = torch.native_layer_norm(mem, (D,), None, None, cfg.memory_eps)
-                kv = torch.addmm(kv_b, to_low(mem_hat), kv_w_t)
-            else:
-                kv = torch.mm(to_low(mem), kv_w_t)
-            # Its keys and values for every group, into slot `hi`: `[B, G, 2, H, d_k]` to the cache's layout
-            work[..., hi, :] = kv.view(B, G, 2, H, dk).permute(1, 2, 0, 3, 4)
+            # $m_t$ and its keys and values for every group, into slot `hi`
+            mem, mem_stats, kv = memory_entry(cfg, xs, mem_w, kv_w_t, kv_b, to_low)
+            work[..., hi, :] = kv
             if record is not None:
                 record.mem = mem
-                if cfg.memory_norm:
-                    record.mem_stats = (mem_mean, mem_rstd)
+                record.mem_stats = mem_stats
         if records is not None:
             records[i] = record
 
     return torch.stack(outputs)
+
+
+# The parts of a step that do not depend on how much memory it sees: the compiled step
+# ([static_step.py](static_step.html)) runs them too.
+
+class Products(NamedTuple):
+    r"""
+    How a step multiplies rows by a matrix: `mm(a, b)` $= ab$ and `addmm(c, a, b)` $= c + ab$. The loop calls the
+    library's matrix products; [the compiled step](static_step.html) of a single row writes them as sums that the
+    compiler fuses with the operations around them.
+    """
+    mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    addmm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+MATRIX_PRODUCTS = Products(torch.mm, torch.addmm)
+
+
+def attention_query(x: torch.Tensor, lw: LayerWeights, w_q_t: torch.Tensor, cfg: LoopConfig,
+                    to_low: Callable[[torch.Tensor], torch.Tensor],
+                    products: Products = MATRIX_PRODUCTS) -> Tuple[torch.Tensor, ...]:
+    r"""
+    $z = \mathrm{LN}(x)$ and $q = W_q z$ of `x` `[B, D]`: the norm's statistics, $q$ `[B, D]` and $q + u$
+    `[B * H, 1, d_k]` (in the products' dtype).
+    """
+    B, D = x.shape
+    z, mean, rstd = torch.native_layer_norm(x, (D,), lw.ln1_w, lw.ln1_b, cfg.eps)
+    q = products.mm(to_low(z), w_q_t)
+    qu = to_low((q.view(B, cfg.heads, cfg.d_k) + lw.u).view(B * cfg.heads, 1, cfg.d_k))
+    return mean, rstd, q, qu
+
+
+def feed_forward(x1: torch.Tensor, lw: LayerWeights, w_1_t: torch.Tensor, w_2_t: torch.Tensor, cfg: LoopConfig,
+                 to_low: Callable[[torch.Tensor], torch.Tensor], hidden_mask: Optional[torch.Tensor] = None,
+                 resid_mask: Optional[torch.Tensor] = None,
+                 products: Products = MATRIX_PRODUCTS) -> Tuple[torch.Tensor, FfnSaved]:
+    r"""
+    $x = x_1 + \mathrm{Drop}(W_2\, \mathrm{Drop}(\mathrm{ReLU}(W_1 \mathrm{LN}(x_1) + b_1)) + b_2)$, `[B, D]`, with the
+    given dropout masks (`None`: no dropout), and what the backward pass keeps of it.
+    """
+    z2, mean2, rstd2 = torch.native_layer_norm(x1, (x1.shape[1],), lw.ln2_w, lw.ln2_b, cfg.eps)
+    hidden = torch.relu_(products.addmm(lw.b_1, to_low(z2), w_1_t))
+    if hidden_mask is not None:
+        hidden = hidden * hidden_mask
+    ff = products.addmm(lw.b_2, hidden, w_2_t)
+    x = x1 + ff if resid_mask is None else torch.addcmul(x1, ff, resid_mask)
+    return x, FfnSaved(x1, mean2, rstd2, hidden)
+
+
+def memory_entry(cfg: LoopConfig, xs: List[torch.Tensor], mem_w: torch.Tensor, kv_w_t: torch.Tensor,
+                 kv_b: Optional[torch.Tensor], to_low: Callable[[torch.Tensor], torch.Tensor],
+                 products: Products = MATRIX_PRODUCTS):
+    r"""
+    The step's memory $m_t = \sum_l \mathrm{softmax}(w)_l x_t^l$ `[B, D]` from the layers' inputs and output `xs`,
+    with `memory_norm` its statistics $(\mu, 1/\sigma)$ (else `None`), and its keys and values for every group as a
+    cache entry `[G, 2, B, H, d_k]`.
+    """
+    L, G, H, dk = cfg.n_layers, cfg.groups, cfg.heads, cfg.d_k
+    B, D = xs[0].shape
+    # One product over the stacked layer outputs (high precision)
+    mem = products.mm(mem_w.view(1, L + 1), torch.stack(xs).view(L + 1, B * D)).view(B, D)
+    stats = None
+    if cfg.memory_norm:
+        # $\hat m_t = (m_t - \mu) / \sigma$; the norms' gains and biases are folded into `kv_w`, `kv_b`
+        # ([transformer.py](transformer.html#_FeedbackLoop.kv_projection))
+        mem_hat, mem_mean, mem_rstd = torch.native_layer_norm(mem, (D,), None, None, cfg.memory_eps)
+        stats = (mem_mean, mem_rstd)
+        kv = products.addmm(kv_b, to_low(mem_hat), kv_w_t)
+    else:
+        kv = products.mm(to_low(mem), kv_w_t)
+    # `[B, G, 2, H, d_k]` to the cache's layout
+    return mem, stats, kv.view(B, G, 2, H, dk).permute(1, 2, 0, 3, 4)

@@ -34,12 +34,12 @@ Changing a parameter through `.data` in place escapes the version counter (as it
 made under `torch.inference_mode()` have no version counter: nothing is kept for them.
 """
 
-from typing import Dict, List, NamedTuple, Optional, Protocol, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Protocol, Tuple, Union
 
 import torch
 from torch import nn
 
-from labml_nn.transformers.feedback.fused_records import LayerWeights
+from labml_nn.transformers.feedback.fused_records import LayerWeights, LoopConfig
 from labml_nn.transformers.feedback.fused_steps import (
     FeedbackModel,
     loop_config,
@@ -117,8 +117,10 @@ class InferenceCache:
             layers, kv_w, kv_b = weights_for_products(loop_weights(model, size), kv_w, kv_b, dtype)
             kept = _Kept(snapshot, model.memory_norm, dtype, size, layers, model.memory_weights(), kv_w, kv_b)
             self.kept = kept if snapshot.trackable else None
-        # Distances $n \dots 1$ are the last `n` rows of the kept $N \dots 1$
-        layers = [lw._replace(pos_emb=lw.pos_emb[-n:], pos_bias=lw.pos_bias[-n:]) for lw in kept.layers]
+        # Distances $n \dots 1$ are the last `n` rows of the kept $N \dots 1$ (all of them for the compiled step, which
+        # asks for as many as its buffer has slots)
+        layers = kept.layers if n == kept.size else [lw._replace(pos_emb=lw.pos_emb[-n:], pos_bias=lw.pos_bias[-n:])
+                                                     for lw in kept.layers]
         return layers, kept.mem_w, kept.kv_w, kept.kv_b
 
     def __getstate__(self) -> dict:
@@ -131,11 +133,19 @@ class CachingModel(FeedbackModel, Protocol):
     inference_cache: InferenceCache
 
 
+# `run_steps`' arguments without dropout and records: the steps of a call, whatever runs them
+StepsRunner = Callable[[LoopConfig, torch.Tensor, List[LayerWeights], torch.Tensor, torch.Tensor,
+                        Optional[torch.Tensor], torch.Tensor, int], torch.Tensor]
+
+
 def inference_forward(model: CachingModel, x_seq: torch.Tensor, state: Optional[FeedbackState],
-                      return_state: bool) -> Union[torch.Tensor, Tuple[torch.Tensor, FeedbackState]]:
+                      return_state: bool, compiled_steps: Optional[StepsRunner] = None
+                      ) -> Union[torch.Tensor, Tuple[torch.Tensor, FeedbackState]]:
     """
     `model(x_seq, state, return_state)` (a Feedback Transformer, [transformer.py](transformer.html)) without
     autograd and without dropout: the steps write their keys and values straight into the state's cache.
+    `compiled_steps` runs the steps in place of `run_steps` when given: the compiled fixed-shape step
+    ([static_step.py](static_step.html)), which reads position terms for every slot of the cache's buffer.
     """
     seq_len, batch_size, _ = x_seq.shape
     # The cache to write into: a new one, or the state's (a fork when it was continued already)
@@ -149,15 +159,17 @@ def inference_forward(model: CachingModel, x_seq: torch.Tensor, state: Optional[
     dtype = products_dtype(x_seq, model.weights.dtype)
     low = dtype or model.weights.dtype
     cfg = loop_config(model, n_start, return_state, dropout=False, dtype=dtype)
-    # The weights, with position terms for the most memory a step of this call sees
-    n = widest_memory(n_start, seq_len, model.memory_span)
-    layers, mem_w, kv_w, kv_b = model.inference_cache.weights(model, n, low)
     # Room for the new entries `[groups, 2, batch_size, heads, d_k]` in one buffer that also holds every entry they
     # attend to; slot 0 of `cache` is absolute step `first`, as in the fused loop's work buffer
     entry = x_seq.new_empty((model.groups, 2, batch_size, model.heads, model.d_k), dtype=low)
     cache, first = stack.reserve(n_new, entry)
+    # The weights, with position terms for the most memory a step of this call sees (the compiled step: for every
+    # slot of the buffer)
+    n = cache.shape[4] if compiled_steps is not None else widest_memory(n_start, seq_len, model.memory_span)
+    layers, mem_w, kv_w, kv_b = model.inference_cache.weights(model, n, low)
+    last = (compiled_steps or run_steps)(cfg, x_seq, layers, mem_w, kv_w, kv_b, cache, first)
     # $\mathrm{LN}(x_t^L)$ of every step
-    out = model.norm(run_steps(cfg, x_seq, layers, mem_w, kv_w, kv_b, cache, first))
+    out = model.norm(last)
     if not return_state:
         return out
     # The steps wrote their entries; the stack now counts them and hands out the view the next step sees

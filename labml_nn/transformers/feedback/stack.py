@@ -321,7 +321,9 @@ class _Buffer:
         # A new buffer with room for `capacity` entries, keeping entries `[first, end)` of the old one
         shape = list(value.shape)
         shape.insert(dim, capacity)
-        data = value.new_empty(shape)
+        # Zeros, not whatever the memory held: rows not written yet must be finite numbers, for
+        # [the compiled step](static_step.html) reads the whole buffer (with zero weight on them)
+        data = value.new_zeros(shape)
         keep = end - first
         if keep > 0:
             data.narrow(dim, 0, keep).copy_(old.data.narrow(dim, first - old.first, keep))

@@ -62,9 +62,11 @@ takes the transformer as its argument:
 * `inference_forward` ([inference.py](inference.html)), without autograd (evaluation, generation): the same
   steps ([fused_steps.py](fused_steps.html)) straight into the state's cache.
 
-`fused=False` keeps the module loop.
+`fused=False` keeps the module loop. `compile=True` runs the inference steps compiled with `torch.compile`, over
+fixed shapes ([compiled.py](compiled.html)).
 """
 
+from functools import partial
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -72,11 +74,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from labml_nn.transformers.feedback.attention import FeedbackAttention
+from labml_nn.transformers.feedback.compiled import CompiledStep, compile_mode
 from labml_nn.transformers.feedback.fused import fused_forward
 from labml_nn.transformers.feedback.fused_steps import products_dtype, supports
 from labml_nn.transformers.feedback.inference import InferenceCache, inference_forward
 from labml_nn.transformers.feedback.stack import Stack, n_visible
 from labml_nn.transformers.feedback.state import FeedbackState
+from labml_nn.transformers.feedback.static_step import run_compiled_steps
 from labml_nn.transformers.pre_norm import PreNormLayer
 from labml_nn.utils import check_memory_span, clone_module_list
 
@@ -126,7 +130,7 @@ class _FeedbackLoop(nn.Module):
     groups: int
 
     def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, memory_span: Optional[int],
-                 fused: bool, memory_norm: bool):
+                 fused: bool, memory_norm: bool, compile: Union[bool, str, None]):
         super().__init__()
         if not isinstance(layer, FeedbackTransformerLayer):
             raise TypeError(f"layer must be a FeedbackTransformerLayer, got {type(layer).__name__}")
@@ -150,6 +154,13 @@ class _FeedbackLoop(nn.Module):
         # What inference derives from the parameters, kept between calls while they are unchanged
         # ([inference.py](inference.html))
         self.inference_cache = InferenceCache()
+        # Inference with the compiled fixed-shape step ([compiled.py](compiled.html)): compiled at the first call,
+        # after checking the compiler that call's device needs
+        mode = compile_mode(compile)
+        if mode is not None and not self.fused:
+            raise ValueError("compile=True runs the fused loop's steps compiled: it needs fused=True and the "
+                             "standard building blocks (a ReLU FeedForward with biases, affine layer norms)")
+        self.compiled_step = None if mode is None else CompiledStep(mode)
 
     def memory_weights(self) -> torch.Tensor:
         r"""$\mathrm{softmax}(w)$, `[n_layers + 1]`."""
@@ -234,8 +245,10 @@ class _FeedbackLoop(nn.Module):
             if torch.is_grad_enabled():
                 # Training: the whole loop as one autograd function ([fused.py](fused.html))
                 return fused_forward(self, x_seq, state, return_state)
-            # Without autograd: the same steps, straight into the state's cache ([inference.py](inference.html))
-            return inference_forward(self, x_seq, state, return_state)
+            # Without autograd: the same steps, straight into the state's cache ([inference.py](inference.html)),
+            # with `compile` one compiled step over fixed shapes per position ([static_step.py](static_step.html))
+            steps = None if self.compiled_step is None else partial(run_compiled_steps, self.compiled_step)
+            return inference_forward(self, x_seq, state, return_state, steps)
 
         # The loop as the paper writes it: the layers step by step, autograd recording every operation
         seq_len, batch_size, _ = x_seq.shape
@@ -354,15 +367,18 @@ class FeedbackTransformer(_FeedbackLoop):
     * `memory_norm`: layer $l$ projects $\mathrm{LN}^l(m_j)$ instead of $m_j$, with its own pre-attention norm
       `norm_self_attn` (as the authors' pre-norm code does); adds no parameters, but is saved in the state dict, so
       weights load only into a model with the same setting
+    * `compile`: run inference (calls without autograd: evaluation, generation) through the fused loop's step
+      compiled with `torch.compile` over fixed shapes ([compiled.py](compiled.html)): `True` or `'default'`,
+      `'reduce-overhead'` (CUDA graphs on a GPU); `False` or `None`: eager. Needs `fused=True`
     """
 
     def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, *, memory_span: Optional[int] = None,
-                 fused: bool = True, memory_norm: bool = False):
+                 fused: bool = True, memory_norm: bool = False, compile: Union[bool, str, None] = False):
         if isinstance(layer, FeedbackTransformerLayer) and layer.attn.is_kv_precomputed:
             raise ValueError("FeedbackTransformer projects the memory with each layer's own key/value "
                              "layers: build its FeedbackAttention with is_kv_precomputed=False (or use "
                              "FeedbackTransformerKV)")
-        super().__init__(layer, n_layers, memory_span, fused, memory_norm)
+        super().__init__(layer, n_layers, memory_span, fused, memory_norm, compile)
         self.groups = n_layers
 
     def kv_weights(self) -> List[torch.Tensor]:
@@ -386,10 +402,12 @@ class FeedbackTransformerKV(_FeedbackLoop):
     * `fused`: as for `FeedbackTransformer`
     * `memory_norm`: project $\mathrm{LN}_m(m_j)$ instead of $m_j$, with one layer norm `norm_memory` shared by all
       layers (the authors share the pre-attention norm in this variant, so keys and values are normalized once)
+    * `compile`: as for `FeedbackTransformer`
     """
 
     def __init__(self, layer: FeedbackTransformerLayer, n_layers: int, d_model: int, heads: int, *,
-                 memory_span: Optional[int] = None, fused: bool = True, memory_norm: bool = False):
+                 memory_span: Optional[int] = None, fused: bool = True, memory_norm: bool = False,
+                 compile: Union[bool, str, None] = False):
         if isinstance(layer, FeedbackTransformerLayer):
             if not layer.attn.is_kv_precomputed:
                 raise ValueError("FeedbackTransformerKV shares one key/value projection between layers: "
@@ -397,7 +415,7 @@ class FeedbackTransformerKV(_FeedbackLoop):
             if layer.size != d_model or layer.attn.heads != heads:
                 raise ValueError(f"d_model={d_model}, heads={heads} must match the layer's "
                                  f"(d_model={layer.size}, heads={layer.attn.heads})")
-        super().__init__(layer, n_layers, memory_span, fused, memory_norm)
+        super().__init__(layer, n_layers, memory_span, fused, memory_norm, compile)
         self.groups = 1
         d_k = d_model // heads
         # $W_k$ and $W_v$, shared by all layers
