@@ -14,6 +14,11 @@ measured in the same run, and the peak memory of one training step (GPU: the all
 of the process's peak resident memory, measured in a fresh subprocess per model so models don't see each
 other's peaks).
 
+The models: `parallel` is PyTorch's own causal `nn.TransformerEncoder` (pre-norm, learned positions), the
+fastest same-size parallel transformer at hand and the reference the slowdowns are measured against;
+`transformer` is this library's causal baseline (`labml_nn/transformers/causal.py`: relative positions, a window
+and a key/value cache), the model the experiments train against the feedback models.
+
 ```bash
 python experiments/benchmark.py                       # the CPU configuration of the speed issue
 python experiments/benchmark.py --d-model 512 --heads 8 --d-ff 2048 --n-layers 6 --seq-len 128 --batch 64 \
@@ -44,7 +49,7 @@ from experiments.floor import floor_fields, record_products  # noqa: E402
 from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel  # noqa: E402
 from labml_nn.transformers.feedback.build import ModelConfig, build_model  # noqa: E402
 
-MODELS = ('parallel', 'feedback_transformer', 'feedback_transformer_kv')
+MODELS = ('parallel', 'transformer', 'feedback_transformer', 'feedback_transformer_kv')
 
 
 class ParallelTransformer(nn.Module):
