@@ -210,7 +210,10 @@ SPEED_COLUMNS = [  # (result key, English header, Korean header, format)
 
 
 def speed(records: Dict[str, Record]) -> List[Section]:
-    mine = [r for name, r in records.items() if name.startswith('speed_')]
+    # The README's size first, then labml_nn's; fp32 before bf16
+    order = ['speed_small', 'speed_small_bf16', 'speed_labml', 'speed_labml_bf16']
+    names = sorted((k for k in records if k.startswith('speed_')), key=lambda k: (order + [k]).index(k))
+    mine = [records[k] for k in names]
     if not mine:
         return []
     en = ['<a id="training-speed"></a>', '', '## Training speed and memory', '',
@@ -373,10 +376,10 @@ def readme_blocks(records: Dict[str, Record]) -> Dict[str, str]:
         losses = ', '.join(f"`{m}` {v:.3f}" for m, v in q['result']['valid_loss'].items())
         head.append(f'| Tiny Shakespeare, the CPU recipe (1 epoch): validation loss | {losses} | '
                     '`experiments/compare_models.py --preset cpu` |')
-    for name, r in records.items():
-        if not name.startswith('speed_'):
+    for name in ('speed_small', 'speed_labml'):
+        if name not in records:
             continue
-        res = r['result']
+        res = records[name]['result']
         floor = any('fraction_of_floor' in x for x in res['results'])
         lines = [f"| {MODEL_NAMES.get(x['model'], '`' + x['model'] + '`')} | {n(x['tokens_per_s'])} | "
                  + (f"{x['slowdown_vs_parallel']:.2f}x" if 'slowdown_vs_parallel' in x else '1.00x')
