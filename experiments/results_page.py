@@ -103,10 +103,10 @@ def state_tracking_rows(records: List[Record]) -> Dict[str, Dict[str, Any]]:
 def sees(row: Dict[str, Any]) -> Tuple[str, str]:
     v, words = row['visible'], row['words']
     if v is None:
-        return 'every earlier word, through its recurrent memory', '앞의 모든 단어 (재귀 메모리를 통해)'
+        return 'all earlier words (recurrence)', '앞의 모든 단어 (재귀)'
     if v >= words:
-        return f'{v} words back: every test program whole', f'{v}단어 전까지: 모든 테스트 프로그램 전체'
-    return f'the last {v} words only', f'마지막 {v}단어만'
+        return f'{v} words: whole programs', f'{v}단어: 프로그램 전체'
+    return f'the last {v} words', f'마지막 {v}단어'
 
 
 def state_tracking(records: Dict[str, Record]) -> List[Section]:
@@ -126,18 +126,24 @@ def state_tracking(records: Dict[str, Record]) -> List[Section]:
                '변수의 값을 말합니다. 모델은 20문장 프로그램으로 학습하고, 실행이 끝날 때 한 번, 따로 떼어 둔 100문장 '
                f'프로그램 500개 (최대 {words}단어)로 테스트합니다. 설정은 검증 정확도로만 골랐습니다 '
                f'([기록]({LOG})에 모든 실행이 있습니다). 무작위 추측은 0.10입니다.')
-    table_en = ['| model | sees without recurrence | trained on | test accuracy (mean) | min | max | seeds | '
-                'rate, warm-up | minutes a run |', '|---|---|---|---:|---:|---:|---:|---|---:|']
-    table_ko = ['| 모델 | 재귀 없이 보는 범위 | 학습 프로그램 | 테스트 정확도 (평균) | 최소 | 최대 | 시드 | '
-                '학습률, 워밍업 | 실행당 분 |', '|---|---|---|---:|---:|---:|---:|---|---:|']
+    # What each row is and how it was trained, as a list above the table (the table stays narrow enough for a
+    # page's column)
+    legend_en = [f"* `{name}`: {ROWS.get(name, (name, name))[0]}; rate {row['rate']}, warm-up {row['warmup']}, "
+                 f"{row['wall'] / 60:.0f} min a run" for name, row in rows.items()]
+    legend_ko = [f"* `{name}`: {ROWS.get(name, (name, name))[1]}; 학습률 {row['rate']}, 워밍업 {row['warmup']}, "
+                 f"실행당 {row['wall'] / 60:.0f}분" for name, row in rows.items()]
+    table_en = ['| model | sees without recurrence | trained on | test, mean | min-max | seeds |',
+                '|---|---|---|---:|---|---:|']
+    table_ko = ['| 모델 | 재귀 없이 보는 범위 | 학습 프로그램 | 테스트, 평균 | 최소-최대 | 시드 |',
+                '|---|---|---|---:|---|---:|']
     for name, row in rows.items():
         s = row['seeds']
-        what = ROWS.get(name, (name, name))
         see = sees(row)
-        cells = (f"**{statistics.fmean(s):.3f}** | {min(s):.3f} | {max(s):.3f} | {len(s)} | "
-                 f"{row['rate']}, {row['warmup']} | {row['wall'] / 60:.1f} |")
-        table_en.append(f"| `{name}`: {what[0]} | {see[0]} | {row['train_statements']} statements | {cells}")
-        table_ko.append(f"| `{name}`: {what[1]} | {see[1]} | {row['train_statements']}문장 | {cells}")
+        cells = f"**{statistics.fmean(s):.3f}** | {min(s):.3f}-{max(s):.3f} | {len(s)} |"
+        table_en.append(f"| `{name}` | {see[0]} | {row['train_statements']} statements | {cells}")
+        table_ko.append(f"| `{name}` | {see[1]} | {row['train_statements']}문장 | {cells}")
+    table_en = legend_en + [''] + table_en
+    table_ko = legend_ko + [''] + table_ko
     breakdown_en, breakdown_ko = [], []
     first = next(iter(rows.values()))
     for kind, en, ko in (('distance', 'words from the print back to the assignment',

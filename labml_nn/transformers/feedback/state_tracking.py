@@ -88,9 +88,9 @@ breakdowns by distance and by statement, and the command, date, commit and machi
 <!-- results:state_tracking -->
 | model | sees without recurrence | trained on | test accuracy, mean (min-max) |
 |---|---|---|---|
-| `feedback_transformer_kv` | every earlier word, through its recurrent memory | 20 statements | **0.968** (0.913-1.000, 3 seeds) |
-| `feedback_transformer` | every earlier word, through its recurrent memory | 20 statements | **0.998** |
-| `transformer_window` | the last 32 words only | 20 statements | **0.349** |
+| `feedback_transformer_kv` | all earlier words (recurrence) | 20 statements | **0.968** (0.913-1.000, 3 seeds) |
+| `feedback_transformer` | all earlier words (recurrence) | 20 statements | **0.998** |
+| `transformer_window` | the last 32 words | 20 statements | **0.349** |
 <!-- /results:state_tracking -->
 
 <!-- results:state_tracking_figure -->
