@@ -357,6 +357,10 @@ def with_doc_blocks(source: str, translation: str, blocks: Dict[str, str]) -> Tu
     return with_blocks(source, blocks), head + yaml_entries(data['entries'])
 
 
+# benchmark_generation.py's variants by the experiment's model names
+GENERATION_MODELS = {'weighted': 'feedback_transformer', 'kv': 'feedback_transformer_kv', 'baseline': 'transformer'}
+
+
 def readme_blocks(records: Dict[str, Record]) -> Dict[str, str]:
     blocks: Dict[str, List[str]] = {name: [] for name in (
         'headline', 'state_tracking', 'state_tracking_ko', 'state_tracking_figure', 'state_tracking_figure_ko',
@@ -406,12 +410,14 @@ def readme_blocks(records: Dict[str, Record]) -> Dict[str, str]:
     g = records.get('generation')
     if g:
         per = g['result']['results']
-        cells = ', '.join(f"`{v}` {n(per[v]['batch_1']['cached'])}" for v in per if 'batch_1' in per[v])
+        cells = ', '.join(f"`{GENERATION_MODELS.get(v, v)}` {n(per[v]['batch_1']['cached'])}" for v in per
+                          if 'batch_1' in per[v])
         head.append(f'| cached generation, batch 1: tokens/s | {cells} | `experiments/benchmark_generation.py` |')
     g = records.get('generation_compiled')
     if g:
         per = g['result']['results']
-        cells = ', '.join(f"`{v}` {per[v]['batch_1']['compiled_over_eager']:.2f}x" for v in per
+        cells = ', '.join(f"`{GENERATION_MODELS.get(v, v)}` {per[v]['batch_1']['compiled_over_eager']:.2f}x"
+                          for v in per
                           if 'eager_cached' in per[v].get('batch_1', {}))
         head.append(f'| generation, batch 1, the compiled step (`compile=True`) over eager | {cells} | '
                     '`experiments/benchmark_generation.py --compile --compare-eager` |')

@@ -91,6 +91,8 @@ breakdowns by distance and by statement, and the command, date, commit and machi
 | `feedback_transformer_kv` | all earlier words (recurrence) | 20 statements | **0.968** (0.913-1.000, 3 seeds) |
 | `feedback_transformer` | all earlier words (recurrence) | 20 statements | **0.998** |
 | `transformer_window` | the last 32 words | 20 statements | **0.349** |
+| `transformer_full` | 2048 words: whole programs | 20 statements | **0.383** |
+| `transformer_full_train100` | 2048 words: whole programs | 100 statements | **0.461** |
 <!-- /results:state_tracking -->
 
 <!-- results:state_tracking_figure -->
