@@ -43,6 +43,17 @@ def _x(T: int, B: int = 2, seed: int = 1) -> torch.Tensor:
 
 
 @needs_cxx
+
+def _token_by_token(model, x: torch.Tensor, first: int):
+    """`model` over `x[:first]` in one call, then one token at a time from its state: the outputs and the state."""
+    out, state = model(x[:first], return_state=True)
+    outs = [out]
+    for t in range(first, x.shape[0]):
+        out, state = model(x[t:t + 1], state=state, return_state=True)
+        outs.append(out)
+    return outs, state
+
+
 def test_compiled_equals_eager_and_reference(models):
     model, eager = models
     x = _x(9)
@@ -63,11 +74,7 @@ def test_carried_state_in_chunks_and_across_paths(models):
     x = _x(9, B=1)
     with torch.no_grad():
         full = eager(x)
-        out, state = model(x[:3], return_state=True)
-        outs = [out]
-        for t in range(3, 9):
-            out, state = model(x[t:t + 1], state=state, return_state=True)
-            outs.append(out)
+        outs, state = _token_by_token(model, x, 3)
         torch.testing.assert_close(torch.cat(outs), full)
         # Compiled, then eager; eager, then compiled
         _, state = model(x[:5], return_state=True)
@@ -148,11 +155,7 @@ def test_reduce_overhead_on_cuda(kind):
     x = _x(10).float().cuda()
     with torch.no_grad():
         full = eager(x)
-        out, state = model(x[:2], return_state=True)
-        outs = [out]
-        for t in range(2, 10):
-            out, state = model(x[t:t + 1], state=state, return_state=True)
-            outs.append(out)
+        outs, state = _token_by_token(model, x, 2)
         torch.testing.assert_close(torch.cat(outs), full, atol=1e-4, rtol=1e-4)
     lm, lm_eager = AutoregressiveModel(11, 8, model).cuda(), AutoregressiveModel(11, 8, eager).cuda()
     lm_eager.load_state_dict(lm.state_dict())
