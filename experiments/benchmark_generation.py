@@ -17,7 +17,7 @@ python experiments/benchmark_generation.py --variants weighted kv --batch 1 --co
 `--compile` builds the feedback models with `compile=True` (`labml_nn/transformers/feedback/compiled.py`;
 `--compile reduce-overhead` for CUDA graphs); the compile itself happens in the warm-up run and is reported apart
 (`compile_s`, the seconds of the first generation). `--compare-eager` also measures the same model eagerly, in the
-same run, and reports both and their ratio.
+same run, the two taking turns repeat by repeat, and reports both and their ratio.
 
 Three measurements, on randomly initialised models (speed does not depend on the weights):
 
@@ -45,7 +45,7 @@ import json
 import os
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -104,6 +104,23 @@ def cached_tokens_per_second(model: AutoregressiveModel, batch: int, args: argpa
     if warm_up is not None:
         warm_up.append(times[0])
     return batch * args.tokens / statistics.median(times[1:])
+
+
+def paired_tokens_per_second(model: AutoregressiveModel, eager: AutoregressiveModel, batch: int,
+                             args: argparse.Namespace, warm_up: List[float]) -> Tuple[float, float]:
+    """
+    Median tokens/s of `generate()` for the compiled `model` and its `eager` twin, their repeats taking turns (so
+    that both see the machine's load alike), after a warm-up run of each (the compiled one's seconds go to
+    `warm_up`).
+    """
+    prompt = torch.randint(args.vocab, (args.prompt_len, batch), device=args.device)
+    times: Dict[str, List[float]] = {'compiled': [], 'eager': []}
+    for r in range(args.repeats + 1):
+        for name, m in (('compiled', model), ('eager', eager)):
+            times[name].append(seconds(m.generate, prompt, args.tokens, temperature=1.0,
+                                       rng=torch.Generator(device=args.device).manual_seed(r)))
+    warm_up.append(times['compiled'][0])
+    return tuple(batch * args.tokens / statistics.median(times[name][1:]) for name in ('compiled', 'eager'))
 
 
 def full_tokens_per_second(model: AutoregressiveModel, batch: int, args: argparse.Namespace) -> float:
@@ -200,13 +217,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         res = result["results"][variant] = {}
         for batch in args.batch:
             warm_up: List[float] = []
-            cached = cached_tokens_per_second(model, batch, args, warm_up)
+            if eager is not None:
+                cached, eager_cached = paired_tokens_per_second(model, eager, batch, args, warm_up)
+            else:
+                cached = cached_tokens_per_second(model, batch, args, warm_up)
             full = full_tokens_per_second(model, batch, args) if args.full_tokens else None
             res[f"batch_{batch}"] = {"cached": cached, "full": full}
             if compiling:
                 res[f"batch_{batch}"].update(compile=args.compile, compile_s=warm_up[0])
             if eager is not None:
-                eager_cached = cached_tokens_per_second(eager, batch, args)
                 res[f"batch_{batch}"].update(eager_cached=eager_cached, compiled_over_eager=cached / eager_cached)
                 compiled_rows.append(f"| {VARIANTS[variant]} | {batch} | {eager_cached:,.0f} | {cached:,.0f} | "
                                      f"{cached / eager_cached:.2f}x | {warm_up[0]:.0f} |")

@@ -134,11 +134,20 @@ class AutoregressiveModel(nn.Module):
                 if max_new_tokens > 0:
                     # The whole prompt in one call: logits for the first new token and the state after the prompt
                     logits, state = self(tokens[:prompt_len], return_state=True)
+                    # A compiled Feedback Transformer makes each new token one compiled call
+                    # ([static_step.py](static_step.html#decoding)); other transformers run the modules
+                    decoder = getattr(self.transformer, 'token_decoder', None)
+                    decoder = None if decoder is None else decoder(self.src_embed, self.generator, tokens)
+                    last = logits[-1]
                     for t in range(prompt_len, prompt_len + max_new_tokens):
-                        tokens[t] = sample_token(logits[-1], temperature, top_k, rng)
+                        tokens[t] = sample_token(last, temperature, top_k, rng)
                         if t + 1 < tokens.shape[0]:
-                            # One step from the cached state: only the new token goes in, `[1, batch_size]`
-                            logits, state = self(tokens[t:t + 1], state=state, return_state=True)
+                            # One step from the cached state: only the new token goes in
+                            if decoder is not None:
+                                last, state = decoder(tokens[t], state)
+                            else:
+                                logits, state = self(tokens[t:t + 1], state=state, return_state=True)
+                                last = logits[-1]
         finally:
             for m, training in modes.items():
                 m.training = training
@@ -169,7 +178,9 @@ def sample_token(logits: torch.Tensor, temperature: float, top_k: Optional[int],
     # $z_i - \max_j z_j \le 0$
     shifted = logits - logits.max(dim=-1, keepdim=True).values
     # Divided by $\tau$: no overflow however small $\tau$ is ($-\infty$ at worst), and exactly 0 at the maximum
-    logits = torch.where(shifted == 0, torch.zeros_like(shifted), shifted / temperature)
+    # ($\tau = 1$ changes nothing: skipped, as it is the default and costs three operations per token)
+    logits = shifted if temperature == 1 else torch.where(shifted == 0, torch.zeros_like(shifted),
+                                                          shifted / temperature)
     # One draw per row from $p \propto \exp(\cdot)$, `[batch_size, 1]`
     choice = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=rng)
     if ids is not None:

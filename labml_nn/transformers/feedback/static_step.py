@@ -3,7 +3,7 @@ r"""
 title: One step over fixed shapes
 summary: A Feedback Transformer step whose tensors have the same shapes at every step - attention over the whole
   preallocated cache with the slots a step may not see masked out - so that torch.compile builds it once and a
-  GPU can replay it as a CUDA graph.
+  GPU can replay it as a CUDA graph; and generation's whole per-token work as one compiled call.
 ---
 
 # One step over fixed shapes
@@ -41,22 +41,57 @@ Generating text runs one sequence (batch 1), and each of the step's matrix produ
 matrix: a few thousand multiply-adds, which the library's matrix product spends more time calling than computing.
 For a single row the step writes them as sums, $(ab)_j = \sum_k a_k b_{kj}$ (`ROW_SUMS`), which the compiler turns
 into loops fused with the norms, biases and activations around them. Larger batches keep the matrix products.
+
+## Decoding: one compiled call per token
+
+<a id="decoding"></a>
+
+Generating text ([autoregressive.py](autoregressive.html)) feeds one token at a time from the cached state:
+
+$$\text{token} \xrightarrow{\ \text{embedding}\ } x_t^0 \xrightarrow{\ \text{step } t\ } x_t^L
+  \xrightarrow{\ \mathrm{LN}\ } \xrightarrow{\ \text{head}\ } \text{logits}.$$
+
+At batch 1 and the README's sizes the step is a few hundred thousand multiply-adds: microseconds of arithmetic.
+Through the modules a token costs far more than that, and mostly not in the step: the model's and the
+transformer's `forward` check their inputs, set up the call's settings, reserve room in the cache, make a state,
+and run the embedding, the final norm and the head as separate operations. With `compile=` on, the compiled step
+(above) took less than half of a token's time (profiled at batch 1, README size).
+
+`TokenDecoder` does the same work in **one compiled function per token**, `token_step`: embedding lookup, the
+fixed-shape step (attention over the whole cache buffer, invisible slots masked), $\mathrm{LN}(x_t^L)$ and the
+head's logits. Around it, per token, only what cannot be compiled stays in Python: reserving the token's slot in
+the cache ([the stack](stack.html)), the slot bounds as a small tensor, writing the step's keys and values into
+their slot, and the new `FeedbackState`. Sampling stays outside too, so that `generate(rng=...)` draws exactly as
+without compiling.
+
+The decoder is used by `generate()` when the transformer was built with `compile=` and the modules around it are
+the standard ones (`nn.Embedding` without `max_norm`, a `nn.Linear` head, the model's affine `nn.LayerNorm`), and
+not under `torch.autocast` (whose casts the step would have to follow by hand); otherwise `generate()` calls the
+model token by token as before. Either way the logits are the same function: the tests compare them token by
+token.
 """
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from labml_nn.transformers.feedback.compiled import CompiledStep
 from labml_nn.transformers.feedback.fused_records import LayerWeights, LoopConfig, caster
 from labml_nn.transformers.feedback.fused_steps import (
     MATRIX_PRODUCTS,
+    FeedbackModel,
     Products,
     attention_query,
     feed_forward,
+    loop_config,
     memory_entry,
+    products_dtype,
+    supports,
 )
 from labml_nn.transformers.feedback.stack import first_visible
+from labml_nn.transformers.feedback.state import FeedbackState
 
 
 def _row_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -165,3 +200,93 @@ def run_compiled_steps(compiled: CompiledStep, cfg: LoopConfig, x_seq: torch.Ten
                 # The step's entry into its slot, `hi`
                 work[..., t - first, :] = kv
     return torch.stack(outputs)
+
+
+# ## Decoding
+
+
+def token_step(cfg: LoopConfig, token: torch.Tensor, work: torch.Tensor, bounds: torch.Tensor,
+               embedding: torch.Tensor, layers: Tuple[LayerWeights, ...], mem_w: torch.Tensor, kv_w: torch.Tensor,
+               kv_b: Optional[torch.Tensor], norm: Tuple[torch.Tensor, torch.Tensor, float],
+               head: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""
+    One generated token's work over fixed shapes (the function that is compiled):
+
+    * `token`: the token ids of step $t$, `[B]`
+    * `work`, `bounds`, `layers`, `mem_w`, `kv_w`, `kv_b`: as in `static_step` (the cache buffer `[G, 2, B, H, C,
+      d_k]`, the visible slots `[lo, hi]`, the weights with position terms for $C$ distances)
+    * `embedding`: the token embeddings `[n_vocab, D]`
+    * `norm`: the final norm's gain, bias and $\epsilon$; `head`: the head's weight `[n_vocab, D]` and bias
+
+    Returns the logits `[B, n_vocab]` and the step's cache entry `[G, 2, B, H, d_k]` for slot `hi`.
+    """
+    # $x_t^0$ `[B, D]`
+    x = F.embedding(token, embedding)
+    # The step: $x_t^L$ and the keys and values of $m_t$
+    x, kv = static_step(cfg, x, work, bounds, list(layers), mem_w, kv_w, kv_b)
+    # $\mathrm{LN}(x_t^L)$, then the logits $W y + b$ (one row: as a sum, like the step's products)
+    gain, bias, eps = norm
+    y = F.layer_norm(x, (x.shape[1],), gain, bias, eps)
+    products = ROW_SUMS if x.shape[0] == 1 else MATRIX_PRODUCTS
+    return products.addmm(head[1], y, head[0].t()), kv
+
+
+def token_decoder(model: FeedbackModel, embedding: nn.Module, head: nn.Module,
+                  like: torch.Tensor) -> Optional["TokenDecoder"]:
+    """
+    A `TokenDecoder` for a Feedback Transformer `model` (built with `compile=`) between `embedding` and `head`, or
+    `None` where it does not apply (see above): then the caller runs the modules. `like`: a tensor on the device
+    generation runs on.
+    """
+    if (model.compiled_step is None or not model.fused or not all(supports(layer) for layer in model.layers)
+            or type(embedding) is not nn.Embedding or embedding.max_norm is not None
+            or type(head) is not nn.Linear or head.bias is None
+            or type(model.norm) is not nn.LayerNorm or not model.norm.elementwise_affine or model.norm.bias is None
+            or products_dtype(embedding.weight, model.weights.dtype) is not None
+            or embedding.weight.dtype != model.weights.dtype):
+        return None
+    return TokenDecoder(model, embedding, head, like.device)
+
+
+class TokenDecoder:
+    r"""
+    `logits, state = decoder(token, state)`: the model's logits for one token per sequence after `state`, and the
+    state after it; what `model(token[None], state=state, return_state=True)` computes (its last position), in one
+    compiled call. Without autograd (generation runs under `torch.inference_mode()`).
+    """
+
+    def __init__(self, model: FeedbackModel, embedding: nn.Embedding, head: nn.Linear, device: torch.device):
+        self.model, self.embedding, self.head = model, embedding, head
+        self.step = model.compiled_step(token_step, device)
+        # Sizes and settings only (no dropout; the first step and the seed are not read): the same constants at
+        # every token, so that the compiled function is not rebuilt for them
+        self.cfg = loop_config(model, 0, True, dropout=False, dtype=None)
+        self.dtype = model.weights.dtype
+        # The weights for a cache buffer of each capacity met so far: a decoder lives for one `generate()` call,
+        # during which the parameters do not change, so they are checked once per capacity, not once per token
+        self.weights: Dict[int, tuple] = {}
+
+    def __call__(self, token: torch.Tensor, state: FeedbackState) -> Tuple[torch.Tensor, FeedbackState]:
+        """`token` `[B]` after `state` (a `FeedbackState` of batch `B`): logits `[B, n_vocab]` and the new state."""
+        model: FeedbackModel = self.model
+        t = state.n_steps
+        # Room for step $t$'s entry in a buffer that also holds every entry it sees; slot 0 is absolute step `first`
+        stack = state.stack_for_continuation()
+        # An entry's shape and dtype, `[G, 2, B, H, d_k]` (its values are not read)
+        visible = state.visible
+        cache, first = stack.reserve(1, visible.new_empty(visible.shape[:4] + visible.shape[5:]))
+        # The weights with position terms for every slot of the buffer
+        capacity = cache.shape[4]
+        if capacity not in self.weights:
+            layers, mem_w, kv_w, kv_b = model.inference_cache.weights(model, capacity, self.dtype)
+            self.weights[capacity] = (tuple(layers), mem_w, kv_w, kv_b)
+        layers, mem_w, kv_w, kv_b = self.weights[capacity]
+        # Step $t$ sees slots `lo .. hi - 1`; its own entry goes to slot `hi`
+        hi = t - first
+        bounds = torch.tensor([first_visible(t, model.memory_span) - first, hi], device=cache.device)
+        norm = (model.norm.weight, model.norm.bias, model.norm.eps)
+        logits, kv = self.step(self.cfg, token, cache, bounds, self.embedding.weight, layers, mem_w, kv_w, kv_b, norm,
+                               (self.head.weight, self.head.bias))
+        cache[..., hi, :] = kv
+        # A copy of the logits: CUDA graphs reuse their outputs' memory at the next replay
+        return logits.clone(), FeedbackState(stack, t + 1, stack.extended(1))

@@ -80,7 +80,7 @@ from labml_nn.transformers.feedback.fused_steps import products_dtype, supports
 from labml_nn.transformers.feedback.inference import InferenceCache, inference_forward
 from labml_nn.transformers.feedback.stack import Stack, n_visible
 from labml_nn.transformers.feedback.state import FeedbackState
-from labml_nn.transformers.feedback.static_step import run_compiled_steps
+from labml_nn.transformers.feedback.static_step import TokenDecoder, run_compiled_steps, token_decoder
 from labml_nn.transformers.pre_norm import PreNormLayer
 from labml_nn.utils import check_memory_span, clone_module_list
 
@@ -302,6 +302,13 @@ class _FeedbackLoop(nn.Module):
         if return_state:
             return out, FeedbackState(stack, n_start + seq_len, visible)
         return out
+
+    def token_decoder(self, embedding: nn.Module, head: nn.Module, like: torch.Tensor) -> Optional[TokenDecoder]:
+        """
+        Generation's per-token call as one compiled function between `embedding` and `head`, on `like`'s device
+        ([static_step.py](static_step.html#decoding)): with `compile=` and the standard modules, else `None`.
+        """
+        return token_decoder(self, embedding, head, like)
 
     def cache_dtype(self, x_seq: torch.Tensor) -> torch.dtype:
         """The dtype of the keys and values a call makes: the products' (under autocast), else the parameters'."""
