@@ -258,11 +258,14 @@ def generation(records: Dict[str, Record]) -> List[Section]:
         entries = [(v, k[6:], e) for v, per in res['results'].items() for k, e in per.items() if k.startswith('batch_')]
         if any('eager_cached' in e for _, _, e in entries):
             # Only the ratio: the absolute tokens/s of eager generation are the other record's (one figure, one place)
-            head_en = (f"`generate()` with the inference step compiled (`compile={c['compile']}`) against eager, "
-                       f"the same weights, both measured in this run; {setting}. Compile seconds: the first "
-                       'generation, compiling included.')
-            head_ko = (f"추론 단계를 컴파일한 `generate()` (`compile={c['compile']}`)와 eager를 같은 가중치로, 같은 "
-                       f"실행 안에서 비교합니다. {setting}. 컴파일 초: 컴파일을 포함한 첫 생성.")
+            head_en = (f"`generate()` compiled (`compile={c['compile']}`: one compiled call per token) against "
+                       f"eager, the same weights, both measured in this run, their repeats taking turns; {setting}. "
+                       "Compile seconds: the first generation, compiling included. Only ratios: this machine's speed "
+                       'drifts over minutes, so the tokens/s of runs minutes apart do not compare.')
+            head_ko = (f"컴파일한 `generate()` (`compile={c['compile']}`: 토큰마다 컴파일된 호출 한 번)와 eager를 "
+                       f"같은 가중치로, 같은 실행 안에서 반복을 번갈아 가며 비교합니다. {setting}. 컴파일 초: "
+                       '컴파일을 포함한 첫 생성. 비율만 보입니다. 이 기계의 속도는 몇 분 사이에도 달라지므로, 몇 분 '
+                       '떨어진 실행들의 토큰/초는 서로 비교할 수 없습니다.')
             table = ['|---|---:|---:|---:|'] + [
                 f"| {names.get(v, v)} | {b} | {e['compiled_over_eager']:.2f}x | {e['compile_s']:.0f} |"
                 for v, b, e in entries if 'eager_cached' in e]
