@@ -34,7 +34,6 @@ Changing a parameter through `.data` in place escapes the version counter (as it
 made under `torch.inference_mode()` have no version counter: nothing is kept for them.
 """
 
-import operator
 from typing import Callable, Dict, List, NamedTuple, Optional, Protocol, Tuple, Union
 
 import torch
@@ -69,26 +68,16 @@ class ParameterSnapshot:
                 places[id(owner), part] = (owner._modules, part, child)
                 owner = child
             places[id(owner), leaf] = (owner._parameters, leaf, param)
-        # Each place as three parallel tuples (the dictionary, the key, the object found there), so that the check
-        # below runs as a few C-level `map`s: it runs at every inference call, once per generated token
-        self.dicts, self.names, self.objects = (tuple(column) for column in zip(*places.values())) \
-            if places else ((), (), ())
-        self.params = tuple(module.parameters())
+        self.places = list(places.values())
+        params = list(module.parameters())
         # Inference tensors have no version counter: their changes cannot be seen
-        self.trackable = not any(p.is_inference() for p in self.params)
-        self.versions = tuple(map(_version, self.params)) if self.trackable else ()
-        self.pointers = tuple(map(_data_ptr, self.params))
+        self.trackable = not any(p.is_inference() for p in params)
+        self.contents = [(p, p._version, p.data_ptr()) for p in params] if self.trackable else []
 
     def unchanged(self) -> bool:
         """Whether the same parameter objects are at the same places, with the same contents."""
-        return (self.trackable and all(map(operator.is_, map(dict.get, self.dicts, self.names), self.objects))
-                and tuple(map(_version, self.params)) == self.versions
-                and tuple(map(_data_ptr, self.params)) == self.pointers)
-
-
-# A tensor's version counter (bumped by every in-place change) and the address of its data
-_version = operator.attrgetter('_version')
-_data_ptr = operator.methodcaller('data_ptr')
+        return (self.trackable and all(d.get(name) is obj for d, name, obj in self.places)
+                and all(p._version == version and p.data_ptr() == ptr for p, version, ptr in self.contents))
 
 
 class _Kept(NamedTuple):
