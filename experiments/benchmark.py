@@ -28,7 +28,9 @@ python experiments/benchmark.py --floor               # and each model's speed a
 
 `--floor` adds each model's [arithmetic floor](floor.py): the matrix products of one of its training steps,
 replayed back to back with nothing else; the JSON line then holds `floor_tokens_per_s` and `fraction_of_floor`
-(and the products' count, GFLOP and GFLOP/s) for every model.
+(and the products' count, GFLOP and GFLOP/s) for every model, and `floor_vs_parallel`: the model's floor over the
+parallel model's whole step, the smallest slowdown any implementation that runs these products could reach on this
+machine.
 """
 
 import argparse
@@ -214,14 +216,20 @@ def main(argv=None):
             r['slowdown_vs_parallel'] = base['tokens_per_s'] / r['tokens_per_s']
         tps = f"{r['tokens_per_s']:,.0f}" if 'tokens_per_s' in r else '-'
         ms = f"{r['step_s'] * 1e3:.1f}" if 'step_s' in r else '-'
+        if base is not None and 'floor_s' in r:
+            # The best slowdown any implementation of this model's products could reach: its floor over the
+            # parallel model's whole step
+            r['floor_vs_parallel'] = r['floor_s'] / base['step_s']
         slow = f"{r['slowdown_vs_parallel']:.2f}x" if 'slowdown_vs_parallel' in r else '-'
         mb = f"{r['peak_mb']:,.0f}" if 'peak_mb' in r else '-'
         print(f"{r['model']:<26}{tps:>12}{ms:>10}{slow:>10}{mb:>10}")
     if any('floor_s' in r for r in results):
-        print(f"{'model':<26}{'products':>10}{'GFLOP':>8}{'floor ms':>10}{'floor tok/s':>13}{'of floor':>10}")
+        print(f"{'model':<26}{'products':>10}{'GFLOP':>8}{'floor ms':>10}{'floor tok/s':>13}{'of floor':>10}"
+              f"{'floor/parallel':>16}")
         for r in (r for r in results if 'floor_s' in r):
+            vs = f"{r['floor_vs_parallel']:.2f}x" if 'floor_vs_parallel' in r else '-'
             print(f"{r['model']:<26}{r['floor_products']:>10}{r['floor_gflop']:>8.2f}{r['floor_s'] * 1e3:>10.1f}"
-                  f"{r['floor_tokens_per_s']:>13,.0f}{r['fraction_of_floor']:>10.1%}")
+                  f"{r['floor_tokens_per_s']:>13,.0f}{r['fraction_of_floor']:>10.1%}{vs:>16}")
     print(json.dumps({'config': {k: v for k, v in vars(args).items() if k not in ('only', 'memory_child')},
                       'results': results}))
 

@@ -211,6 +211,7 @@ SPEED_COLUMNS = [  # (result key, English header, Korean header, format)
     ('slowdown_vs_parallel', 'time per token vs parallel', '병렬 대비 토큰당 시간', lambda v: f'{v:.2f}x'),
     ('floor_tokens_per_s', 'floor tokens/s', '하한 토큰/초', lambda v: n(v)),
     ('fraction_of_floor', 'fraction of its floor', '하한 대비 비율', lambda v: f'{v:.0%}'),
+    ('floor_vs_parallel', 'floor vs parallel step', '하한 / 병렬 단계', lambda v: f'{v:.2f}x'),
     ('peak_mb', 'peak MB', '최대 MB', lambda v: n(v)),
 ]
 
@@ -285,6 +286,36 @@ def generation(records: Dict[str, Record]) -> List[Section]:
         prov = provenance([r])
         en += ['', head_en, '', header_en, *table, '', prov[0]]
         ko += ['', head_ko, '', header_ko, *table, '', prov[1]]
+    return [('\n'.join(en), '\n'.join(ko))]
+
+
+def compiled_training(records: Dict[str, Record]) -> List[Section]:
+    r = records.get('training_compiled')
+    if not r:
+        return []
+    res, c = r['result'], r['result']['config']
+    setting = (f"d{c['d_model']}, {c['heads']} heads, d_ff {c['d_ff']}, {c['n_layers']} layers, seq {c['seq_len']}, "
+               f"batch {c['batch']}, {c['threads']} threads, fp32, median of {c['repeats']}")
+    en = ['<a id="compiled-training"></a>', '', '## A compiled training step', '',
+          '`experiments/benchmark_compiled_training.py`: the step loop alone (forward, then backward from a fixed '
+          'output gradient), the fused loop with its hand-written backward against the fixed-shape step compiled by '
+          '`torch.compile` with the backward AOTAutograd derives, with inductor\'s Python (`compiled`) or C++ '
+          f'(`compiled-cpp`) wrapper; the variants take turns; {setting}. Gradient difference: the largest, relative '
+          'to the gradient\'s largest entry.']
+    ko = ['<a id="compiled-training"></a>', '', '## 컴파일한 학습 단계', '',
+          '`experiments/benchmark_compiled_training.py`: 단계 루프만 (순전파, 그리고 고정된 출력 그래디언트에서의 '
+          '역전파) 잽니다. 손으로 쓴 역전파를 가진 융합 루프와, `torch.compile`이 컴파일하고 역전파는 '
+          'AOTAutograd가 유도한 고정 모양 단계를 inductor의 Python (`compiled`) 또는 C++ (`compiled-cpp`) '
+          f'래퍼로 비교합니다. 변형들은 번갈아 돕니다. {setting}. 그래디언트 차이: 그 그래디언트의 가장 큰 '
+          '원소에 대한 가장 큰 차이.']
+    rows = [f"| `{x['model']}` | {x['variant']} | {x['forward_ms']:.1f} | {x['backward_ms']:.1f} | "
+            f"{x['speedup_vs_fused']:.2f}x | " + (f"{x['compile_s']:.0f}" if 'compile_s' in x else '') + ' | '
+            + (f"{x['max_grad_diff']:.0e}" if 'max_grad_diff' in x else '') + ' |' for x in res['results']]
+    prov = provenance([r])
+    en += ['', '| model | variant | forward ms | backward ms | speed vs fused | compile s | gradient difference |',
+           '|---|---|---:|---:|---:|---:|---:|', *rows, '', prov[0]]
+    ko += ['', '| 모델 | 변형 | 순전파 ms | 역전파 ms | 융합 대비 속도 | 컴파일 초 | 그래디언트 차이 |',
+           '|---|---|---:|---:|---:|---:|---:|', *rows, '', prov[1]]
     return [('\n'.join(en), '\n'.join(ko))]
 
 
@@ -395,16 +426,19 @@ def readme_blocks(records: Dict[str, Record]) -> Dict[str, str]:
             continue
         res = records[name]['result']
         floor = any('fraction_of_floor' in x for x in res['results'])
+        vs_floor = all('floor_vs_parallel' in x for x in res['results'] if 'tokens_per_s' in x)
         lines = [f"| {MODEL_NAMES.get(x['model'], '`' + x['model'] + '`')} | {n(x['tokens_per_s'])} | "
                  + (f"{x['slowdown_vs_parallel']:.2f}x" if 'slowdown_vs_parallel' in x else '1.00x')
-                 + (f" | {x['fraction_of_floor']:.0%}" if floor else '') + ' |'
+                 + (f" | {x['fraction_of_floor']:.0%}" if floor else '')
+                 + (f" | {x['floor_vs_parallel']:.2f}x" if vs_floor else '') + ' |'
                  for x in res['results'] if 'tokens_per_s' in x]
         if not lines:
             continue
         blocks['speed'] += ['', f"Training, {size_of(res['config'])}:", '',
                             '| model | tokens/s | time per token vs parallel |' + (' of its arithmetic floor |'
-                                                                                    if floor else ''),
-                            '|---|---:|---:|' + ('---:|' if floor else ''), *lines]
+                                                                                    if floor else '')
+                            + (' its floor vs parallel |' if vs_floor else ''),
+                            '|---|---:|---:|' + ('---:|' if floor else '') + ('---:|' if vs_floor else ''), *lines]
         if name == 'speed_small':
             slow = ', '.join(f"`{x['model']}` {x['slowdown_vs_parallel']:.2f}x" for x in res['results']
                              if 'slowdown_vs_parallel' in x)
@@ -442,7 +476,7 @@ def with_blocks(text: str, blocks: Dict[str, str]) -> str:
 
 
 SECTIONS: List[Callable[[Dict[str, Record]], List[Section]]] = [state_tracking, more_variables, quality, speed,
-                                                                   generation]
+                                                                   compiled_training, generation]
 
 
 def page(records: Dict[str, Record]) -> Tuple[str, str]:

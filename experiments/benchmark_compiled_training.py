@@ -1,0 +1,181 @@
+r"""
+---
+title: Does a compiled training step pay on this machine?
+summary: The fused training loop (hand-written backward) against the fixed-shape step compiled by torch.compile
+  with its backward derived by AOTAutograd, forward and backward timed apart, the same gradients checked.
+---
+
+# A compiled training step, measured
+
+The speed issue asked for the training loop's step compiled over fixed shapes. Before building a compiled
+*hand-written* backward, this script measures the cheapest way to get one: [the fixed-shape step](
+../labml_nn/transformers/feedback/static_step.html) (attention over the whole buffer, invisible slots masked) compiled
+by `torch.compile`, whose backward AOTAutograd derives and compiles too. The buffer of keys and values is updated
+functionally (`index_copy`, a new buffer per step), because a compiled step saves its input buffer for its backward
+pass and an in-place write would invalidate it.
+
+It runs the loop alone (embedded inputs to the last layer's outputs, then the backward pass from a fixed output
+gradient), at the README's size by default, and reports per variant the median forward and backward times, the
+one-time compile time and the largest gradient difference from the fused loop (relative to each gradient's
+largest entry):
+
+* `fused`: the library's training path ([fused.py](../labml_nn/transformers/feedback/fused.html));
+* `compiled`: the fixed-shape step compiled with inductor's default (Python) wrapper;
+* `compiled-cpp`: the same with inductor's C++ wrapper (`cpp_wrapper`), which calls the kernels without Python.
+
+The variants take turns repeat by repeat (the machine's speed drifts). This is a measuring tool, not a training
+path: the functional buffer keeps one copy of the buffer per step for the backward pass, memory that grows as
+$T^2$, which the fused loop avoids.
+
+```bash
+python experiments/benchmark_compiled_training.py                       # both variants, README size
+python experiments/benchmark_compiled_training.py --variants kv --repeats 5
+```
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from labml_nn.transformers.feedback.build import ModelConfig, build_model  # noqa: E402
+from labml_nn.transformers.feedback.compiled import check_compile  # noqa: E402
+from labml_nn.transformers.feedback.fused import fused_forward  # noqa: E402
+from labml_nn.transformers.feedback.fused_steps import loop_config, loop_weights  # noqa: E402
+from labml_nn.transformers.feedback.stack import first_visible  # noqa: E402
+from labml_nn.transformers.feedback.static_step import static_step  # noqa: E402
+
+VARIANTS = {'weighted': 'feedback_transformer', 'kv': 'feedback_transformer_kv'}
+# The compiled variants and inductor's options for each
+COMPILED = {'compiled': {'size_asserts': False}, 'compiled-cpp': {'size_asserts': False, 'cpp_wrapper': True}}
+
+
+def compiled_loop(transformer, options: dict, T: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The loop as `T` calls of the fixed-shape step compiled with `options`, in autograd: `x_seq -> outputs`."""
+    cfg = loop_config(transformer, 0, True, dropout=False, dtype=None)
+
+    def step(x, work, bounds, layers, mem_w, kv_w, kv_b, slot):
+        x, kv = static_step(cfg, x, work, bounds, layers, mem_w, kv_w, kv_b)
+        # The entry into its slot, functionally (a new buffer: the old one is saved for the backward pass)
+        return x, work.index_copy(4, slot, kv.unsqueeze(4))
+
+    compiled = torch.compile(step, options=options)
+    bounds = [torch.tensor([first_visible(t, cfg.memory_span), t]) for t in range(T)]
+    slots = [torch.tensor([t]) for t in range(T)]
+
+    def run(x_seq: torch.Tensor) -> torch.Tensor:
+        B = x_seq.shape[1]
+        # The weights with position terms for all `T` slots, made in autograd as the fused loop's are
+        layers = loop_weights(transformer, T)
+        kv_w, kv_b = transformer.kv_projection()
+        mem_w = transformer.memory_weights()
+        work = x_seq.new_zeros((cfg.groups, 2, B, cfg.heads, T, cfg.d_k))
+        outputs = []
+        for i in range(T):
+            x, work = compiled(x_seq[i], work, bounds[i], layers, mem_w, kv_w, kv_b, slots[i])
+            outputs.append(x)
+        return transformer.norm(torch.stack(outputs))
+
+    return run
+
+
+def timed(run: Callable[[torch.Tensor], torch.Tensor], x_seq: torch.Tensor, d_out: torch.Tensor):
+    """Forward and backward seconds of one call, and the gradients of the inputs and parameters."""
+    x_seq.grad = None
+    start = time.perf_counter()
+    out = run(x_seq)
+    middle = time.perf_counter()
+    out.backward(d_out)
+    end = time.perf_counter()
+    return middle - start, end - middle
+
+
+def measure(variant: str, args) -> List[dict]:
+    torch.manual_seed(0)
+    config = ModelConfig(VARIANTS[variant], n_vocab=65, d_model=args.d_model, heads=args.heads, d_ff=args.d_ff,
+                         n_layers=args.n_layers, dropout=0.0)
+    transformer = build_model(config, torch.device('cpu')).transformer
+    T, B = args.seq_len, args.batch
+    x_seq = torch.randn(T, B, args.d_model, requires_grad=True)
+    d_out = torch.randn(T, B, args.d_model)
+    runs: Dict[str, Callable] = {'fused': lambda x: fused_forward(transformer, x, None, False)}
+    for name in args.compiled:
+        runs[name] = compiled_loop(transformer, COMPILED[name], T)
+    # The reference gradients (fused loop), and each compiled variant's first call (its compile) checked against them
+    params = list(transformer.parameters())
+
+    def gradients(run):
+        transformer.zero_grad(set_to_none=True)
+        seconds = timed(run, x_seq, d_out)
+        return seconds, [x_seq.grad.clone()] + [torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                                for p in params]
+
+    _, reference = gradients(runs['fused'])
+    results = {name: {'model': VARIANTS[variant], 'variant': name, 'forward': [], 'backward': []} for name in runs}
+    for name in args.compiled:
+        (fwd, bwd), grads = gradients(runs[name])
+        results[name]['compile_s'] = fwd + bwd
+        # The largest difference of a gradient, relative to that gradient's largest entry
+        results[name]['max_grad_diff'] = max(((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+                                             for g, r in zip(grads, reference))
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            fwd, bwd = timed(run, x_seq, d_out)
+            results[name]['forward'].append(fwd)
+            results[name]['backward'].append(bwd)
+    out = []
+    for r in results.values():
+        fwd, bwd = statistics.median(r.pop('forward')), statistics.median(r.pop('backward'))
+        r.update(forward_ms=fwd * 1e3, backward_ms=bwd * 1e3, tokens_per_s=T * B / (fwd + bwd))
+        out.append(r)
+    fused = out[0]['forward_ms'] + out[0]['backward_ms']
+    for r in out:
+        r['speedup_vs_fused'] = fused / (r['forward_ms'] + r['backward_ms'])
+    return out
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('---')[2].strip().split('\n')[0])
+    p.add_argument('--variants', nargs='+', choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument('--compiled', nargs='+', choices=list(COMPILED), default=list(COMPILED))
+    p.add_argument('--d-model', type=int, default=128)
+    p.add_argument('--heads', type=int, default=4)
+    p.add_argument('--d-ff', type=int, default=256)
+    p.add_argument('--n-layers', type=int, default=4)
+    p.add_argument('--seq-len', type=int, default=64)
+    p.add_argument('--batch', type=int, default=16)
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--repeats', type=int, default=9)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse(argv)
+    try:
+        check_compile(True, 'cpu')
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    torch.set_num_threads(args.threads)
+    results = [r for v in args.variants for r in measure(v, args)]
+    print(f"d_model={args.d_model} heads={args.heads} d_ff={args.d_ff} n_layers={args.n_layers} "
+          f"seq_len={args.seq_len} batch={args.batch} threads={args.threads} torch={torch.__version__}")
+    print(f"{'model':<26}{'variant':<14}{'fwd ms':>8}{'bwd ms':>8}{'tokens/s':>10}{'vs fused':>10}"
+          f"{'compile s':>11}{'grad diff':>11}")
+    for r in results:
+        compile_s = f"{r['compile_s']:.0f}" if 'compile_s' in r else '-'
+        diff = f"{r['max_grad_diff']:.1e}" if 'max_grad_diff' in r else '-'
+        print(f"{r['model']:<26}{r['variant']:<14}{r['forward_ms']:>8.1f}{r['backward_ms']:>8.1f}"
+              f"{r['tokens_per_s']:>10,.0f}{r['speedup_vs_fused']:>9.2f}x{compile_s:>11}{diff:>11}")
+    print(json.dumps({'config': vars(args), 'results': results}))
+
+
+if __name__ == '__main__':
+    main()
