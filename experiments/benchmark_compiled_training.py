@@ -16,12 +16,14 @@ pass and an in-place write would invalidate it.
 
 It runs the loop alone (embedded inputs to the last layer's outputs, then the backward pass from a fixed output
 gradient), at the README's size by default, and reports per variant the median forward and backward times, the
-one-time compile time and the largest gradient difference from the fused loop (relative to each gradient's
-largest entry):
+one-time compile time (from scratch: inductor's on-disk cache goes to a new folder unless `--warm-cache`) and the
+largest gradient difference from the fused loop (relative to each gradient's largest entry):
 
 * `fused`: the library's training path ([fused.py](../labml_nn/transformers/feedback/fused.html));
 * `compiled`: the fixed-shape step compiled with inductor's default (Python) wrapper;
-* `compiled-cpp`: the same with inductor's C++ wrapper (`cpp_wrapper`), which calls the kernels without Python.
+* `compiled-cpp`: the same with inductor's C++ wrapper (`cpp_wrapper`), which calls the kernels without Python;
+* `cuda-graphs` (on a GPU, `--device cuda`): the step compiled with `mode="reduce-overhead"`, each compiled call
+  replayed as a CUDA graph.
 
 The variants take turns repeat by repeat (the machine's speed drifts). This is a measuring tool, not a training
 path: the functional buffer keeps one copy of the buffer per step for the backward pass, memory that grows as
@@ -30,13 +32,16 @@ $T^2$, which the fused loop avoids.
 ```bash
 python experiments/benchmark_compiled_training.py                       # both variants, README size
 python experiments/benchmark_compiled_training.py --variants kv --repeats 5
+python experiments/benchmark_compiled_training.py --device cuda --compiled compiled cuda-graphs   # on a GPU
 ```
 """
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -53,12 +58,14 @@ from labml_nn.transformers.feedback.stack import first_visible  # noqa: E402
 from labml_nn.transformers.feedback.static_step import static_step  # noqa: E402
 
 VARIANTS = {'weighted': 'feedback_transformer', 'kv': 'feedback_transformer_kv'}
-# The compiled variants and inductor's options for each
-COMPILED = {'compiled': {'size_asserts': False}, 'compiled-cpp': {'size_asserts': False, 'cpp_wrapper': True}}
+# The compiled variants and `torch.compile`'s keyword arguments for each
+COMPILED = {'compiled': {'options': {'size_asserts': False}},
+            'compiled-cpp': {'options': {'size_asserts': False, 'cpp_wrapper': True}},
+            'cuda-graphs': {'mode': 'reduce-overhead'}}
 
 
-def compiled_loop(transformer, options: dict, T: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The loop as `T` calls of the fixed-shape step compiled with `options`, in autograd: `x_seq -> outputs`."""
+def compiled_loop(transformer, how: dict, T: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The loop as `T` calls of the fixed-shape step compiled with `how`, in autograd: `x_seq -> outputs`."""
     cfg = loop_config(transformer, 0, True, dropout=False, dtype=None)
 
     def step(x, work, bounds, layers, mem_w, kv_w, kv_b, slot):
@@ -66,9 +73,9 @@ def compiled_loop(transformer, options: dict, T: int) -> Callable[[torch.Tensor]
         # The entry into its slot, functionally (a new buffer: the old one is saved for the backward pass)
         return x, work.index_copy(4, slot, kv.unsqueeze(4))
 
-    compiled = torch.compile(step, options=options)
-    bounds = [torch.tensor([first_visible(t, cfg.memory_span), t]) for t in range(T)]
-    slots = [torch.tensor([t]) for t in range(T)]
+    compiled = torch.compile(step, **how)
+    bounds = [torch.tensor([first_visible(t, cfg.memory_span), t], device=device) for t in range(T)]
+    slots = [torch.tensor([t], device=device) for t in range(T)]
 
     def run(x_seq: torch.Tensor) -> torch.Tensor:
         B = x_seq.shape[1]
@@ -86,13 +93,21 @@ def compiled_loop(transformer, options: dict, T: int) -> Callable[[torch.Tensor]
     return run
 
 
+def sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
 def timed(run: Callable[[torch.Tensor], torch.Tensor], x_seq: torch.Tensor, d_out: torch.Tensor):
-    """Forward and backward seconds of one call, and the gradients of the inputs and parameters."""
+    """Forward and backward seconds of one call (the gradients land in `x_seq.grad` and the parameters')."""
     x_seq.grad = None
+    sync(x_seq.device)
     start = time.perf_counter()
     out = run(x_seq)
+    sync(x_seq.device)
     middle = time.perf_counter()
     out.backward(d_out)
+    sync(x_seq.device)
     end = time.perf_counter()
     return middle - start, end - middle
 
@@ -101,13 +116,14 @@ def measure(variant: str, args) -> List[dict]:
     torch.manual_seed(0)
     config = ModelConfig(VARIANTS[variant], n_vocab=65, d_model=args.d_model, heads=args.heads, d_ff=args.d_ff,
                          n_layers=args.n_layers, dropout=0.0)
-    transformer = build_model(config, torch.device('cpu')).transformer
+    device = torch.device(args.device)
+    transformer = build_model(config, device).transformer
     T, B = args.seq_len, args.batch
-    x_seq = torch.randn(T, B, args.d_model, requires_grad=True)
-    d_out = torch.randn(T, B, args.d_model)
+    x_seq = torch.randn(T, B, args.d_model, device=device, requires_grad=True)
+    d_out = torch.randn(T, B, args.d_model, device=device)
     runs: Dict[str, Callable] = {'fused': lambda x: fused_forward(transformer, x, None, False)}
     for name in args.compiled:
-        runs[name] = compiled_loop(transformer, COMPILED[name], T)
+        runs[name] = compiled_loop(transformer, COMPILED[name], T, device)
     # The reference gradients (fused loop), and each compiled variant's first call (its compile) checked against them
     params = list(transformer.parameters())
 
@@ -153,20 +169,31 @@ def parse(argv=None):
     p.add_argument('--batch', type=int, default=16)
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--repeats', type=int, default=9)
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--warm-cache', action='store_true',
+                   help="keep inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR) instead of compiling from scratch")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse(argv)
+    if 'cuda-graphs' in args.compiled and not args.device.startswith('cuda'):
+        print("error: --compiled cuda-graphs needs --device cuda", file=sys.stderr)
+        sys.exit(2)
     try:
-        check_compile(True, 'cpu')
+        check_compile(True, torch.device(args.device).type)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     torch.set_num_threads(args.threads)
-    results = [r for v in args.variants for r in measure(v, args)]
+    # A cold compile: inductor's on-disk caches in a new folder (else `compile_s` is a warm cache's load time)
+    with tempfile.TemporaryDirectory() as cache:
+        if not args.warm_cache:
+            os.environ['TORCHINDUCTOR_CACHE_DIR'] = cache
+        results = [r for v in args.variants for r in measure(v, args)]
     print(f"d_model={args.d_model} heads={args.heads} d_ff={args.d_ff} n_layers={args.n_layers} "
-          f"seq_len={args.seq_len} batch={args.batch} threads={args.threads} torch={torch.__version__}")
+          f"seq_len={args.seq_len} batch={args.batch} threads={args.threads} device={args.device} "
+          f"torch={torch.__version__}")
     print(f"{'model':<26}{'variant':<14}{'fwd ms':>8}{'bwd ms':>8}{'tokens/s':>10}{'vs fused':>10}"
           f"{'compile s':>11}{'grad diff':>11}")
     for r in results:

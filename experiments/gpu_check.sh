@@ -8,7 +8,11 @@
 #   3. cached generation with the compiled step under CUDA graphs (compile='reduce-overhead') against the eager step,
 #      at batch 1 and 16, both Feedback Transformers: one JSON line per model and batch (tokens/s compiled and eager,
 #      their ratio, and the seconds of the first generation, compiling included). The tests of step 1 include the
-#      compiled step under CUDA graphs (tests/model/test_compiled.py).
+#      compiled step under CUDA graphs (tests/model/test_compiled.py);
+#   4. a compiled training step: the fused loop (hand-written backward) against the fixed-shape step compiled with
+#      the backward AOTAutograd derives, with inductor's default code and under CUDA graphs, at the README size:
+#      one JSON line per model and variant (forward and backward ms, speed over the fused loop, compile seconds,
+#      the gradients' largest difference).
 # It needs PyTorch with CUDA and pytest, nothing else (no labml): run it from a checkout, `bash experiments/gpu_check.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,3 +40,8 @@ for variant, by_batch in run["results"].items():
     for batch, result in by_batch.items():
         print(json.dumps({"benchmark": "generation", "device": "cuda", "variant": variant,
                           "batch": int(batch.split("_")[1]), **result}))'
+"$PYTHON" experiments/benchmark_compiled_training.py --device cuda --compiled compiled cuda-graphs --repeats 5 \
+    | tail -n 1 | "$PYTHON" -c '
+import json, sys
+for result in json.load(sys.stdin)["results"]:
+    print(json.dumps({"benchmark": "compiled_training", "device": "cuda", **result}))'

@@ -2,13 +2,13 @@
 Record one run of one command for the results page: run it, keep the JSON line it prints last, and say when, where
 and at which commit it ran.
 
-    python experiments/record.py speed_small -- python experiments/benchmark.py --compile
+    python experiments/record.py speed_small -- python experiments/benchmark.py --floor
     python experiments/record.py state_tracking_cpu --keep results/state_tracking_cpu.png -- \\
         python experiments/state_tracking.py --preset cpu --seeds 3
 
 writes `experiments/results/<name>.json`:
 
-    {"name": ..., "command": "python experiments/benchmark.py --compile", "started": "2026-12-02 14:05 UTC",
+    {"name": ..., "command": "python experiments/benchmark.py --floor", "started": "2026-12-02 14:05 UTC",
      "minutes": 12.5, "commit": "abc1234", "machine": {...}, "result": <the command's last JSON line>}
 
 and copies the files named by `--keep` beside it, as `<name>.png`, `<name>.md`, ... (a JSON file as

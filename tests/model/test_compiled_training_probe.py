@@ -22,7 +22,7 @@ from experiments import benchmark_compiled_training  # noqa: E402
 def test_compiled_training_probe_matches_fused_gradients(capsys):
     benchmark_compiled_training.main(['--variants', 'kv', '--compiled', 'compiled', '--seq-len', '5', '--batch', '2',
                                       '--d-model', '16', '--heads', '2', '--d-ff', '32', '--n-layers', '2',
-                                      '--repeats', '1', '--threads', str(torch.get_num_threads())])
+                                      '--repeats', '1', '--warm-cache', '--threads', str(torch.get_num_threads())])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     fused, compiled = result['results']
     assert (fused['variant'], compiled['variant']) == ('fused', 'compiled')
