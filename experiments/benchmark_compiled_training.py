@@ -32,7 +32,7 @@ $T^2$, which the fused loop avoids.
 ```bash
 python experiments/benchmark_compiled_training.py                       # both variants, README size
 python experiments/benchmark_compiled_training.py --variants kv --repeats 5
-python experiments/benchmark_compiled_training.py --device cuda --compiled compiled cuda-graphs   # on a GPU
+python experiments/benchmark_compiled_training.py --device cuda                  # on a GPU: with CUDA graphs
 ```
 """
 
@@ -160,7 +160,9 @@ def measure(variant: str, args) -> List[dict]:
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('---')[2].strip().split('\n')[0])
     p.add_argument('--variants', nargs='+', choices=list(VARIANTS), default=list(VARIANTS))
-    p.add_argument('--compiled', nargs='+', choices=list(COMPILED), default=list(COMPILED))
+    p.add_argument('--compiled', nargs='+', choices=list(COMPILED),
+                   help='the compiled variants (default: compiled, compiled-cpp on the CPU; compiled, cuda-graphs on '
+                        'a GPU)')
     p.add_argument('--d-model', type=int, default=128)
     p.add_argument('--heads', type=int, default=4)
     p.add_argument('--d-ff', type=int, default=256)
@@ -177,6 +179,8 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
+    if args.compiled is None:
+        args.compiled = ['compiled', 'cuda-graphs' if args.device.startswith('cuda') else 'compiled-cpp']
     if 'cuda-graphs' in args.compiled and not args.device.startswith('cuda'):
         print("error: --compiled cuda-graphs needs --device cuda", file=sys.stderr)
         sys.exit(2)
