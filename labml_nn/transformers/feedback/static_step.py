@@ -172,6 +172,14 @@ def static_step(cfg: LoopConfig, x: torch.Tensor, work: torch.Tensor, bounds: to
     return x, kv
 
 
+def slot_bounds(t: int, memory_span: Optional[int], first: int, device: torch.device) -> torch.Tensor:
+    """
+    `[lo, hi]` (int64, on `device`): step $t$ sees the buffer's slots `lo .. hi - 1` and writes its own entry into
+    slot `hi`, in a buffer whose slot 0 holds absolute step `first`.
+    """
+    return torch.tensor([first_visible(t, memory_span) - first, t - first], device=device)
+
+
 def run_compiled_steps(compiled: CompiledStep, cfg: LoopConfig, x_seq: torch.Tensor, layers: List[LayerWeights],
                        mem_w: torch.Tensor, kv_w: torch.Tensor, kv_b: Optional[torch.Tensor], work: torch.Tensor,
                        first: int) -> torch.Tensor:
@@ -191,8 +199,7 @@ def run_compiled_steps(compiled: CompiledStep, cfg: LoopConfig, x_seq: torch.Ten
     with torch.autocast(x_seq.device.type, enabled=False):
         for i in range(T):
             t = cfg.n_start + i
-            # The slots step $t$ sees, `lo .. hi - 1`, in the buffer whose slot 0 is absolute step `first`
-            bounds = torch.tensor([first_visible(t, cfg.memory_span) - first, t - first], device=x_seq.device)
+            bounds = slot_bounds(t, cfg.memory_span, first, x_seq.device)
             x, kv = step(constants, x_seq[i], work, bounds, layers, mem_w, kv_w, kv_b)
             # A copy: CUDA graphs reuse their outputs' memory at the next replay
             outputs.append(x.clone())
@@ -282,8 +289,8 @@ class TokenDecoder:
             self.weights[capacity] = (tuple(layers), mem_w, kv_w, kv_b)
         layers, mem_w, kv_w, kv_b = self.weights[capacity]
         # Step $t$ sees slots `lo .. hi - 1`; its own entry goes to slot `hi`
+        bounds = slot_bounds(t, model.memory_span, first, cache.device)
         hi = t - first
-        bounds = torch.tensor([first_visible(t, model.memory_span) - first, hi], device=cache.device)
         norm = (model.norm.weight, model.norm.bias, model.norm.eps)
         logits, kv = self.step(self.cfg, token, cache, bounds, self.embedding.weight, layers, mem_w, kv_w, kv_b, norm,
                                (self.head.weight, self.head.bias))
