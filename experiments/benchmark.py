@@ -165,18 +165,23 @@ def memory_in_subprocess(name: str, argv) -> float:
     return float(out.strip().splitlines()[-1])
 
 
-def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('---')[-1].strip().splitlines()[0])
+def add_size_arguments(p: argparse.ArgumentParser) -> None:
+    """The model and batch sizes (the README's by default), threads and device: the training benchmarks' own."""
     p.add_argument('--d-model', type=int, default=128)
     p.add_argument('--heads', type=int, default=4)
     p.add_argument('--d-ff', type=int, default=256)
     p.add_argument('--n-layers', type=int, default=4)
     p.add_argument('--seq-len', type=int, default=64)
     p.add_argument('--batch', type=int, default=16)
-    p.add_argument('--vocab', type=int, default=65)
-    p.add_argument('--dropout', type=float, default=0.0)
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--device', default='cpu')
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('---')[-1].strip().splitlines()[0])
+    add_size_arguments(p)
+    p.add_argument('--vocab', type=int, default=65)
+    p.add_argument('--dropout', type=float, default=0.0)
     p.add_argument('--no-memory-norm', action='store_true',
                    help="labml_nn's feedback models: no memory normalization (the build's default has it)")
     p.add_argument('--precision', choices=sorted(PRECISIONS), default='fp32',

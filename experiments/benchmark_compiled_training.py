@@ -50,6 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from experiments.benchmark import add_size_arguments  # noqa: E402
 from labml_nn.transformers.feedback.build import ModelConfig, build_model  # noqa: E402
 from labml_nn.transformers.feedback.compiled import check_compile  # noqa: E402
 from labml_nn.transformers.feedback.fused import fused_forward  # noqa: E402
@@ -163,15 +164,8 @@ def parse(argv=None):
     p.add_argument('--compiled', nargs='+', choices=list(COMPILED),
                    help='the compiled variants (default: compiled, compiled-cpp on the CPU; compiled, cuda-graphs on '
                         'a GPU)')
-    p.add_argument('--d-model', type=int, default=128)
-    p.add_argument('--heads', type=int, default=4)
-    p.add_argument('--d-ff', type=int, default=256)
-    p.add_argument('--n-layers', type=int, default=4)
-    p.add_argument('--seq-len', type=int, default=64)
-    p.add_argument('--batch', type=int, default=16)
-    p.add_argument('--threads', type=int, default=2)
+    add_size_arguments(p)
     p.add_argument('--repeats', type=int, default=9)
-    p.add_argument('--device', default='cpu')
     p.add_argument('--warm-cache', action='store_true',
                    help="keep inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR) instead of compiling from scratch")
     return p.parse_args(argv)
