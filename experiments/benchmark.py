@@ -35,11 +35,15 @@ machine.
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +167,27 @@ def memory_in_subprocess(name: str, argv) -> float:
     out = subprocess.run([sys.executable, __file__, *argv, '--only', name, '--memory-child'],
                          check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
+
+
+@contextmanager
+def compile_cache(warm: bool) -> Iterator[None]:
+    """
+    Inductor's on-disk caches in a new temporary folder while inside, so that compiling starts from scratch and
+    its seconds mean what they say; unchanged when `warm`.
+    """
+    if warm:
+        yield
+        return
+    before = os.environ.get('TORCHINDUCTOR_CACHE_DIR')
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ['TORCHINDUCTOR_CACHE_DIR'] = folder
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ['TORCHINDUCTOR_CACHE_DIR']
+            else:
+                os.environ['TORCHINDUCTOR_CACHE_DIR'] = before
 
 
 def add_size_arguments(p: argparse.ArgumentParser) -> None:

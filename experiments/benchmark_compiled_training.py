@@ -38,10 +38,8 @@ python experiments/benchmark_compiled_training.py --device cuda                 
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -50,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.benchmark import add_size_arguments  # noqa: E402
+from experiments.benchmark import add_size_arguments, compile_cache  # noqa: E402
 from labml_nn.transformers.feedback.build import ModelConfig, build_model  # noqa: E402
 from labml_nn.transformers.feedback.compiled import check_compile  # noqa: E402
 from labml_nn.transformers.feedback.fused import fused_forward  # noqa: E402
@@ -184,10 +182,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     torch.set_num_threads(args.threads)
-    # A cold compile: inductor's on-disk caches in a new folder (else `compile_s` is a warm cache's load time)
-    with tempfile.TemporaryDirectory() as cache:
-        if not args.warm_cache:
-            os.environ['TORCHINDUCTOR_CACHE_DIR'] = cache
+    # A cold compile (else `compile_s` is a warm cache's load time)
+    with compile_cache(args.warm_cache):
         results = [r for v in args.variants for r in measure(v, args)]
     print(f"d_model={args.d_model} heads={args.heads} d_ff={args.d_ff} n_layers={args.n_layers} "
           f"seq_len={args.seq_len} batch={args.batch} threads={args.threads} device={args.device} "

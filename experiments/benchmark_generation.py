@@ -16,7 +16,8 @@ python experiments/benchmark_generation.py --variants weighted kv --batch 1 --co
 
 `--compile` builds the feedback models with `compile=True` (`labml_nn/transformers/feedback/compiled.py`;
 `--compile reduce-overhead` for CUDA graphs); the compile itself happens in the warm-up run and is reported apart
-(`compile_s`, the seconds of the first generation). `--compare-eager` also measures the same model eagerly, in the
+(`compile_s`, the seconds of the first generation, compiling from scratch: inductor's on-disk cache goes to a new
+folder unless `--warm-cache`). `--compare-eager` also measures the same model eagerly, in the
 same run, the two taking turns repeat by repeat, and reports both and their ratio.
 
 Three measurements, on randomly initialised models (speed does not depend on the weights):
@@ -44,14 +45,19 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel, sample_token
-from labml_nn.transformers.feedback.build import ModelConfig, build_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.benchmark import compile_cache  # noqa: E402
+from labml_nn.transformers.feedback.autoregressive import AutoregressiveModel, sample_token  # noqa: E402
+from labml_nn.transformers.feedback.build import ModelConfig, build_model  # noqa: E402
 
 VARIANTS = {"weighted": "FeedbackTransformer", "kv": "FeedbackTransformerKV",
             "baseline": "CausalTransformer (KV cache)"}
@@ -176,6 +182,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="feedback models with their inference step compiled (compile=True; a torch.compile mode)")
     p.add_argument("--compare-eager", action="store_true",
                    help="with --compile: also the same models eagerly, and the speed-up of compiling")
+    p.add_argument("--warm-cache", action="store_true",
+                   help="keep inductor's on-disk cache (TORCHINDUCTOR_CACHE_DIR) instead of compiling from scratch")
     args = p.parse_args(argv)
     for name in ("d_model", "heads", "d_ff", "n_layers", "vocab", "tokens", "prompt_len", "threads", "repeats",
                  "full_repeats", "growth_window"):
@@ -193,8 +201,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    global clock
     args = parse_args(argv)
+    # Compiling from scratch, so that `compile_s` is a compile's time and not a warm cache's
+    with compile_cache(args.warm_cache):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    global clock
     clock = time.perf_counter if args.clock == "wall" else time.thread_time
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
