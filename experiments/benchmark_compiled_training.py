@@ -48,13 +48,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.benchmark import add_size_arguments, compile_cache  # noqa: E402
+from experiments.benchmark import add_size_arguments, compile_cache, sync  # noqa: E402
 from labml_nn.transformers.feedback.build import ModelConfig, build_model  # noqa: E402
 from labml_nn.transformers.feedback.compiled import check_compile  # noqa: E402
 from labml_nn.transformers.feedback.fused import fused_forward  # noqa: E402
 from labml_nn.transformers.feedback.fused_steps import loop_config, loop_weights  # noqa: E402
-from labml_nn.transformers.feedback.stack import first_visible  # noqa: E402
-from labml_nn.transformers.feedback.static_step import static_step  # noqa: E402
+from labml_nn.transformers.feedback.static_step import slot_bounds, static_step  # noqa: E402
 
 VARIANTS = {'weighted': 'feedback_transformer', 'kv': 'feedback_transformer_kv'}
 # The compiled variants and `torch.compile`'s keyword arguments for each
@@ -73,7 +72,7 @@ def compiled_loop(transformer, how: dict, T: int, device: torch.device) -> Calla
         return x, work.index_copy(4, slot, kv.unsqueeze(4))
 
     compiled = torch.compile(step, **how)
-    bounds = [torch.tensor([first_visible(t, cfg.memory_span), t], device=device) for t in range(T)]
+    bounds = [slot_bounds(t, cfg.memory_span, 0, device) for t in range(T)]
     slots = [torch.tensor([t], device=device) for t in range(T)]
 
     def run(x_seq: torch.Tensor) -> torch.Tensor:
@@ -92,21 +91,16 @@ def compiled_loop(transformer, how: dict, T: int, device: torch.device) -> Calla
     return run
 
 
-def sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-
-
 def timed(run: Callable[[torch.Tensor], torch.Tensor], x_seq: torch.Tensor, d_out: torch.Tensor):
     """Forward and backward seconds of one call (the gradients land in `x_seq.grad` and the parameters')."""
     x_seq.grad = None
-    sync(x_seq.device)
+    sync(x_seq.device.type)
     start = time.perf_counter()
     out = run(x_seq)
-    sync(x_seq.device)
+    sync(x_seq.device.type)
     middle = time.perf_counter()
     out.backward(d_out)
-    sync(x_seq.device)
+    sync(x_seq.device.type)
     end = time.perf_counter()
     return middle - start, end - middle
 
