@@ -22,6 +22,9 @@ largest gradient difference from the fused loop (relative to each gradient's lar
 * `fused`: the library's training path ([fused.py](../labml_nn/transformers/feedback/fused.html));
 * `compiled`: the fixed-shape step compiled with inductor's default (Python) wrapper;
 * `compiled-cpp`: the same with inductor's C++ wrapper (`cpp_wrapper`), which calls the kernels without Python;
+* `compiled-steps`: the fused loop with its own step functions compiled, forward and the hand-written backward
+  ([one step, one function](../labml_nn/transformers/feedback/fused.html#steps)), with symbolic sizes: no padding,
+  no functional copies, the same records as the eager loop;
 * `cuda-graphs` (on a GPU, `--device cuda`): the step compiled with `mode="reduce-overhead"`, each compiled call
   replayed as a CUDA graph.
 
@@ -41,6 +44,7 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -50,16 +54,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.benchmark import add_size_arguments, compile_cache, sync  # noqa: E402
 from labml_nn.transformers.feedback.build import ModelConfig, build_model  # noqa: E402
-from labml_nn.transformers.feedback.compiled import check_compile  # noqa: E402
-from labml_nn.transformers.feedback.fused import fused_forward  # noqa: E402
-from labml_nn.transformers.feedback.fused_steps import loop_config, loop_weights  # noqa: E402
+from labml_nn.transformers.feedback.compiled import check_compile, compile_options  # noqa: E402
+from labml_nn.transformers.feedback.fused import LoopSteps, fused_forward  # noqa: E402
+from labml_nn.transformers.feedback.fused_backward import backward_step  # noqa: E402
+from labml_nn.transformers.feedback.fused_steps import feedback_step, loop_config, loop_weights  # noqa: E402
 from labml_nn.transformers.feedback.static_step import slot_bounds, static_step  # noqa: E402
 
 VARIANTS = {'weighted': 'feedback_transformer', 'kv': 'feedback_transformer_kv'}
 # The compiled variants and `torch.compile`'s keyword arguments for each
 COMPILED = {'compiled': {'options': {'size_asserts': False}},
             'compiled-cpp': {'options': {'size_asserts': False, 'cpp_wrapper': True}},
-            'cuda-graphs': {'mode': 'reduce-overhead'}}
+            'cuda-graphs': {'mode': 'reduce-overhead'},
+            'compiled-steps': {'dynamic': True, **compile_options('default')}}
 
 
 def compiled_loop(transformer, how: dict, T: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -115,8 +121,15 @@ def measure(variant: str, args) -> List[dict]:
     x_seq = torch.randn(T, B, args.d_model, device=device, requires_grad=True)
     d_out = torch.randn(T, B, args.d_model, device=device)
     runs: Dict[str, Callable] = {'fused': lambda x: fused_forward(transformer, x, None, False)}
+    # Compiled code of the step functions is kept per function: compile afresh for each model
+    torch._dynamo.reset()
     for name in args.compiled:
-        runs[name] = compiled_loop(transformer, COMPILED[name], T, device)
+        if name == 'compiled-steps':
+            steps = LoopSteps(torch.compile(feedback_step, **COMPILED[name]),
+                              torch.compile(backward_step, **COMPILED[name]))
+            runs[name] = partial(fused_forward, transformer, state=None, return_state=False, steps=steps)
+        else:
+            runs[name] = compiled_loop(transformer, COMPILED[name], T, device)
     # The reference gradients (fused loop), and each compiled variant's first call (its compile) checked against them
     params = list(transformer.parameters())
 
@@ -154,8 +167,8 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('---')[2].strip().split('\n')[0])
     p.add_argument('--variants', nargs='+', choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument('--compiled', nargs='+', choices=list(COMPILED),
-                   help='the compiled variants (default: compiled, compiled-cpp on the CPU; compiled, cuda-graphs on '
-                        'a GPU)')
+                   help='the compiled variants (default: compiled, compiled-cpp, compiled-steps on the CPU; compiled, '
+                        'cuda-graphs, compiled-steps on a GPU)')
     add_size_arguments(p)
     p.add_argument('--repeats', type=int, default=9)
     p.add_argument('--warm-cache', action='store_true',
@@ -166,7 +179,8 @@ def parse(argv=None):
 def main(argv=None):
     args = parse(argv)
     if args.compiled is None:
-        args.compiled = ['compiled', 'cuda-graphs' if args.device.startswith('cuda') else 'compiled-cpp']
+        args.compiled = ['compiled', 'cuda-graphs' if args.device.startswith('cuda') else 'compiled-cpp',
+                         'compiled-steps']
     if 'cuda-graphs' in args.compiled and not args.device.startswith('cuda'):
         print("error: --compiled cuda-graphs needs --device cuda", file=sys.stderr)
         sys.exit(2)

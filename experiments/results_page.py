@@ -300,14 +300,18 @@ def compiled_training(records: Dict[str, Record]) -> List[Section]:
           '`experiments/benchmark_compiled_training.py`: the step loop alone (forward, then backward from a fixed '
           'output gradient), the fused loop with its hand-written backward against the fixed-shape step compiled by '
           '`torch.compile` with the backward AOTAutograd derives, with inductor\'s Python (`compiled`) or C++ '
-          f'(`compiled-cpp`) wrapper; the variants take turns; {setting}. Gradient difference: the largest, relative '
-          'to the gradient\'s largest entry.']
+          '(`compiled-cpp`) wrapper, and against the fused loop with its own step functions compiled, forward and '
+          'hand-written backward, with symbolic sizes (`compiled-steps`, [one step, one function]('
+          f'transformers/feedback/fused.html#steps)); the variants take turns; {setting}. Gradient '
+          'difference: the largest, relative to the gradient\'s largest entry.']
     ko = ['<a id="compiled-training"></a>', '', '## 컴파일한 학습 단계', '',
           '`experiments/benchmark_compiled_training.py`: 단계 루프만 (순전파, 그리고 고정된 출력 그래디언트에서의 '
           '역전파) 잽니다. 손으로 쓴 역전파를 가진 융합 루프와, `torch.compile`이 컴파일하고 역전파는 '
           'AOTAutograd가 유도한 고정 모양 단계를 inductor의 Python (`compiled`) 또는 C++ (`compiled-cpp`) '
-          f'래퍼로 비교합니다. 변형들은 번갈아 돕니다. {setting}. 그래디언트 차이: 그 그래디언트의 가장 큰 '
-          '원소에 대한 가장 큰 차이.']
+          '래퍼로 비교하고, 융합 루프의 스텝 함수(순전파와 손으로 쓴 역전파)를 기호 크기로 컴파일한 것 '
+          '(`compiled-steps`, [한 스텝, 한 함수]('
+          'transformers/feedback/fused.html#steps))과도 비교합니다. 변형들은 번갈아 '
+          f'돕니다. {setting}. 그래디언트 차이: 그 그래디언트의 가장 큰 원소에 대한 가장 큰 차이.']
     rows = [f"| `{x['model']}` | {x['variant']} | {x['forward_ms']:.1f} | {x['backward_ms']:.1f} | "
             f"{x['speedup_vs_fused']:.2f}x | " + (f"{x['compile_s']:.0f}" if 'compile_s' in x else '') + ' | '
             + (f"{x['max_grad_diff']:.0e}" if 'max_grad_diff' in x else '') + ' |' for x in res['results']]

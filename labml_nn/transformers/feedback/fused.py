@@ -37,14 +37,27 @@ backward pass does the same, and accumulates weight gradients in float32.
 
 The tests compare both loops with a naive reference in float64, and `torch.autograd.gradcheck` checks this
 backward pass, dropout included.
+
+<a id="steps"></a>
+
+## One step, one function
+
+The loops run each step through a function of its own: `feedback_step` forward, `backward_step` in reverse. Each
+reads only its arguments and returns what it made (the loops write the work buffer and keep the records), so
+`torch.compile` can compile either whole: `fused_forward(..., steps=LoopSteps(compiled_forward,
+compiled_backward))`, with symbolic sizes, since the slice of memory a step sees grows by a slot per step. The
+model trains with the eager functions: compiled, they make the loop hardly faster at the README's size
+([the results page](../../results.html#compiled-training), variant `compiled-steps`), because a compiled call
+spends about as long taking in and handing out its many small tensors (the weights, the records) as the eager step
+spends dispatching its operations.
 """
 
-from typing import List, Optional, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from labml_nn.transformers.feedback.fused_backward import backward_loop
+from labml_nn.transformers.feedback.fused_backward import backward_loop, backward_step
 from labml_nn.transformers.feedback.fused_records import (
     DropoutMasks,
     LoopConfig,
@@ -55,6 +68,7 @@ from labml_nn.transformers.feedback.fused_records import (
 )
 from labml_nn.transformers.feedback.fused_steps import (
     FeedbackModel,
+    feedback_step,
     loop_inputs,
     run_steps,
     weights_for_products,
@@ -64,11 +78,22 @@ from labml_nn.transformers.feedback.stack import first_visible
 from labml_nn.transformers.feedback.state import FeedbackState
 
 
+class LoopSteps(NamedTuple):
+    """The functions that run one step of the loop, forward and in reverse (`EAGER_STEPS`, or those compiled)."""
+    forward: Callable
+    backward: Callable
+
+
+EAGER_STEPS = LoopSteps(feedback_step, backward_step)
+
+
 def fused_forward(model: FeedbackModel, x_seq: torch.Tensor, state: Optional[FeedbackState],
-                  return_state: bool) -> Union[torch.Tensor, Tuple[torch.Tensor, FeedbackState]]:
+                  return_state: bool,
+                  steps: LoopSteps = EAGER_STEPS) -> Union[torch.Tensor, Tuple[torch.Tensor, FeedbackState]]:
     """
     `model(x_seq, state, return_state)` (a Feedback Transformer, [transformer.py](transformer.html)) with the step
-    loop as one autograd function: the same outputs and gradients as its module loop.
+    loop as one autograd function: the same outputs and gradients as its module loop. `steps` runs each step
+    ([the step functions, compiled or not](#steps)).
     """
     seq_len, batch_size, _ = x_seq.shape
     # Absolute steps `n_start .. n_end - 1` of the sequence
@@ -83,7 +108,7 @@ def fused_forward(model: FeedbackModel, x_seq: torch.Tensor, state: Optional[Fee
                                dtype=cfg.dtype or x_seq.dtype)
     else:
         prev = state.visible
-    out, cache = FeedbackLoopFunction.apply(cfg, x_seq, prev, mem_w, kv_w, kv_b, *flatten_layers(layers))
+    out, cache = FeedbackLoopFunction.apply(cfg, steps, x_seq, prev, mem_w, kv_w, kv_b, *flatten_layers(layers))
     # $\mathrm{LN}(x_t^L)$, in autograd
     out = model.norm(out)
     if not return_state:
@@ -97,7 +122,7 @@ def fused_forward(model: FeedbackModel, x_seq: torch.Tensor, state: Optional[Fee
 
 class FeedbackLoopFunction(torch.autograd.Function):
     r"""
-    Inputs: `cfg`, `x_seq [T, B, D]`, `prev` (the visible cache before this call,
+    Inputs: `cfg`, `steps` (`LoopSteps`), `x_seq [T, B, D]`, `prev` (the visible cache before this call,
     `[groups, 2, B, heads, n_prev, d_k]`, possibly with `n_prev = 0`), `mem_w` ($\mathrm{softmax}(w)$, `[L + 1]`),
     `kv_w [groups * 2 * D, D]`, `kv_b [groups * 2 * D]` (`None` without `memory_norm`), then every layer's
     `LayerWeights`, flattened.
@@ -113,7 +138,7 @@ class FeedbackLoopFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, cfg: LoopConfig, x_seq: torch.Tensor, prev: torch.Tensor, mem_w: torch.Tensor,
+    def forward(ctx, cfg: LoopConfig, steps: LoopSteps, x_seq: torch.Tensor, prev: torch.Tensor, mem_w: torch.Tensor,
                 kv_w: torch.Tensor, kv_b: Optional[torch.Tensor], *flat_layers: torch.Tensor):
         T, B, D = x_seq.shape
         n_prev = prev.shape[4]
@@ -129,8 +154,9 @@ class FeedbackLoopFunction(torch.autograd.Function):
         masks = DropoutMasks(cfg, x_seq, T, B, D, layers[0].w_1.shape[0],
                              n_max=widest_memory(cfg.n_start, T, cfg.memory_span))
         records: List[Optional[StepRecord]] = [None] * T
-        out = run_steps(cfg, x_seq, layers, mem_w, kv_w_low, kv_b_low, work, shape.first, masks, records)
-        ctx.cfg, ctx.shape, ctx.masks, ctx.records = cfg, shape, masks, records
+        out = run_steps(cfg, x_seq, layers, mem_w, kv_w_low, kv_b_low, work, shape.first, masks, records,
+                        steps.forward)
+        ctx.cfg, ctx.steps, ctx.shape, ctx.masks, ctx.records = cfg, steps, shape, masks, records
         # The low-precision copies of the weights are made here from the inputs: kept like the records
         ctx.low_weights = (layers, kv_w_low)
         ctx.has_kv_b = kv_b is not None
@@ -145,6 +171,6 @@ class FeedbackLoopFunction(torch.autograd.Function):
         x_seq, mem_w, kv_w, work, *flat_layers = ctx.saved_tensors
         layers = split_layers(ctx.cfg.n_layers, flat_layers)
         grads = backward_loop(ctx, x_seq, mem_w, kv_w, work, layers, d_out, d_work)
-        # One gradient per input of `forward`, in order: none for `cfg`
-        return (None, grads.x_seq, grads.prev, grads.mem_w, grads.kv_w, grads.kv_b if ctx.has_kv_b else None,
+        # One gradient per input of `forward`, in order: none for `cfg` and `steps`
+        return (None, None, grads.x_seq, grads.prev, grads.mem_w, grads.kv_w, grads.kv_b if ctx.has_kv_b else None,
                 *flatten_layers(grads.layers))

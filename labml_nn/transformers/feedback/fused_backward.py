@@ -92,11 +92,11 @@ $$\begin{aligned}
 \end{aligned}$$
 """
 
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from labml_nn.transformers.feedback.fused_records import LayerWeights, StepRecord, caster
+from labml_nn.transformers.feedback.fused_records import LayerWeights, LoopConfig, StepRecord, caster, step_config
 
 # ATen kernels called directly, resolved once (their Python lookups cost more than the kernels at these sizes)
 _layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
@@ -126,16 +126,15 @@ class AttnGrads(NamedTuple):
     d_scores: torch.Tensor
 
 
-class StepGrads:
+class StepGrads(NamedTuple):
     """The per-step gradients that weight gradients are made of."""
-
-    def __init__(self, i: int, n_layers: int):
-        self.i = i
-        # $\delta \kappa_t$ `[B, groups * 2 * D]` and $\delta m_t$ `[B, D]`, at steps that made memory
-        self.d_kv: Optional[torch.Tensor] = None
-        self.d_mem: Optional[torch.Tensor] = None
-        self.ffn: List[Optional[FfnGrads]] = [None] * n_layers
-        self.attn: List[Optional[AttnGrads]] = [None] * n_layers
+    i: int
+    # $\delta \kappa_t$ `[B, groups * 2 * D]` and $\delta m_t$ `[B, D]`, at steps that made memory (else `None`)
+    d_kv: Optional[torch.Tensor]
+    d_mem: Optional[torch.Tensor]
+    # Per layer; `attn[l]` is `None` at a step without memory
+    ffn: List[Optional[FfnGrads]]
+    attn: List[Optional[AttnGrads]]
 
 
 class LoopGrads(NamedTuple):
@@ -170,94 +169,32 @@ def _backward_steps(ctx, x_seq: torch.Tensor, mem_w: torch.Tensor, work: torch.T
     # The weights as the forward pass multiplied by them (the products' dtype)
     low_layers, kv_w = ctx.low_weights
     T, B, D, n_prev, n_new, first = shape
-    L, G, H, dk = cfg.n_layers, cfg.groups, cfg.heads, cfg.d_k
-    BH = B * H
-    scale = 1 / dk ** 0.5
-    high = x_seq.dtype
-    to_low, to_high = caster(work.dtype, high), caster(high, work.dtype)
+    G, H, dk = cfg.groups, cfg.heads, cfg.d_k
     # The cache's gradient (those from later calls arrive in `d_cache`), in the high precision, and the same as
     # `[groups * 2 * B * H, time, d_k]` so that one product per step updates every layer's keys and values
-    d_work = torch.zeros_like(work, dtype=high) if d_cache is None else d_cache.to(high, copy=True)
-    d_work_rows = d_work.view(G * 2 * BH, -1, dk)
-    keys = [work[g, 0].view(BH, -1, dk) for g in range(G)]
-    values = [work[g, 1].view(BH, -1, dk) for g in range(G)]
-    # $p_\Delta$ per head, `[H, N, d_k]`
-    pos_k = [lw.pos_emb.permute(1, 0, 2) for lw in low_layers]
-    acc = WeightGrads(layers, to_low)
+    d_work = torch.zeros_like(work, dtype=x_seq.dtype) if d_cache is None else d_cache.to(x_seq.dtype, copy=True)
+    d_work_rows = d_work.view(G * 2 * B * H, -1, dk)
+    views = BackwardViews(keys=[work[g, 0].view(B * H, -1, dk) for g in range(G)],
+                          values=[work[g, 1].view(B * H, -1, dk) for g in range(G)],
+                          pos_k=[lw.pos_emb.permute(1, 0, 2) for lw in low_layers],
+                          mem_w=mem_w.unbind(0), no_input=work.new_zeros(()))
+    acc = WeightGrads(layers, caster(work.dtype, x_seq.dtype))
     d_x_seq = torch.empty_like(x_seq)
     pending: List[StepGrads] = []
     chunk = max(1, CHUNK_ROWS // B)
-    # Stands for `input` in `baddbmm(input, ..., beta=0)`
-    no_input = work.new_zeros(())
-    # $\mathrm{softmax}(w)$ as Python floats, and the masks, as locals of the hot loop
-    mem_ws = mem_w.tolist()
-    resid, hidden_mask, attn_mask = masks.resid, masks.hidden, masks.attn
-
+    step = ctx.steps.backward
+    step_cfg = step_config(cfg)
     for i in reversed(range(T)):
-        sg = StepGrads(i, L)
         rec = records[i]
         lo, hi = rec.lo, rec.hi
-        n = hi - lo
-        d_mem = None
-        # 1. The memory: $\delta \kappa_t$ is complete, all later steps are done
-        if i < n_new:
-            sg.d_kv = to_low(d_work[..., hi, :].permute(2, 0, 1, 3, 4).reshape(B, G * 2 * D))
-            d_mem = to_high(torch.mm(sg.d_kv, kv_w))
-            if cfg.memory_norm:
-                # Through $\hat m_t = (m_t - \mu)/\sigma$ (2., without gain and bias)
-                mean, rstd = rec.mem_stats
-                d_mem = _layer_norm_backward(d_mem, rec.mem, (D,), mean, rstd, None, None,
-                                             (True, False, False))[0]
-            sg.d_mem = d_mem
-        # $\delta x_t^L = \delta y_t + \mathrm{softmax}(w)_L\, \delta m_t$
-        dx = d_out[i] if d_mem is None else torch.add(d_out[i], d_mem, alpha=mem_ws[L])
-        # Per layer (top first): $\delta S$, $\tilde P$, $q + u$ and $\delta o$, for the cache's gradient
-        outer = []
-        for l in reversed(range(L)):
-            lw, lw_low = layers[l], low_layers[l]
-            g = l if G > 1 else 0
-            ffn = rec.ffn[l]
-            # 3. The feed-forward block: $\delta f$, $\delta h$, $\delta a$, $\delta z_2$, then $\delta x_1$
-            d_f = to_low(dx if resid is None else dx * resid[1, l, i])
-            d_h = torch.mm(d_f, lw_low.w_2)
-            d_a = _relu_backward(d_h, ffn.hidden, 0)
-            if hidden_mask is not None:
-                d_a = d_a * hidden_mask[l, i]
-            d_z2 = to_high(torch.mm(d_a, lw_low.w_1))
-            dx = dx + _layer_norm_backward(d_z2, ffn.x1, (D,), ffn.mean2, ffn.rstd2, lw.ln2_w, None,
-                                           (True, False, False))[0]
-            sg.ffn[l] = FfnGrads(d_f, d_a, d_z2)
-            a = rec.attn[l]
-            if a is not None:
-                # The attention block: $\delta o$ `[B * H, 1, d_k]`
-                d_att = to_low(dx if resid is None else dx * resid[0, l, i])
-                d_o = torch.mm(d_att, lw_low.w_o).view(BH, 1, dk)
-                pd = a.p if attn_mask is None else a.p * masks.attn_probs(l, i, n)
-                # $\frac{1}{\sqrt{d_k}} \delta \tilde P$, then $\delta P$ through the mask, `[B, H, n]`
-                d_pd = torch.baddbmm(no_input, d_o, values[g][:, lo:hi].transpose(1, 2), beta=0, alpha=scale)
-                d_pd = to_high(d_pd.view(B, H, n))
-                if attn_mask is not None:
-                    d_pd = d_pd * masks.attn_probs(l, i, n)
-                # $\delta S = P \odot (\cdot - \sum_i P_i\, \cdot)$, back in the products' dtype
-                d_scores = to_low(torch._softmax_backward_data(d_pd, a.p, -1, a.p.dtype))
-                # $\delta (q + u) = \sum_j \delta S_j k_j$
-                d_qu = torch.bmm(d_scores.view(BH, 1, n), keys[g][:, lo:hi])
-                outer.append((d_scores, to_low(pd), a.qu, d_o))
-                # $\delta q = \delta (q + u) + \sum_j \delta S_j\, p_{\Delta_j}$ (the last `n` distances)
-                d_pos = torch.bmm(d_scores.transpose(0, 1), pos_k[l][:, -n:]).transpose(0, 1)
-                d_q = (d_qu.view(B, H, dk) + d_pos).reshape(B, D)
-                # $\delta z = \delta q W_q$ and $\delta x$ through $\mathrm{LN}_1$
-                d_z = to_high(torch.mm(d_q, lw_low.w_q))
-                dx = dx + _layer_norm_backward(d_z, rec.xs[l], (D,), a.mean, a.rstd, lw.ln1_w, None,
-                                               (True, False, False))[0]
-                sg.attn[l] = AttnGrads(d_att, d_q, d_qu.view(B, H, dk), d_z, d_scores)
-            # $x_t^l$ (the input of layer $l$) also made the memory: $+\, \mathrm{softmax}(w)_l\, \delta m_t$
-            if d_mem is not None:
-                dx = torch.add(dx, d_mem, alpha=mem_ws[l])
-        if outer:
-            add_cache_gradient(d_work_rows, outer, lo, hi, G, BH, dk)
+        # A step without memory runs eagerly, as in the forward pass
+        dx, d_cache_rows, *grads = (step if lo < hi else backward_step)(
+            step_cfg, i, lo, hi, rec, d_out[i], d_work, layers, low_layers, kv_w, views, masks, i < n_new)
+        if d_cache_rows is not None:
+            # $\delta k_j, \delta v_j$ of the slots the step saw
+            d_work_rows[:, lo:hi] += d_cache_rows
         d_x_seq[i] = dx
-        pending.append(sg)
+        pending.append(StepGrads(i, *grads))
         if len(pending) == chunk or i == 0:
             acc.add(records, pending, low_layers, cfg.memory_norm)
             pending = []
@@ -267,18 +204,107 @@ def _backward_steps(ctx, x_seq: torch.Tensor, mem_w: torch.Tensor, work: torch.T
     return LoopGrads(d_x_seq, d_prev, d_mem_w, acc.kv_w, acc.kv_b, acc.layer_grads())
 
 
+class BackwardViews(NamedTuple):
+    """What every backward step of a call reads, arranged once per call (views, no copies)."""
+    # Each group's keys and values `[B * H, time, d_k]`
+    keys: List[torch.Tensor]
+    values: List[torch.Tensor]
+    # $p_\Delta$ per layer and head, `[H, N, d_k]`
+    pos_k: List[torch.Tensor]
+    # $\mathrm{softmax}(w)_l$ for $l = 0 \dots L$, as 0-dimensional tensors
+    mem_w: Tuple[torch.Tensor, ...]
+    # A zero that stands for `input` in `baddbmm(input, ..., beta=0)`
+    no_input: torch.Tensor
+
+
+def backward_step(cfg: LoopConfig, i: int, lo: int, hi: int, rec: StepRecord, d_out_i: torch.Tensor,
+                  d_work: torch.Tensor, layers: List[LayerWeights], low_layers: List[LayerWeights],
+                  kv_w: torch.Tensor, views: BackwardViews, masks, made_memory: bool) -> tuple:
+    r"""
+    Step `i` (which saw the slots `lo .. hi - 1`) in reverse (1. and 3. above), from $\delta y_t$ `d_out_i`
+    `[B, D]` and the cache's gradient `d_work`, complete at the step's own slot. Returns $\delta x_t^0$ `[B, D]`,
+    what the step adds to the gradient of the cache slots it saw (`[groups * 2 * B * H, n, d_k]`, `None` at a step
+    without memory), then the fields of its `StepGrads` after `i`. Free of side effects, so that `torch.compile`
+    can compile it whole.
+    """
+    L, G, H, dk = cfg.n_layers, cfg.groups, cfg.heads, cfg.d_k
+    B, D = d_out_i.shape
+    BH = B * H
+    n = hi - lo
+    scale = 1 / dk ** 0.5
+    to_low, to_high = caster(kv_w.dtype, d_out_i.dtype), caster(d_out_i.dtype, kv_w.dtype)
+    d_kv = d_mem = None
+    # 1. The memory: $\delta \kappa_t$ is complete, all later steps are done
+    if made_memory:
+        # (`narrow`, not an index: a compiled step keeps `hi` symbolic)
+        d_kv = to_low(d_work.narrow(4, hi, 1).permute(2, 0, 1, 3, 4, 5).reshape(B, G * 2 * D))
+        d_mem = to_high(torch.mm(d_kv, kv_w))
+        if cfg.memory_norm:
+            # Through $\hat m_t = (m_t - \mu)/\sigma$ (2., without gain and bias)
+            mean, rstd = rec.mem_stats
+            d_mem = _layer_norm_backward(d_mem, rec.mem, (D,), mean, rstd, None, None, (True, False, False))[0]
+    # $\delta x_t^L = \delta y_t + \mathrm{softmax}(w)_L\, \delta m_t$
+    dx = d_out_i if d_mem is None else torch.addcmul(d_out_i, d_mem, views.mem_w[L])
+    ffn_grads: List[Optional[FfnGrads]] = [None] * L
+    attn_grads: List[Optional[AttnGrads]] = [None] * L
+    # Per layer (top first): $\delta S$, $\tilde P$, $q + u$ and $\delta o$, for the cache's gradient
+    outer = []
+    for l in reversed(range(L)):
+        lw, lw_low = layers[l], low_layers[l]
+        g = l if G > 1 else 0
+        ffn = rec.ffn[l]
+        # 3. The feed-forward block: $\delta f$, $\delta h$, $\delta a$, $\delta z_2$, then $\delta x_1$
+        d_f = to_low(dx if masks.resid is None else dx * masks.resid[1, l, i])
+        d_h = torch.mm(d_f, lw_low.w_2)
+        d_a = _relu_backward(d_h, ffn.hidden, 0)
+        if masks.hidden is not None:
+            d_a = d_a * masks.hidden[l, i]
+        d_z2 = to_high(torch.mm(d_a, lw_low.w_1))
+        dx = dx + _layer_norm_backward(d_z2, ffn.x1, (D,), ffn.mean2, ffn.rstd2, lw.ln2_w, None,
+                                       (True, False, False))[0]
+        ffn_grads[l] = FfnGrads(d_f, d_a, d_z2)
+        a = rec.attn[l]
+        if a is not None:
+            # The attention block: $\delta o$ `[B * H, 1, d_k]`
+            d_att = to_low(dx if masks.resid is None else dx * masks.resid[0, l, i])
+            d_o = torch.mm(d_att, lw_low.w_o).view(BH, 1, dk)
+            pd = a.p if masks.attn is None else a.p * masks.attn_probs(l, i, n)
+            # $\frac{1}{\sqrt{d_k}} \delta \tilde P$, then $\delta P$ through the mask, `[B, H, n]`
+            d_pd = torch.baddbmm(views.no_input, d_o, views.values[g][:, lo:hi].transpose(1, 2), beta=0,
+                                 alpha=scale)
+            d_pd = to_high(d_pd.view(B, H, n))
+            if masks.attn is not None:
+                d_pd = d_pd * masks.attn_probs(l, i, n)
+            # $\delta S = P \odot (\cdot - \sum_i P_i\, \cdot)$, back in the products' dtype
+            d_scores = to_low(torch._softmax_backward_data(d_pd, a.p, -1, a.p.dtype))
+            # $\delta (q + u) = \sum_j \delta S_j k_j$
+            d_qu = torch.bmm(d_scores.view(BH, 1, n), views.keys[g][:, lo:hi])
+            outer.append((d_scores, to_low(pd), a.qu, d_o))
+            # $\delta q = \delta (q + u) + \sum_j \delta S_j\, p_{\Delta_j}$ (the last `n` distances)
+            d_pos = torch.bmm(d_scores.transpose(0, 1), views.pos_k[l][:, -n:]).transpose(0, 1)
+            d_q = (d_qu.view(B, H, dk) + d_pos).reshape(B, D)
+            # $\delta z = \delta q W_q$ and $\delta x$ through $\mathrm{LN}_1$
+            d_z = to_high(torch.mm(d_q, lw_low.w_q))
+            dx = dx + _layer_norm_backward(d_z, rec.xs[l], (D,), a.mean, a.rstd, lw.ln1_w, None,
+                                           (True, False, False))[0]
+            attn_grads[l] = AttnGrads(d_att, d_q, d_qu.view(B, H, dk), d_z, d_scores)
+        # $x_t^l$ (the input of layer $l$) also made the memory: $+\, \mathrm{softmax}(w)_l\, \delta m_t$
+        if d_mem is not None:
+            dx = torch.addcmul(dx, d_mem, views.mem_w[l])
+    d_cache_rows = cache_gradient(outer, n, G, BH, dk) if outer else None
+    return dx, d_cache_rows, d_kv, d_mem, ffn_grads, attn_grads
+
+
 # ## The cache's gradient, all layers of a step at once
 
 
-def add_cache_gradient(d_work_rows: torch.Tensor, outer: list, lo: int, hi: int, G: int, BH: int,
-                       dk: int) -> None:
+def cache_gradient(outer: list, n: int, G: int, BH: int, dk: int) -> torch.Tensor:
     r"""
-    $\delta k_j \mathrel{+}= \sum_l \delta S^l_{j} (q^l + u^l)$ and
-    $\delta v_j \mathrel{+}= \sum_l \tilde P^l_{j}\, \delta o^l$ for the slots $j$ = `lo .. hi - 1` that the step
-    saw, every layer in one batched product: with shared keys and values the sum over layers is the product's
-    inner dimension; with per-layer ones each layer is a batch of its own.
+    $\sum_l \delta S^l_{j} (q^l + u^l)$ for the keys and $\sum_l \tilde P^l_{j}\, \delta o^l$ for the values of the
+    `n` slots $j$ that the step saw, `[groups * 2 * B * H, n, d_k]`, every layer in one batched product: with shared
+    keys and values the sum over layers is the product's inner dimension; with per-layer ones each layer is a batch
+    of its own.
     """
-    n = hi - lo
     L = len(outer)
     # Bottom layer first, as the groups are stored
     outer = outer[::-1]
@@ -292,7 +318,7 @@ def add_cache_gradient(d_work_rows: torch.Tensor, outer: list, lo: int, hi: int,
         # `[L * 2 * BH, n, 1] @ [L * 2 * BH, 1, d_k]`: layer $l$'s keys and values at the rows of group $l$
         a = torch.stack([x for o in outer for x in (o[0], o[1])]).view(L * 2 * BH, n, 1)
         b = torch.stack([x for o in outer for x in (o[2], o[3])]).view(L * 2 * BH, 1, dk)
-    d_work_rows[:, lo:hi] += torch.bmm(a, b)
+    return torch.bmm(a, b)
 
 
 # ## Weight gradients: sums over steps

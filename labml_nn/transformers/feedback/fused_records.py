@@ -53,6 +53,14 @@ class LoopConfig(NamedTuple):
     dtype: Optional[torch.dtype] = None
 
 
+def step_config(cfg: LoopConfig) -> LoopConfig:
+    """
+    `cfg` as one step reads it: without the call's dropout seed and first step, which change from call to call (a
+    compiled step would be compiled again for each value).
+    """
+    return cfg._replace(seed=0, n_start=0)
+
+
 class LayerWeights(NamedTuple):
     """One layer's tensors, as the loop reads them (also the shape of their gradients)."""
     # $W_q$ `[D, D]` and the query position bias $u$ `[heads, d_k]`

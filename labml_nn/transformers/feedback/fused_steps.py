@@ -55,6 +55,7 @@ from labml_nn.transformers.feedback.fused_records import (
     StepRecord,
     caster,
     for_products,
+    step_config,
 )
 from labml_nn.transformers.feedback.stack import first_visible, n_visible
 
@@ -182,96 +183,143 @@ def weights_for_products(layers: List[LayerWeights], kv_w: torch.Tensor, kv_b: O
 
 def run_steps(cfg: LoopConfig, x_seq: torch.Tensor, layers: List[LayerWeights], mem_w: torch.Tensor,
               kv_w: torch.Tensor, kv_b: Optional[torch.Tensor], work: torch.Tensor, first: int,
-              masks: Optional[DropoutMasks] = None,
-              records: Optional[List[Optional[StepRecord]]] = None) -> torch.Tensor:
+              masks: Optional[DropoutMasks] = None, records: Optional[List[Optional[StepRecord]]] = None,
+              step: Optional[Callable[..., "StepOutput"]] = None) -> torch.Tensor:
     r"""
     The step loop, with plain tensor operations. Reads the cache from and writes new memory's keys and values
     into `work` (the cache's layout, slot 0 holding absolute step `first`), keeps what the backward pass needs
     in `records` (if given), and returns the last layer's outputs `[T, B, D]`.
 
     `layers`, `kv_w` and `kv_b` come with their product weights already in the products' dtype
-    (`weights_for_products`), the work buffer in that dtype too.
+    (`weights_for_products`), the work buffer in that dtype too. `step` runs one step in place of
+    `feedback_step` (e.g. the same function compiled, [fused.py](fused.html#steps)).
     """
     # Autocast's rules are followed by hand below
     with torch.autocast(x_seq.device.type, enabled=False):
-        return _steps(cfg, x_seq, layers, mem_w, kv_w, kv_b, work, first, masks or NO_MASKS, records)
+        return _steps(cfg, x_seq, layers, mem_w, kv_w, kv_b, work, first, masks or NO_MASKS, records,
+                      step or feedback_step)
+
+
+class StepViews(NamedTuple):
+    """What every step of a call reads, arranged once per call for the step's products (views, no copies)."""
+    # Each group's keys and values as `[B * H, time, d_k]` views of the work buffer
+    keys: List[torch.Tensor]
+    values: List[torch.Tensor]
+    # Relative position terms per layer, for batched products over heads: `pos_k [H, d_k, N]` and `pos_b [H, N]`
+    # (distances $N \dots 1$ from left to right)
+    pos_k: List[torch.Tensor]
+    pos_b: List[torch.Tensor]
+    # Transposed weights for `input @ W^T`: $W_q^\top, W_o^\top, W_1^\top, W_2^\top$ per layer, and $W_{kv}^\top$
+    w_t: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    kv_w_t: torch.Tensor
+
+
+def step_views(cfg: LoopConfig, layers: List[LayerWeights], kv_w: torch.Tensor, work: torch.Tensor) -> StepViews:
+    """The `StepViews` of a call over the work buffer `work` `[groups, 2, B, H, time, d_k]`."""
+    BH, dk = work.shape[2] * cfg.heads, cfg.d_k
+    return StepViews(keys=[work[g, 0].view(BH, -1, dk) for g in range(cfg.groups)],
+                     values=[work[g, 1].view(BH, -1, dk) for g in range(cfg.groups)],
+                     pos_k=[lw.pos_emb.permute(1, 2, 0) for lw in layers],
+                     pos_b=[lw.pos_bias.t() for lw in layers],
+                     w_t=[(lw.w_q.t(), lw.w_o.t(), lw.w_1.t(), lw.w_2.t()) for lw in layers],
+                     kv_w_t=kv_w.t())
 
 
 def _steps(cfg: LoopConfig, x_seq: torch.Tensor, layers: List[LayerWeights], mem_w: torch.Tensor,
            kv_w: torch.Tensor, kv_b: Optional[torch.Tensor], work: torch.Tensor, first: int, masks,
-           records: Optional[List[Optional[StepRecord]]]) -> torch.Tensor:
-    T, B, D = x_seq.shape
-    G, H, dk = cfg.groups, cfg.heads, cfg.d_k
-    BH = B * H
+           records: Optional[List[Optional[StepRecord]]], step: Callable[..., "StepOutput"]) -> torch.Tensor:
+    T = x_seq.shape[0]
     n_new = T if cfg.make_last_memory else T - 1
-    # Operands of matrix products in the products' dtype (a no-op outside autocast); the residual stream, norms
-    # and softmax stay in `x_seq`'s dtype
-    to_low = caster(work.dtype, x_seq.dtype)
-    high = x_seq.dtype
-    # Each group's keys and values as `[B * H, time, d_k]` views of the work buffer
-    keys = [work[g, 0].view(BH, -1, dk) for g in range(G)]
-    values = [work[g, 1].view(BH, -1, dk) for g in range(G)]
-    # Relative position terms, arranged for batched products over heads:
-    # `pos_k [H, d_k, N]` and `pos_b [H, N]` (distances $N \dots 1$ from left to right)
-    pos_k = [lw.pos_emb.permute(1, 2, 0) for lw in layers]
-    pos_b = [lw.pos_bias.t() for lw in layers]
-    # Transposed weights (views) for `input @ W^T`: $W_q^\top, W_o^\top, W_1^\top, W_2^\top$
-    w_t = [(lw.w_q.t(), lw.w_o.t(), lw.w_1.t(), lw.w_2.t()) for lw in layers]
-    kv_w_t = kv_w.t()
-    scale = 1 / dk ** 0.5
+    views = step_views(cfg, layers, kv_w, work)
+    step_cfg = step_config(cfg)
     outputs = []
     for i in range(T):
         t = cfg.n_start + i
         # The slots step $t$ attends to (the same for every layer): `lo .. hi - 1`; slot `hi` is its own
         lo, hi = first_visible(t, cfg.memory_span) - first, t - first
-        n = hi - lo
-        x = x_seq[i]
-        xs, attn_saved, ffn_saved = [x], [], []
-        for l, lw in enumerate(layers):
-            w_q_t, w_o_t, w_1_t, w_2_t = w_t[l]
-            g = l if G > 1 else 0
-            if n > 0:
-                # $q = W_q\, \mathrm{LN}(x)$ and $q + u$
-                mean, rstd, q, qu = attention_query(x, lw, w_q_t, cfg, to_low)
-                # $(q + u)^\top k_j$ for all $j$: `[B * H, 1, n]`
-                content = torch.bmm(qu, keys[g][:, lo:hi].transpose(1, 2))
-                # $\frac{1}{\sqrt{d_k}}(q^\top p_\Delta + s_\Delta)$, one product per head: `[H, B, n]`
-                position = torch.baddbmm(pos_b[l][:, None, -n:], q.view(B, H, dk).transpose(0, 1),
-                                         pos_k[l][:, :, -n:], beta=scale, alpha=scale)
-                # All scores, scaled, and $P = \mathrm{softmax}_j$ (in the high precision): `[B, H, n]`
-                scores = torch.add(position.transpose(0, 1), content.view(B, H, n), alpha=scale)
-                p = torch.softmax(scores, dim=-1, dtype=high)
-                # $\tilde P$: dropout on the probabilities
-                pd = p if masks.attn is None else p * masks.attn_probs(l, i, n)
-                # $o = \sum_j \tilde P_j v_j$, heads concatenated: `[B, D]`
-                o = torch.bmm(to_low(pd).view(BH, 1, n), values[g][:, lo:hi]).view(B, D)
-                # $x_1 = x + \mathrm{Drop}(W_o o + b_o)$
-                att = torch.addmm(lw.b_o, o, w_o_t)
-                x1 = x + att if masks.resid is None else torch.addcmul(x, att, masks.resid[0, l, i])
-                attn_saved.append(AttnSaved(mean, rstd, q, qu, p, o))
-            else:
-                # The first step of a sequence has no memory to attend to
-                x1 = x
-                attn_saved.append(None)
-            # The feed-forward block
-            x, saved = feed_forward(x1, lw, w_1_t, w_2_t, cfg, to_low,
-                                    None if masks.hidden is None else masks.hidden[l, i],
-                                    None if masks.resid is None else masks.resid[1, l, i])
-            ffn_saved.append(saved)
-            xs.append(x)
-        record = None if records is None else StepRecord(xs, attn_saved, ffn_saved, lo, hi)
-        outputs.append(x)
-        if i < n_new:
-            # $m_t$ and its keys and values for every group, into slot `hi`
-            mem, mem_stats, kv = memory_entry(cfg, xs, mem_w, kv_w_t, kv_b, to_low)
-            work[..., hi, :] = kv
-            if record is not None:
-                record.mem = mem
-                record.mem_stats = mem_stats
+        # A step without memory (the first of a sequence) takes a branch of its own, once per call: eagerly
+        out = (step if lo < hi else feedback_step)(step_cfg, x_seq[i], i, lo, hi, layers, views, mem_w, kv_b, masks,
+                                                   i < n_new)
+        outputs.append(out.x)
+        if out.kv is not None:
+            # $m_t$'s keys and values for every group, into slot `hi`
+            work[..., hi, :] = out.kv
         if records is not None:
-            records[i] = record
-
+            records[i] = StepRecord(out.xs, out.attn, out.ffn, lo, hi, out.mem, out.mem_stats)
     return torch.stack(outputs)
+
+
+class StepOutput(NamedTuple):
+    """What `feedback_step` returns."""
+    # $x_t^L$ `[B, D]`
+    x: torch.Tensor
+    # What the backward pass keeps ([`StepRecord`](fused_records.html)): every layer's input and the last output,
+    # each attention (`None` without memory) and feed-forward block's saved values
+    xs: List[torch.Tensor]
+    attn: List[Optional[AttnSaved]]
+    ffn: List[FfnSaved]
+    # $m_t$, its statistics with `memory_norm`, and its keys and values for every group `[G, 2, B, H, d_k]`; all
+    # `None` at a step whose memory is not made
+    mem: Optional[torch.Tensor]
+    mem_stats: Optional[Tuple[torch.Tensor, torch.Tensor]]
+    kv: Optional[torch.Tensor]
+
+
+def feedback_step(cfg: LoopConfig, x: torch.Tensor, i: int, lo: int, hi: int, layers: List[LayerWeights],
+                  views: StepViews, mem_w: torch.Tensor, kv_b: Optional[torch.Tensor], masks,
+                  make_memory: bool) -> StepOutput:
+    r"""
+    Step `i` of the call, from its embedding $x_t^0$ `x` `[B, D]`, attending to the work buffer's slots
+    `lo .. hi - 1`: every layer, then (if `make_memory`) the memory $m_t$ and its keys and values. The function has
+    no side effects and reads only its arguments, so that `torch.compile` can compile it whole.
+    """
+    B, D = x.shape
+    H, dk = cfg.heads, cfg.d_k
+    BH = B * H
+    n = hi - lo
+    # Operands of matrix products in the products' dtype (a no-op outside autocast); the residual stream, norms
+    # and softmax stay in `x`'s dtype
+    high = x.dtype
+    to_low = caster(views.kv_w_t.dtype, high)
+    scale = 1 / dk ** 0.5
+    xs, attn_saved, ffn_saved = [x], [], []
+    for l, lw in enumerate(layers):
+        w_q_t, w_o_t, w_1_t, w_2_t = views.w_t[l]
+        g = l if cfg.groups > 1 else 0
+        if n > 0:
+            # $q = W_q\, \mathrm{LN}(x)$ and $q + u$
+            mean, rstd, q, qu = attention_query(x, lw, w_q_t, cfg, to_low)
+            # $(q + u)^\top k_j$ for all $j$: `[B * H, 1, n]`
+            content = torch.bmm(qu, views.keys[g][:, lo:hi].transpose(1, 2))
+            # $\frac{1}{\sqrt{d_k}}(q^\top p_\Delta + s_\Delta)$, one product per head: `[H, B, n]`
+            position = torch.baddbmm(views.pos_b[l][:, None, -n:], q.view(B, H, dk).transpose(0, 1),
+                                     views.pos_k[l][:, :, -n:], beta=scale, alpha=scale)
+            # All scores, scaled, and $P = \mathrm{softmax}_j$ (in the high precision): `[B, H, n]`
+            scores = torch.add(position.transpose(0, 1), content.view(B, H, n), alpha=scale)
+            p = torch.softmax(scores, dim=-1, dtype=high)
+            # $\tilde P$: dropout on the probabilities
+            pd = p if masks.attn is None else p * masks.attn_probs(l, i, n)
+            # $o = \sum_j \tilde P_j v_j$, heads concatenated: `[B, D]`
+            o = torch.bmm(to_low(pd).view(BH, 1, n), views.values[g][:, lo:hi]).view(B, D)
+            # $x_1 = x + \mathrm{Drop}(W_o o + b_o)$
+            att = torch.addmm(lw.b_o, o, w_o_t)
+            x1 = x + att if masks.resid is None else torch.addcmul(x, att, masks.resid[0, l, i])
+            attn_saved.append(AttnSaved(mean, rstd, q, qu, p, o))
+        else:
+            # The first step of a sequence has no memory to attend to
+            x1 = x
+            attn_saved.append(None)
+        # The feed-forward block
+        x, saved = feed_forward(x1, lw, w_1_t, w_2_t, cfg, to_low,
+                                None if masks.hidden is None else masks.hidden[l, i],
+                                None if masks.resid is None else masks.resid[1, l, i])
+        ffn_saved.append(saved)
+        xs.append(x)
+    if not make_memory:
+        return StepOutput(x, xs, attn_saved, ffn_saved, None, None, None)
+    # $m_t$ and its keys and values for every group
+    mem, mem_stats, kv = memory_entry(cfg, xs, mem_w, views.kv_w_t, kv_b, to_low)
+    return StepOutput(x, xs, attn_saved, ffn_saved, mem, mem_stats, kv)
 
 
 # The parts of a step that do not depend on how much memory it sees: the compiled step
