@@ -29,6 +29,8 @@ PAGE = ROOT / 'labml_nn' / 'results.md'
 KOREAN = ROOT / 'docs' / '_generator' / 'translations' / 'ko' / 'results.md.yaml'
 # Paths as the page (in labml_nn/) sees them
 FROM_PAGE = '../experiments/results'
+# Every attempt at a faster training step, kept with the sources
+SPEED_LOG = 'https://github.com/labml-feedback/labml_nn/blob/main/experiments/speed_log.md'
 LOG = 'https://github.com/labml-feedback/labml_nn/blob/main/experiments/state_tracking_log.md'
 
 Record = Dict[str, Any]
@@ -303,7 +305,8 @@ def compiled_training(records: Dict[str, Record]) -> List[Section]:
           '(`compiled-cpp`) wrapper, and against the fused loop with its own step functions compiled, forward and '
           'hand-written backward, with symbolic sizes (`compiled-steps`, [one step, one function]('
           f'transformers/feedback/fused.html#steps)); the variants take turns; {setting}. Gradient '
-          'difference: the largest, relative to the gradient\'s largest entry.']
+          'difference: the largest, relative to the gradient\'s largest entry. The fixed-shape step\'s speed swings '
+          f'from run to run (the [speed log]({SPEED_LOG}) keeps every run).']
     ko = ['<a id="compiled-training"></a>', '', '## 컴파일한 학습 단계', '',
           '`experiments/benchmark_compiled_training.py`: 단계 루프만 (순전파, 그리고 고정된 출력 그래디언트에서의 '
           '역전파) 잽니다. 손으로 쓴 역전파를 가진 융합 루프와, `torch.compile`이 컴파일하고 역전파는 '
@@ -311,7 +314,8 @@ def compiled_training(records: Dict[str, Record]) -> List[Section]:
           '래퍼로 비교하고, 융합 루프의 스텝 함수(순전파와 손으로 쓴 역전파)를 기호 크기로 컴파일한 것 '
           '(`compiled-steps`, [한 스텝, 한 함수]('
           'transformers/feedback/fused.html#steps))과도 비교합니다. 변형들은 번갈아 '
-          f'돕니다. {setting}. 그래디언트 차이: 그 그래디언트의 가장 큰 원소에 대한 가장 큰 차이.']
+          f'돕니다. {setting}. 그래디언트 차이: 그 그래디언트의 가장 큰 원소에 대한 가장 큰 차이. 고정 모양 단계의 '
+          f'속도는 실행마다 크게 흔들립니다 ([속도 기록]({SPEED_LOG})에 모든 실행이 있습니다).']
     rows = [f"| `{x['model']}` | {x['variant']} | {x['forward_ms']:.1f} | {x['backward_ms']:.1f} | "
             f"{x['speedup_vs_fused']:.2f}x | " + (f"{x['compile_s']:.0f}" if 'compile_s' in x else '') + ' | '
             + (f"{x['max_grad_diff']:.0e}" if 'max_grad_diff' in x else '') + ' |' for x in res['results']]

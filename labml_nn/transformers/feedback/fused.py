@@ -46,7 +46,7 @@ The loops run each step through a function of its own: `feedback_step` forward, 
 reads only its arguments and returns what it made (the loops write the work buffer and keep the records), so
 `torch.compile` can compile either whole: `fused_forward(..., steps=LoopSteps(compiled_forward,
 compiled_backward))`, with symbolic sizes, since the slice of memory a step sees grows by a slot per step. The
-model trains with the eager functions: compiled, they make the loop hardly faster at the README's size
+model trains with the eager functions: compiled, they make the loop only a little faster at the README's size
 ([the results page](../../results.html#compiled-training), variant `compiled-steps`), because a compiled call
 spends about as long taking in and handing out its many small tensors (the weights, the records) as the eager step
 spends dispatching its operations.
