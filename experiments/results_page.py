@@ -18,7 +18,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'docs' / '_generator'))
@@ -208,14 +208,37 @@ def size_of(config: Dict[str, Any]) -> str:
             f"seq {config['seq_len']}, batch {config['batch']}, {config['threads']} threads, {config['precision']}")
 
 
-SPEED_COLUMNS = [  # (result key, English header, Korean header, format)
-    ('tokens_per_s', 'tokens/s', '토큰/초', lambda v: n(v)),
-    ('slowdown_vs_parallel', 'time per token vs parallel', '병렬 대비 토큰당 시간', lambda v: f'{v:.2f}x'),
-    ('floor_tokens_per_s', 'floor tokens/s', '하한 토큰/초', lambda v: n(v)),
-    ('fraction_of_floor', 'fraction of its floor', '하한 대비 비율', lambda v: f'{v:.0%}'),
-    ('floor_vs_parallel', 'floor vs parallel step', '하한 / 병렬 단계', lambda v: f'{v:.2f}x'),
-    ('peak_mb', 'peak MB', '최대 MB', lambda v: n(v)),
+class Column(NamedTuple):
+    """A column of the training-speed tables: its result key, headers, and how a value is written."""
+    key: str
+    en: str
+    ko: str
+    fmt: Callable[[Any], str]
+    # The README's header (`None`: not in the README's table), and its cell where a row has no value
+    readme: Optional[str] = None
+    readme_missing: str = ''
+
+
+SPEED_COLUMNS = [
+    Column('tokens_per_s', 'tokens/s', '토큰/초', lambda v: n(v), 'tokens/s'),
+    # The parallel model has no slowdown of its own: 1.00x in the README
+    Column('slowdown_vs_parallel', 'time per token vs parallel', '병렬 대비 토큰당 시간', lambda v: f'{v:.2f}x',
+           'time per token vs parallel', '1.00x'),
+    Column('floor_tokens_per_s', 'floor tokens/s', '하한 토큰/초', lambda v: n(v)),
+    Column('fraction_of_floor', 'fraction of its floor', '하한 대비 비율', lambda v: f'{v:.0%}',
+           'of its arithmetic floor'),
+    Column('floor_vs_parallel', 'floor vs parallel step', '하한 / 병렬 단계', lambda v: f'{v:.2f}x',
+           'its floor vs parallel'),
+    Column('peak_mb', 'peak MB', '최대 MB', lambda v: n(v)),
 ]
+
+
+def speed_rows(results: List[Dict[str, Any]], cols: List[Column], readme: bool = False) -> List[str]:
+    """The rows of a training-speed table with columns `cols` (with the README's empty cells if `readme`)."""
+    def cell(x: Dict[str, Any], c: Column) -> str:
+        return c.fmt(x[c.key]) if c.key in x else (c.readme_missing if readme else '')
+    return [f"| {MODEL_NAMES.get(x['model'], '`' + x['model'] + '`')} | " + ' | '.join(cell(x, c) for c in cols)
+            + ' |' for x in results]
 
 
 def speed(records: Dict[str, Record]) -> List[Section]:
@@ -233,12 +256,11 @@ def speed(records: Dict[str, Record]) -> List[Section]:
           '클리핑, Adam)를 모델이 한 단계씩 번갈아 재고, 중앙값을 냅니다.']
     for r in mine:
         res = r['result']
-        cols = [c for c in SPEED_COLUMNS if any(c[0] in x for x in res['results'])]
-        header_en = '| model | ' + ' | '.join(c[1] for c in cols) + ' |'
-        header_ko = '| 모델 | ' + ' | '.join(c[2] for c in cols) + ' |'
+        cols = [c for c in SPEED_COLUMNS if any(c.key in x for x in res['results'])]
+        header_en = '| model | ' + ' | '.join(c.en for c in cols) + ' |'
+        header_ko = '| 모델 | ' + ' | '.join(c.ko for c in cols) + ' |'
         rule = '|---|' + '---:|' * len(cols)
-        body = [f"| {MODEL_NAMES.get(x['model'], '`' + x['model'] + '`')} | "
-                + ' | '.join(c[3](x[c[0]]) if c[0] in x else '' for c in cols) + ' |' for x in res['results']]
+        body = speed_rows(res['results'], cols)
         prov = provenance([r])
         en += ['', f"### {size_of(res['config'])}", '', header_en, rule, *body, '', prov[0]]
         ko += ['', f"### {size_of(res['config'])}", '', header_ko, rule, *body, '', prov[1]]
@@ -433,20 +455,14 @@ def readme_blocks(records: Dict[str, Record]) -> Dict[str, str]:
         if name not in records:
             continue
         res = records[name]['result']
-        floor = any('fraction_of_floor' in x for x in res['results'])
-        vs_floor = all('floor_vs_parallel' in x for x in res['results'] if 'tokens_per_s' in x)
-        lines = [f"| {MODEL_NAMES.get(x['model'], '`' + x['model'] + '`')} | {n(x['tokens_per_s'])} | "
-                 + (f"{x['slowdown_vs_parallel']:.2f}x" if 'slowdown_vs_parallel' in x else '1.00x')
-                 + (f" | {x['fraction_of_floor']:.0%}" if floor else '')
-                 + (f" | {x['floor_vs_parallel']:.2f}x" if vs_floor else '') + ' |'
-                 for x in res['results'] if 'tokens_per_s' in x]
-        if not lines:
+        # The README's table: the models that trained, the columns the README keeps that a model has
+        trained = [x for x in res['results'] if 'tokens_per_s' in x]
+        cols = [c for c in SPEED_COLUMNS if c.readme and any(c.key in x for x in trained)]
+        if not trained:
             continue
         blocks['speed'] += ['', f"Training, {size_of(res['config'])}:", '',
-                            '| model | tokens/s | time per token vs parallel |' + (' of its arithmetic floor |'
-                                                                                    if floor else '')
-                            + (' its floor vs parallel |' if vs_floor else ''),
-                            '|---|---:|---:|' + ('---:|' if floor else '') + ('---:|' if vs_floor else ''), *lines]
+                            '| model | ' + ' | '.join(c.readme for c in cols) + ' |',
+                            '|---|' + '---:|' * len(cols), *speed_rows(trained, cols, readme=True)]
         if name == 'speed_small':
             slow = ', '.join(f"`{x['model']}` {x['slowdown_vs_parallel']:.2f}x" for x in res['results']
                              if 'slowdown_vs_parallel' in x)
