@@ -54,10 +54,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.benchmark import add_size_arguments, compile_cache, sync  # noqa: E402
 from labml_nn.transformers.feedback.build import ModelConfig, build_model  # noqa: E402
-from labml_nn.transformers.feedback.compiled import check_compile, compile_options  # noqa: E402
-from labml_nn.transformers.feedback.fused import LoopSteps, fused_forward  # noqa: E402
-from labml_nn.transformers.feedback.fused_backward import backward_step  # noqa: E402
-from labml_nn.transformers.feedback.fused_steps import feedback_step, loop_config, loop_weights  # noqa: E402
+from labml_nn.transformers.feedback.compiled import check_compile  # noqa: E402
+from labml_nn.transformers.feedback.fused import compiled_steps, fused_forward  # noqa: E402
+from labml_nn.transformers.feedback.fused_steps import loop_config, loop_weights  # noqa: E402
 from labml_nn.transformers.feedback.static_step import slot_bounds, static_step  # noqa: E402
 
 VARIANTS = {'weighted': 'feedback_transformer', 'kv': 'feedback_transformer_kv'}
@@ -65,7 +64,8 @@ VARIANTS = {'weighted': 'feedback_transformer', 'kv': 'feedback_transformer_kv'}
 COMPILED = {'compiled': {'options': {'size_asserts': False}},
             'compiled-cpp': {'options': {'size_asserts': False, 'cpp_wrapper': True}},
             'cuda-graphs': {'mode': 'reduce-overhead'},
-            'compiled-steps': {'dynamic': True, **compile_options('default')}}
+            # The fused loop's step functions: `fused.compiled_steps` holds their options
+            'compiled-steps': None}
 
 
 def compiled_loop(transformer, how: dict, T: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -125,9 +125,7 @@ def measure(variant: str, args) -> List[dict]:
     torch._dynamo.reset()
     for name in args.compiled:
         if name == 'compiled-steps':
-            steps = LoopSteps(torch.compile(feedback_step, **COMPILED[name]),
-                              torch.compile(backward_step, **COMPILED[name]))
-            runs[name] = partial(fused_forward, transformer, state=None, return_state=False, steps=steps)
+            runs[name] = partial(fused_forward, transformer, state=None, return_state=False, steps=compiled_steps())
         else:
             runs[name] = compiled_loop(transformer, COMPILED[name], T, device)
     # The reference gradients (fused loop), and each compiled variant's first call (its compile) checked against them

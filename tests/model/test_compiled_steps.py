@@ -1,9 +1,10 @@
 """
-The fused loop's step functions compiled by `torch.compile` (`fused_forward(..., steps=...)`, fused.py "One step,
-one function"): the same outputs and gradients as the eager step functions, with dropout, a memory span, carried
-state and `memory_norm`. The eager functions themselves are held to the float64 reference by the fused-loop tests.
+The fused loop's step functions compiled by `torch.compile` (`fused_forward(..., steps=compiled_steps())`, fused.py
+"One step, one function"): the same outputs and gradients as the eager step functions, with dropout, a memory span,
+carried state and `memory_norm`. The eager functions themselves are held to the float64 reference by the fused-loop
+tests.
 
-Compiling is slow on two cores (a graph per branch and per kind of size the compiler meets: two minutes for this
+Compiling is slow on two cores (a graph per branch and per kind of size the compiler meets: a minute or two for this
 case): the model is tiny and runs two short calls.
 """
 
@@ -12,10 +13,7 @@ import torch
 from conftest import make_transformer
 
 from labml_nn.transformers.feedback import compiled
-from labml_nn.transformers.feedback.compiled import compile_options
-from labml_nn.transformers.feedback.fused import EAGER_STEPS, LoopSteps, fused_forward
-from labml_nn.transformers.feedback.fused_backward import backward_step
-from labml_nn.transformers.feedback.fused_steps import feedback_step
+from labml_nn.transformers.feedback.fused import EAGER_STEPS, LoopSteps, compiled_steps, fused_forward
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(compiled.find_cxx() is None,
@@ -23,11 +21,10 @@ pytestmark = [pytest.mark.slow,
 
 
 @pytest.fixture
-def compiled_steps():
+def steps():
     """The step functions compiled afresh (dynamo keeps compiled code per function: other tests' is dropped)."""
     torch._dynamo.reset()
-    options = dict(dynamic=True, **compile_options('default'))
-    yield LoopSteps(torch.compile(feedback_step, **options), torch.compile(backward_step, **options))
+    yield compiled_steps()
     torch._dynamo.reset()
 
 
@@ -45,7 +42,7 @@ def _run(model, steps: LoopSteps, x: torch.Tensor):
     return [out.detach(), x.grad] + [p.grad for p in model.parameters()]
 
 
-def test_compiled_steps_equal_eager_steps(compiled_steps):
+def test_compiled_steps_equal_eager_steps(steps):
     # One case that takes every branch a step has but autocast's (each case compiles for minutes on two cores):
     # per-layer keys and values, dropout everywhere, a memory span (slots leave the window), carried state and
     # normalised memory
@@ -53,7 +50,7 @@ def test_compiled_steps_equal_eager_steps(compiled_steps):
     model.train()
     x = torch.randn(9, 2, 8, generator=torch.Generator().manual_seed(1))
     expected = _run(model, EAGER_STEPS, x)
-    got = _run(model, compiled_steps, x)
+    got = _run(model, steps, x)
     for g, e in zip(got, expected):
         assert (g is None) == (e is None)
         if e is not None:

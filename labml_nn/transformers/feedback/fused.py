@@ -44,12 +44,12 @@ backward pass, dropout included.
 
 The loops run each step through a function of its own: `feedback_step` forward, `backward_step` in reverse. Each
 reads only its arguments and returns what it made (the loops write the work buffer and keep the records), so
-`torch.compile` can compile either whole: `fused_forward(..., steps=LoopSteps(compiled_forward,
-compiled_backward))`, with symbolic sizes, since the slice of memory a step sees grows by a slot per step. The
-model trains with the eager functions: compiled, they make the loop only a little faster at the README's size
-([the results page](../../results.html#compiled-training), variant `compiled-steps`), because a compiled call
-spends about as long taking in and handing out its many small tensors (the weights, the records) as the eager step
-spends dispatching its operations.
+`torch.compile` can compile either whole: `fused_forward(..., steps=compiled_steps())`, with symbolic sizes,
+since the slice of memory a step sees grows by a slot per step. The model trains with the eager functions:
+compiled, they make the loop only a little faster at the README's size ([the results
+page](../../results.html#compiled-training), variant `compiled-steps`), because a compiled call spends about as
+long taking in and handing out its many small tensors (the weights, the records) as the eager step spends
+dispatching its operations.
 """
 
 from typing import Callable, List, NamedTuple, Optional, Tuple, Union
@@ -57,6 +57,7 @@ from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 import torch
 from torch.autograd.function import once_differentiable
 
+from labml_nn.transformers.feedback.compiled import compile_options
 from labml_nn.transformers.feedback.fused_backward import backward_loop, backward_step
 from labml_nn.transformers.feedback.fused_records import (
     DropoutMasks,
@@ -68,6 +69,7 @@ from labml_nn.transformers.feedback.fused_records import (
 )
 from labml_nn.transformers.feedback.fused_steps import (
     FeedbackModel,
+    StepOutput,
     feedback_step,
     loop_inputs,
     run_steps,
@@ -85,6 +87,25 @@ class LoopSteps(NamedTuple):
 
 
 EAGER_STEPS = LoopSteps(feedback_step, backward_step)
+
+
+def compiled_steps() -> LoopSteps:
+    """
+    Both step functions compiled by `torch.compile` with symbolic sizes (inductor's default mode, without its
+    duplicate size checks). A step without memory (the first of a sequence, once per call) takes a branch of its
+    own and runs eagerly: compiled, its records' `None` attention made dynamo fail while it explained a guard.
+    """
+    options = dict(dynamic=True, **compile_options('default'))
+    forward, backward = torch.compile(feedback_step, **options), torch.compile(backward_step, **options)
+
+    # The step sees the slots `lo .. hi - 1`: none when `lo == hi`
+    def step_forward(cfg: LoopConfig, x: torch.Tensor, i: int, lo: int, hi: int, *rest) -> StepOutput:
+        return (forward if lo < hi else feedback_step)(cfg, x, i, lo, hi, *rest)
+
+    def step_backward(cfg: LoopConfig, i: int, lo: int, hi: int, *rest) -> tuple:
+        return (backward if lo < hi else backward_step)(cfg, i, lo, hi, *rest)
+
+    return LoopSteps(step_forward, step_backward)
 
 
 def fused_forward(model: FeedbackModel, x_seq: torch.Tensor, state: Optional[FeedbackState],

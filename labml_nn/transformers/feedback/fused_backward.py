@@ -96,7 +96,14 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from labml_nn.transformers.feedback.fused_records import LayerWeights, LoopConfig, StepRecord, caster, step_config
+from labml_nn.transformers.feedback.fused_records import (
+    LayerWeights,
+    LoopConfig,
+    StepRecord,
+    caster,
+    group_views,
+    step_config,
+)
 
 # ATen kernels called directly, resolved once (their Python lookups cost more than the kernels at these sizes)
 _layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
@@ -174,8 +181,8 @@ def _backward_steps(ctx, x_seq: torch.Tensor, mem_w: torch.Tensor, work: torch.T
     # `[groups * 2 * B * H, time, d_k]` so that one product per step updates every layer's keys and values
     d_work = torch.zeros_like(work, dtype=x_seq.dtype) if d_cache is None else d_cache.to(x_seq.dtype, copy=True)
     d_work_rows = d_work.view(G * 2 * B * H, -1, dk)
-    views = BackwardViews(keys=[work[g, 0].view(B * H, -1, dk) for g in range(G)],
-                          values=[work[g, 1].view(B * H, -1, dk) for g in range(G)],
+    keys, values = group_views(work, H, dk)
+    views = BackwardViews(keys=keys, values=values,
                           pos_k=[lw.pos_emb.permute(1, 0, 2) for lw in low_layers],
                           mem_w=mem_w.unbind(0), no_input=work.new_zeros(()))
     acc = WeightGrads(layers, caster(work.dtype, x_seq.dtype))
@@ -187,9 +194,8 @@ def _backward_steps(ctx, x_seq: torch.Tensor, mem_w: torch.Tensor, work: torch.T
     for i in reversed(range(T)):
         rec = records[i]
         lo, hi = rec.lo, rec.hi
-        # A step without memory runs eagerly, as in the forward pass
-        dx, d_cache_rows, *grads = (step if lo < hi else backward_step)(
-            step_cfg, i, lo, hi, rec, d_out[i], d_work, layers, low_layers, kv_w, views, masks, i < n_new)
+        dx, d_cache_rows, *grads = step(step_cfg, i, lo, hi, rec, d_out[i], d_work, layers, low_layers, kv_w,
+                                        views, masks, i < n_new)
         if d_cache_rows is not None:
             # $\delta k_j, \delta v_j$ of the slots the step saw
             d_work_rows[:, lo:hi] += d_cache_rows

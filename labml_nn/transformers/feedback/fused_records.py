@@ -61,6 +61,13 @@ def step_config(cfg: LoopConfig) -> LoopConfig:
     return cfg._replace(seed=0, n_start=0)
 
 
+def group_views(work: torch.Tensor, heads: int, d_k: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Each key/value group's keys and values as `[B * heads, time, d_k]` views of the work buffer `work`."""
+    BH = work.shape[2] * heads
+    return ([work[g, 0].view(BH, -1, d_k) for g in range(work.shape[0])],
+            [work[g, 1].view(BH, -1, d_k) for g in range(work.shape[0])])
+
+
 class LayerWeights(NamedTuple):
     """One layer's tensors, as the loop reads them (also the shape of their gradients)."""
     # $W_q$ `[D, D]` and the query position bias $u$ `[heads, d_k]`

@@ -55,6 +55,7 @@ from labml_nn.transformers.feedback.fused_records import (
     StepRecord,
     caster,
     for_products,
+    group_views,
     step_config,
 )
 from labml_nn.transformers.feedback.stack import first_visible, n_visible
@@ -216,9 +217,8 @@ class StepViews(NamedTuple):
 
 def step_views(cfg: LoopConfig, layers: List[LayerWeights], kv_w: torch.Tensor, work: torch.Tensor) -> StepViews:
     """The `StepViews` of a call over the work buffer `work` `[groups, 2, B, H, time, d_k]`."""
-    BH, dk = work.shape[2] * cfg.heads, cfg.d_k
-    return StepViews(keys=[work[g, 0].view(BH, -1, dk) for g in range(cfg.groups)],
-                     values=[work[g, 1].view(BH, -1, dk) for g in range(cfg.groups)],
+    keys, values = group_views(work, cfg.heads, cfg.d_k)
+    return StepViews(keys=keys, values=values,
                      pos_k=[lw.pos_emb.permute(1, 2, 0) for lw in layers],
                      pos_b=[lw.pos_bias.t() for lw in layers],
                      w_t=[(lw.w_q.t(), lw.w_o.t(), lw.w_1.t(), lw.w_2.t()) for lw in layers],
@@ -237,9 +237,7 @@ def _steps(cfg: LoopConfig, x_seq: torch.Tensor, layers: List[LayerWeights], mem
         t = cfg.n_start + i
         # The slots step $t$ attends to (the same for every layer): `lo .. hi - 1`; slot `hi` is its own
         lo, hi = first_visible(t, cfg.memory_span) - first, t - first
-        # A step without memory (the first of a sequence) takes a branch of its own, once per call: eagerly
-        out = (step if lo < hi else feedback_step)(step_cfg, x_seq[i], i, lo, hi, layers, views, mem_w, kv_b, masks,
-                                                   i < n_new)
+        out = step(step_cfg, x_seq[i], i, lo, hi, layers, views, mem_w, kv_b, masks, i < n_new)
         outputs.append(out.x)
         if out.kv is not None:
             # $m_t$'s keys and values for every group, into slot `hi`
