@@ -52,6 +52,7 @@ long taking in and handing out its many small tensors (the weights, the records)
 dispatching its operations.
 """
 
+from functools import lru_cache
 from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -100,10 +101,14 @@ def compiled_steps() -> LoopSteps:
 
     # The step sees the slots `lo .. hi - 1`: none when `lo == hi`
     def step_forward(cfg: LoopConfig, x: torch.Tensor, i: int, lo: int, hi: int, *rest) -> StepOutput:
-        return (forward if lo < hi else feedback_step)(cfg, x, i, lo, hi, *rest)
+        if lo == hi:
+            return feedback_step(cfg, x, i, lo, hi, *rest)
+        return forward(_step_config(cfg), x, i, lo, hi, *rest)
 
     def step_backward(cfg: LoopConfig, i: int, lo: int, hi: int, *rest) -> tuple:
-        return (backward if lo < hi else backward_step)(cfg, i, lo, hi, *rest)
+        if lo == hi:
+            return backward_step(cfg, i, lo, hi, *rest)
+        return backward(_step_config(cfg), i, lo, hi, *rest)
 
     return LoopSteps(step_forward, step_backward)
 
@@ -139,6 +144,15 @@ def fused_forward(model: FeedbackModel, x_seq: torch.Tensor, state: Optional[Fee
     first_row = n_start - prev.shape[4]
     visible = cache[..., first_visible(n_end, model.memory_span) - first_row:, :]
     return out, FeedbackState.from_cache(visible, n_end, model.memory_span)
+
+
+@lru_cache(maxsize=16)
+def _step_config(cfg: LoopConfig) -> LoopConfig:
+    """
+    `cfg` as the compiled steps read it: without the call's dropout seed and first step, which change from call to
+    call and which the steps do not read (the compiler would compile again for each value).
+    """
+    return cfg._replace(seed=0, n_start=0)
 
 
 class FeedbackLoopFunction(torch.autograd.Function):

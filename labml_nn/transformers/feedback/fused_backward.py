@@ -102,7 +102,6 @@ from labml_nn.transformers.feedback.fused_records import (
     StepRecord,
     caster,
     group_views,
-    step_config,
 )
 
 # ATen kernels called directly, resolved once (their Python lookups cost more than the kernels at these sizes)
@@ -190,11 +189,10 @@ def _backward_steps(ctx, x_seq: torch.Tensor, mem_w: torch.Tensor, work: torch.T
     pending: List[StepGrads] = []
     chunk = max(1, CHUNK_ROWS // B)
     step = ctx.steps.backward
-    step_cfg = step_config(cfg)
     for i in reversed(range(T)):
         rec = records[i]
         lo, hi = rec.lo, rec.hi
-        dx, d_cache_rows, *grads = step(step_cfg, i, lo, hi, rec, d_out[i], d_work, layers, low_layers, kv_w,
+        dx, d_cache_rows, *grads = step(cfg, i, lo, hi, rec, d_out[i], d_work, layers, low_layers, kv_w,
                                         views, masks, i < n_new)
         if d_cache_rows is not None:
             # $\delta k_j, \delta v_j$ of the slots the step saw

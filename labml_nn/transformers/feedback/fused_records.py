@@ -53,14 +53,6 @@ class LoopConfig(NamedTuple):
     dtype: Optional[torch.dtype] = None
 
 
-def step_config(cfg: LoopConfig) -> LoopConfig:
-    """
-    `cfg` as one step reads it: without the call's dropout seed and first step, which change from call to call (a
-    compiled step would be compiled again for each value).
-    """
-    return cfg._replace(seed=0, n_start=0)
-
-
 def group_views(work: torch.Tensor, heads: int, d_k: int) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
     """Each key/value group's keys and values as `[B * heads, time, d_k]` views of the work buffer `work`."""
     BH = work.shape[2] * heads

@@ -56,7 +56,6 @@ from labml_nn.transformers.feedback.fused_records import (
     caster,
     for_products,
     group_views,
-    step_config,
 )
 from labml_nn.transformers.feedback.stack import first_visible, n_visible
 
@@ -231,13 +230,12 @@ def _steps(cfg: LoopConfig, x_seq: torch.Tensor, layers: List[LayerWeights], mem
     T = x_seq.shape[0]
     n_new = T if cfg.make_last_memory else T - 1
     views = step_views(cfg, layers, kv_w, work)
-    step_cfg = step_config(cfg)
     outputs = []
     for i in range(T):
         t = cfg.n_start + i
         # The slots step $t$ attends to (the same for every layer): `lo .. hi - 1`; slot `hi` is its own
         lo, hi = first_visible(t, cfg.memory_span) - first, t - first
-        out = step(step_cfg, x_seq[i], i, lo, hi, layers, views, mem_w, kv_b, masks, i < n_new)
+        out = step(cfg, x_seq[i], i, lo, hi, layers, views, mem_w, kv_b, masks, i < n_new)
         outputs.append(out.x)
         if out.kv is not None:
             # $m_t$'s keys and values for every group, into slot `hi`
